@@ -1,0 +1,131 @@
+"""Format detection and the one entry point: ``open(path) -> Checkpoint``.
+
+Each format module turns a path into the same :class:`~ckpttool.records.Checkpoint`.
+Detection goes by content (magic bytes), never by extension alone, so a
+``.bin`` that is really a torch zip, or a ``.pt`` that is safetensors, reads right.
+"""
+from __future__ import annotations
+
+import builtins
+import os
+import stat
+from typing import Optional
+
+from ..errors import FileAccessError, FormatError
+from ..records import Checkpoint
+
+FORMATS = ("torch_zip", "torch_legacy", "torchscript", "safetensors", "safetensors_sharded",
+           "torch_sharded", "onnx", "pickle")
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _check_path(path: str) -> os.stat_result:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileAccessError("no such file or directory", path) from None
+    except PermissionError:
+        raise FileAccessError("permission denied", path) from None
+    except OSError as e:
+        raise FileAccessError(f"cannot read: {e.strerror or e}", path) from None
+    if not os.access(path, os.R_OK):
+        raise FileAccessError("permission denied", path)
+    return st
+
+
+def _folder_entry(path: str) -> str:
+    """The file that stands for a checkpoint folder (its shard index, or its one checkpoint)."""
+    from .sharded import INDEX_NAMES
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as e:
+        raise FileAccessError(f"cannot list directory: {e.strerror or e}", path) from None
+    for idx in INDEX_NAMES:
+        if idx in names:
+            return os.path.join(path, idx)
+    indexes = [n for n in names if n.endswith(".index.json")]
+    if len(indexes) == 1:
+        return os.path.join(path, indexes[0])
+    if ".metadata" in names:
+        raise FormatError("is a torch.distributed.checkpoint folder; ckpttool does not read those yet", path)
+    singles = [n for n in names if n in ("model.safetensors", "pytorch_model.bin")]
+    if len(singles) == 1:
+        return os.path.join(path, singles[0])
+    raise FormatError("directory holds no checkpoint (no *.index.json, model.safetensors or pytorch_model.bin)",
+                      path)
+
+
+def detect(path: str) -> str:
+    """Name the format of ``path`` from its bytes (see ``FORMATS``); raise CkptError if none.
+
+    >>> detect("fixtures/tiny_state_dict.pt")  # doctest: +SKIP
+    'torch_zip'
+    """
+    st = _check_path(path)
+    if stat.S_ISDIR(st.st_mode):
+        return detect(_folder_entry(path))
+    if st.st_size == 0:
+        raise FormatError("file is empty", path)
+    try:
+        with builtins.open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise FileAccessError(f"cannot read: {e.strerror or e}", path) from None
+    from . import safetensors, torch_legacy
+    if head[:4] in _ZIP_MAGIC:
+        from .torch_zip import open_zip
+        from .torchscript import is_torchscript
+        with open_zip(path) as zf:
+            names = zf.namelist()
+        if is_torchscript(names):
+            return "torchscript"
+        if any(n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1) for n in names):
+            return "torch_zip"
+        raise FormatError("zip archive is not a PyTorch checkpoint (it has no data.pkl)", path)
+    if head.startswith(torch_legacy.MAGIC_PREFIX):
+        return "torch_legacy"
+    if safetensors.looks_like(head, st.st_size):
+        return "safetensors"
+    if len(head) > 262 and head[257:262] == b"ustar":
+        raise FormatError("is a tar archive: the tar format of torch < 0.4 is not supported", path)
+    if path.endswith(".json"):
+        return "index"
+    if path.lower().endswith(".onnx"):
+        return "onnx"
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+        return "pickle"
+    if head[:1] == b"\x08":  # protobuf field 1 (ir_version), as every ONNX model starts
+        return "onnx"
+    raise FormatError(f"not a checkpoint format ckpttool knows (starts with {head[:8]!r})", path)
+
+
+def open(path: str, fmt: Optional[str] = None) -> Checkpoint:  # noqa: A001 - the natural name
+    """Read a checkpoint's structure (no tensor bytes) from any known format.
+
+    >>> ckpt = open("model.pt")  # doctest: +SKIP
+    >>> ckpt.format
+    'torch_zip'
+    """
+    path = os.fspath(path)
+    fmt = fmt or detect(path)
+    if os.path.isdir(path):
+        path = _folder_entry(path)
+    if fmt == "torch_zip":
+        from .torch_zip import read
+    elif fmt == "torchscript":
+        from .torchscript import read
+    elif fmt == "torch_legacy":
+        from .torch_legacy import read
+    elif fmt == "safetensors":
+        from .safetensors import read
+    elif fmt == "onnx":
+        from .onnx import read
+    elif fmt == "pickle":
+        from .bare_pickle import read
+    elif fmt == "index":
+        from .sharded import read as read_index
+        return read_index(path, open)
+    else:
+        raise FormatError(f"unknown format {fmt!r}", path)
+    return read(path)

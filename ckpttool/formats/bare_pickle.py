@@ -1,0 +1,20 @@
+"""A plain pickle file (``pickle.dump`` of a dict, hyper-parameters...), read safely.
+
+No persistent ids are allowed: a plain pickle has no storages, so any
+tensor it holds was pickled by value (``torch.storage._load_from_bytes``)
+and appears as an inert stub.
+"""
+from __future__ import annotations
+
+import os
+
+from ..records import Checkpoint
+from .safe_pickle import safe_load
+
+
+def read(path: str) -> Checkpoint:
+    """Read a bare pickle file through the restricted unpickler."""
+    with open(path, "rb") as f:
+        data = f.read()
+    root, globs = safe_load(data, None, path)
+    return Checkpoint(path=path, format="pickle", file_size=len(data), root=root, globals=globs, files=(path,))

@@ -1,0 +1,101 @@
+"""safetensors files and sharded folders, read from the header alone.
+
+A file is an 8-byte little-endian header length, a JSON header
+(``{name: {dtype, shape, data_offsets}, "__metadata__": {...}}``), then the
+byte buffer. Every claim of the header is checked against the file before it
+is believed: the length, each dtype, each shape against its byte span, and
+that the spans tile the buffer without gaps, overlaps or overruns.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from typing import Any, Dict, Tuple
+
+from ..dtypes import SAFETENSORS_DTYPE, itemsize
+from ..errors import FormatError
+from ..records import Checkpoint, FileSpan, StorageRef, TensorRef
+
+MAX_HEADER = 100 << 20  # safetensors' own limit
+
+
+def looks_like(head: bytes, file_size: int) -> bool:
+    """True when the first bytes are a plausible safetensors header start."""
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 2 <= n <= min(MAX_HEADER, file_size - 8) and head[8:9] == b"{"
+
+
+def read_header(path: str) -> Tuple[Dict[str, Any], int, int]:
+    """Return (header dict, buffer start, file size) after validating the header's framing."""
+    file_size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise FormatError(f"file too short for a safetensors header ({file_size} bytes)", path)
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER:
+            raise FormatError(f"safetensors header claims {n} bytes (limit {MAX_HEADER})", path)
+        if 8 + n > file_size:
+            raise FormatError(f"safetensors header claims {n} bytes but the file has {file_size} (truncated?)", path)
+        text = f.read(n)
+    try:
+        header = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"safetensors header is not valid JSON: {e}", path) from None
+    if not isinstance(header, dict):
+        raise FormatError("safetensors header is not a JSON object", path)
+    return header, 8 + n, file_size
+
+
+def read(path: str) -> Checkpoint:
+    """Read one safetensors file's tensors (metadata only) into a flat state_dict."""
+    header, start, file_size = read_header(path)
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise FormatError("safetensors __metadata__ is not a map of strings", path)
+    buffer_size = file_size - start
+    spans = []
+    tensors: Dict[str, TensorRef] = {}
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise FormatError(f"safetensors entry {name!r} is not an object", path)
+        dtype_code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype_code not in SAFETENSORS_DTYPE:
+            raise FormatError(f"tensor {name!r} has unknown dtype {dtype_code!r:.20}", path)
+        dtype = SAFETENSORS_DTYPE[dtype_code]
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise FormatError(f"tensor {name!r} has a malformed shape {shape!r:.60}", path)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise FormatError(f"tensor {name!r} has malformed data_offsets {offsets!r:.60}", path)
+        begin, end = offsets
+        numel = math.prod(shape)
+        nbytes = numel * itemsize(dtype)
+        if dtype_code == "F4":  # two fp4 values a byte, shape counts values
+            nbytes = (numel + 1) // 2
+        if not 0 <= begin <= end:
+            raise FormatError(f"tensor {name!r} has data_offsets {offsets} that run backwards", path)
+        if end - begin != nbytes:
+            raise FormatError(f"tensor {name!r}: shape {shape} of {dtype} needs {nbytes} bytes, "
+                              f"data_offsets span {end - begin}", path)
+        if end > buffer_size:
+            raise FormatError(f"tensor {name!r} ends at byte {end} of a {buffer_size}-byte buffer (truncated?)", path)
+        spans.append((begin, end, name))
+        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        storage = StorageRef(key=name, dtype=dtype, device="cpu", nbytes=nbytes,
+                             source=FileSpan(path, start + begin, nbytes), file=path)
+        tensors[name] = TensorRef(shape=tuple(shape), dtype=dtype, stride=stride, storage=storage, device="cpu",
+                                  explicit_nbytes=nbytes if dtype_code == "F4" else None)
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin < pos:
+            raise FormatError(f"tensor {name!r} overlaps the tensor before it", path)
+        if begin > pos:
+            raise FormatError(f"safetensors buffer has a gap before tensor {name!r}", path)
+        pos = end
+    return Checkpoint(path=path, format="safetensors", file_size=file_size, root=tensors,
+                      metadata={"metadata": meta or {}}, files=(path,))

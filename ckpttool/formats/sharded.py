@@ -1,0 +1,70 @@
+"""HF-style sharded checkpoints: ``*.safetensors.index.json`` / ``pytorch_model.bin.index.json``.
+
+The index maps each tensor name to a shard file in the same folder. Shard
+names are checked to stay inside that folder (no absolute paths, no ``..``,
+no symlink escaping it); each shard is read by its own reader, lazily.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Dict
+
+from ..errors import FileAccessError, FormatError
+from ..records import Checkpoint, TensorRef
+
+INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def inside(folder: str, name: str) -> str:
+    """Resolve ``name`` relative to ``folder``; refuse anything that leaves it."""
+    if not name or os.path.isabs(name) or "\x00" in name:
+        raise FormatError(f"refers to {name!r}, which is not a relative file name", folder)
+    root = os.path.realpath(folder)
+    full = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, full]) != root:
+        raise FormatError(f"refers to {name!r}, outside its folder", folder)
+    return full
+
+
+def read(path: str, open_file: Callable[[str], Checkpoint]) -> Checkpoint:
+    """Read a shard index and every shard's metadata into one flat state_dict."""
+    try:
+        with open(path, "rb") as f:
+            index = json.loads(f.read(64 << 20).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"shard index is not valid JSON: {e}", path) from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise FormatError("shard index has no weight_map of tensor name -> shard file", path)
+    folder = os.path.dirname(os.path.abspath(path))
+    shards: Dict[str, Checkpoint] = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        full = inside(folder, shard)
+        if not os.path.isfile(full):
+            raise FileAccessError(f"shard {shard} named by the index is missing", path)
+        shards[shard] = open_file(full)
+    tensors: Dict[str, TensorRef] = {}
+    for name, shard in weight_map.items():
+        ckpt = shards[shard]
+        flat = ckpt.root if isinstance(ckpt.root, dict) else {}
+        t = flat.get(name)
+        if not isinstance(t, TensorRef):
+            raise FormatError(f"tensor {name!r} is indexed in {shard} but that shard does not hold it", path)
+        tensors[name] = t
+    for shard, ckpt in shards.items():
+        extra = [k for k, v in (ckpt.root.items() if isinstance(ckpt.root, dict) else ()) if isinstance(v, TensorRef)
+                 and weight_map.get(k) != shard]
+        if extra:
+            raise FormatError(f"shard {shard} holds {extra[0]!r}, which the index does not map to it", path)
+    kinds = {c.format for c in shards.values()}
+    meta = {"shards": list(shards), "index_metadata": index.get("metadata", {})}
+    declared = meta["index_metadata"].get("total_size") if isinstance(meta["index_metadata"], dict) else None
+    fmt = "safetensors_sharded" if kinds == {"safetensors"} else "torch_sharded"
+    total = os.path.getsize(path) + sum(c.file_size for c in shards.values())
+    globs = tuple(g for c in shards.values() for g in c.globals)
+    files = (path,) + tuple(f for c in shards.values() for f in c.files)
+    if declared is not None:
+        meta["declared_total_size"] = declared
+    return Checkpoint(path=path, format=fmt, file_size=total, root=tensors, metadata=meta,
+                      globals=tuple(dict.fromkeys(globs)), files=files)

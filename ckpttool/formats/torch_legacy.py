@@ -1,0 +1,121 @@
+"""torch.save's legacy format (``_use_new_zipfile_serialization=False``; torch 0.4-1.5).
+
+A sequence of pickles in one file: the magic number, the protocol version,
+a sys_info dict, the object (storages as persistent ids), the sorted list of
+storage keys; then each storage in that order as an 8-byte little-endian
+element count followed by its raw bytes. The location tags (``cuda:0``) are
+read as text, so GPU-saved files read on any machine.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from typing import Dict, Tuple
+
+from ..dtypes import itemsize
+from ..errors import FormatError
+from ..records import Checkpoint, FileSpan, StorageRef
+from .safe_pickle import load_stream, parse_storage_pid, storage_nbytes
+
+MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+PROTOCOL_VERSION = 1001
+# protocol-2 pickle of the magic number: PROTO 2, LONG1 10 bytes
+MAGIC_PREFIX = b"\x80\x02\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little")
+
+
+class _OffsetSpan:
+    """A view storage of the legacy format: bytes of its root storage from an offset."""
+
+    def __init__(self, base, offset: int, size: int):
+        self.base, self.offset_in_base, self.size = base, offset, size
+        self.path = base.path
+
+    def read(self, start: int = 0, size=None) -> bytes:
+        if size is None:
+            size = self.size - start
+        if start < 0 or size < 0 or start + size > self.size:
+            raise FormatError("read outside a view storage", self.path)
+        return self.base.read(self.offset_in_base + start, size)
+
+
+def read(path: str) -> Checkpoint:
+    """Read a legacy-format checkpoint's structure (storage headers only, no tensor bytes)."""
+    file_size = os.path.getsize(path)
+    offsets: Dict[str, int] = {}
+    roots: Dict[str, Tuple[StorageRef, int]] = {}  # key -> (ref, element size)
+    views: Dict[str, StorageRef] = {}
+    modules = []
+
+    def persistent_load(pid):
+        if isinstance(pid, tuple) and pid and pid[0] == "module":
+            if len(pid) < 2:
+                raise FormatError("malformed module record")
+            modules.append(pid[1])
+            return pid[1]
+        stype, key, location, numel, view = parse_storage_pid(pid)
+        elem = 1 if stype.name == "UntypedStorage" else itemsize(stype.dtype)
+        if key not in roots:
+            span = FileSpan(path, size=storage_nbytes(stype, numel), resolve=lambda k=key: _offset_of(k))
+            roots[key] = (StorageRef(key=key, dtype=stype.dtype, device=location,
+                                     nbytes=storage_nbytes(stype, numel), source=span, file=path), elem)
+        root = roots[key][0]
+        if view is None:
+            return root
+        if not (isinstance(view, tuple) and len(view) == 3):
+            raise FormatError(f"malformed storage view record {view!r:.60}")
+        view_key, offset, view_size = view
+        if view_key not in views:
+            if type(offset) is not int or type(view_size) is not int or offset < 0 or view_size < 0 \
+                    or (offset + view_size) * elem > root.nbytes:
+                raise FormatError(f"storage view {view_key!r} lies outside its storage {key!r}")
+            views[view_key] = StorageRef(key=str(view_key), dtype=stype.dtype, device=location,
+                                         nbytes=view_size * elem,
+                                         source=_OffsetSpan(root.source, offset * elem, view_size * elem), file=path)
+        return views[view_key]
+
+    def _offset_of(key: str) -> int:
+        if key not in offsets:
+            raise FormatError(f"storage {key!r} is not in the file's storage list", path)
+        return offsets[key]
+
+    with open(path, "rb") as f:
+        head = f.read(len(MAGIC_PREFIX))
+        f.seek(0)
+        if head != MAGIC_PREFIX:
+            raise FormatError("not a legacy PyTorch file (no magic number)", path)
+        magic, _ = load_stream(f, None, path)
+        version, _ = load_stream(f, None, path)
+        if version != PROTOCOL_VERSION:
+            raise FormatError(f"legacy PyTorch file of unknown protocol version {version!r:.20}", path)
+        sys_info, _ = load_stream(f, None, path)
+        root, globs = load_stream(f, persistent_load, path)
+        keys, _ = load_stream(f, None, path)
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise FormatError("legacy PyTorch file has a malformed storage key list", path)
+        pos = f.tell()
+        fd = f.fileno()
+        for key in keys:
+            header = os.pread(fd, 8, pos)
+            if len(header) != 8:
+                raise FormatError(f"file is truncated: storage {key!r} header missing at byte {pos}", path)
+            (numel,) = struct.unpack("<q", header)
+            if key not in roots:
+                raise FormatError(f"storage {key!r} is stored but no tensor uses it", path)
+            ref, elem = roots[key]
+            nbytes = numel * elem
+            if numel < 0 or nbytes != ref.nbytes:
+                raise FormatError(f"storage {key!r} header says {numel} elements, its record says otherwise", path)
+            offsets[key] = pos + 8
+            pos += 8 + nbytes
+            if pos > file_size:
+                raise FormatError(f"file is truncated: storage {key!r} ends at byte {pos}, file has {file_size}", path)
+    missing = [k for k in roots if k not in offsets]
+    if missing:
+        raise FormatError(f"storage {missing[0]!r} is used but not stored in the file", path)
+    meta = {"legacy_protocol": version}
+    if isinstance(sys_info, dict):
+        meta["little_endian"] = sys_info.get("little_endian")
+        if sys_info.get("little_endian") is False:
+            meta["note"] = "big-endian file: tensor bytes are big-endian"
+    return Checkpoint(path=path, format="torch_legacy", file_size=file_size, root=root, metadata=meta,
+                      globals=globs, files=(path,))

@@ -1,0 +1,152 @@
+"""torch.save's zip format (torch >= 1.6), read without torch.
+
+Layout: ``<folder>/data.pkl`` (the pickle), ``<folder>/data/<key>`` (one
+record per storage, usually stored uncompressed and 64-byte aligned),
+``<folder>/byteorder``, ``<folder>/version``. The folder is ``archive`` for
+files saved to a path ending ``.pt`` by recent torch, but older torch used the
+file's stem, and tools that rewrite archives pick their own: it is found, not
+assumed.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+import zlib
+from typing import Dict, Optional, Tuple
+
+from ..errors import FormatError
+from ..records import Checkpoint, FileSpan, StorageRef
+from .safe_pickle import parse_storage_pid, safe_load, storage_nbytes
+
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
+
+
+def open_zip(path: str) -> zipfile.ZipFile:
+    """Open a zip archive; anything wrong with its directory is a FormatError."""
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise FormatError(f"not a valid zip archive, or truncated: {e}", path) from None
+    except (OSError, ValueError, EOFError, struct.error, NotImplementedError) as e:
+        raise FormatError(f"unreadable zip archive: {e}", path) from None
+
+
+def find_record_folder(zf: zipfile.ZipFile, path: str, marker: str = "data.pkl") -> str:
+    """The folder holding ``data.pkl`` (``archive/``, the file's stem, or another name)."""
+    hits = [n for n in zf.namelist() if n.endswith("/" + marker) and n.count("/") == 1]
+    if not hits:
+        if marker in zf.namelist():
+            return ""
+        raise FormatError(f"zip archive has no {marker}: not a PyTorch checkpoint", path)
+    if len(set(hits)) > 1:
+        raise FormatError(f"zip archive has {len(set(hits))} {marker} records ({', '.join(sorted(set(hits))[:3])})", path)
+    return hits[0][: -len(marker)]
+
+
+def read_member(zf: zipfile.ZipFile, name: str, path: str, limit: Optional[int] = None) -> bytes:
+    """Read a whole small record (checked against its CRC)."""
+    try:
+        info = zf.getinfo(name)
+    except KeyError:
+        raise FormatError(f"zip archive has no record {name}", path) from None
+    if limit is not None and info.file_size > limit:
+        raise FormatError(f"record {name} declares {info.file_size} bytes, more than {limit}", path)
+    try:
+        return zf.read(info)
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError, struct.error) as e:
+        raise FormatError(f"record {name} is corrupt or truncated: {e}", path) from None
+
+
+def member_span(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, file_size: int) -> FileSpan:
+    """A lazy FileSpan over a stored record's bytes (the local header is read on first use)."""
+
+    def resolve() -> int:
+        with open(path, "rb") as f:
+            head = os.pread(f.fileno(), _LOCAL_HEADER.size, info.header_offset)
+        if len(head) != _LOCAL_HEADER.size or head[:4] != b"PK\x03\x04":
+            raise FormatError(f"record {info.filename} has no valid local header", path)
+        fields = _LOCAL_HEADER.unpack(head)
+        start = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
+        if start + info.file_size > file_size:
+            raise FormatError(f"record {info.filename} runs past the end of the file (truncated?)", path)
+        return start
+
+    return FileSpan(path, size=info.file_size, resolve=resolve)
+
+
+class _CompressedMember:
+    """A deflated record: decompressed on each read (rare; tools that re-zip do this)."""
+
+    def __init__(self, zf_path: str, name: str, size: int):
+        self.path, self.name, self.size = zf_path, name, size
+
+    def read(self, start: int = 0, size: Optional[int] = None) -> bytes:
+        if size is None:
+            size = self.size - start
+        with zipfile.ZipFile(self.path) as zf:
+            try:
+                with zf.open(self.name) as f:
+                    f.seek(start)
+                    data = f.read(size)
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
+                raise FormatError(f"record {self.name} is corrupt: {e}", self.path) from None
+        if len(data) != size:
+            raise FormatError(f"record {self.name} is truncated", self.path)
+        return data
+
+
+def storage_loader(zf: zipfile.ZipFile, folder: str, path: str, file_size: int, data_dir: str = "data/"):
+    """The persistent_load for a zip archive: storage ids -> StorageRef on ``<folder>/data/<key>``."""
+    cache: Dict[str, StorageRef] = {}
+
+    def load(pid):
+        stype, key, location, numel, _ = parse_storage_pid(pid)
+        if key in cache:
+            return cache[key]
+        name = f"{folder}{data_dir}{key}"
+        try:
+            info = zf.getinfo(name)
+        except KeyError:
+            raise FormatError(f"storage {key!r} has no record {name} in the archive") from None
+        nbytes = storage_nbytes(stype, numel)
+        if info.file_size < nbytes:
+            raise FormatError(f"storage {key!r} needs {nbytes} bytes but its record holds {info.file_size}")
+        if info.compress_type == zipfile.ZIP_STORED:
+            source = member_span(zf, info, path, file_size)
+        else:
+            source = _CompressedMember(path, name, info.file_size)
+        ref = StorageRef(key=key, dtype=stype.dtype, device=location, nbytes=nbytes, source=source, file=path)
+        cache[key] = ref
+        return ref
+
+    return load
+
+
+def read_zip_pickle(path: str, zf: zipfile.ZipFile, folder: str, name: str = "data.pkl"):
+    """Unpickle ``<folder>/<name>`` safely with its storages as lazy StorageRefs."""
+    file_size = os.path.getsize(path)
+    data = read_member(zf, folder + name, path)
+    return safe_load(data, storage_loader(zf, folder, path, file_size), path)
+
+
+def zip_metadata(zf: zipfile.ZipFile, folder: str, path: str) -> Dict[str, str]:
+    meta = {"archive_folder": folder.rstrip("/")}
+    for rec in ("byteorder", "version", ".data/version", ".format_version", ".storage_alignment"):
+        name = folder + rec
+        if name in zf.NameToInfo and zf.NameToInfo[name].file_size < 64:
+            meta[rec.lstrip(".").replace("/", "_")] = read_member(zf, name, path).decode("ascii", "replace").strip()
+    if meta.get("byteorder", "little") != "little":
+        meta["note"] = "big-endian file: tensor bytes are big-endian"
+    return meta
+
+
+def read(path: str) -> Checkpoint:
+    """Read a torch.save zip checkpoint's structure (no tensor bytes)."""
+    zf = open_zip(path)
+    with zf:
+        folder = find_record_folder(zf, path)
+        root, globs = read_zip_pickle(path, zf, folder)
+        meta = zip_metadata(zf, folder, path)
+    return Checkpoint(path=path, format="torch_zip", file_size=os.path.getsize(path), root=root,
+                      metadata=meta, globals=globs, files=(path,))

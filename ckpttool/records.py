@@ -1,0 +1,309 @@
+"""The records every reader produces and every command returns.
+
+A reader turns a path into a :class:`Checkpoint`: the tree of entries the file
+holds, with each tensor as a :class:`TensorRef` (metadata, plus a way to read
+its bytes later from the file itself). Commands return frozen result records
+with ``to_dict()``; the CLI renders them. Nothing here imports torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from .dtypes import itemsize
+from .errors import FormatError
+
+
+class FileSpan:
+    """Bytes ``[offset, offset + size)`` of a file, read with positioned reads.
+
+    The offset may be resolved lazily (``resolve``), so that opening a
+    checkpoint never touches tensor data.
+    """
+
+    def __init__(self, path: str, offset: Optional[int] = None, size: int = 0, resolve=None):
+        self.path = path
+        self._offset = offset
+        self.size = size
+        self._resolve = resolve
+
+    @property
+    def offset(self) -> int:
+        if self._offset is None:
+            self._offset = self._resolve()
+            self._resolve = None
+        return self._offset
+
+    def read(self, start: int = 0, size: Optional[int] = None) -> bytes:
+        """Read ``size`` bytes from ``start`` within the span; a short read is an error."""
+        if size is None:
+            size = self.size - start
+        if start < 0 or size < 0 or start + size > self.size:
+            raise FormatError(f"read of {size} bytes at {start} is outside a {self.size}-byte record", self.path)
+        out = bytearray()
+        with open(self.path, "rb") as f:
+            fd = f.fileno()
+            pos = self.offset + start
+            while len(out) < size:
+                chunk = os.pread(fd, min(size - len(out), 1 << 26), pos + len(out))
+                if not chunk:
+                    raise FormatError(
+                        f"file is truncated: tensor data ends at byte {self.offset + start + size}, "
+                        f"file has {os.fstat(fd).st_size}", self.path)
+                out += chunk
+        return bytes(out)
+
+
+class BufferSpan:
+    """Bytes held in memory (small embedded data, e.g. an ONNX initializer's raw_data)."""
+
+    def __init__(self, data: bytes, path: str = ""):
+        self._data = data
+        self.size = len(data)
+        self.path = path
+
+    def read(self, start: int = 0, size: Optional[int] = None) -> bytes:
+        if size is None:
+            size = self.size - start
+        if start < 0 or size < 0 or start + size > self.size:
+            raise FormatError(f"read of {size} bytes at {start} is outside a {self.size}-byte record", self.path)
+        return self._data[start:start + size]
+
+
+@dataclass(frozen=True, eq=False)
+class StorageRef:
+    """A storage of the file: the bytes one or more tensors view.
+
+    ``key`` identifies it within its file; ``device`` is the location tag the
+    file carries (``cpu``, ``cuda:1``); ``source`` reads its bytes lazily.
+    """
+
+    key: str
+    dtype: str
+    device: str
+    nbytes: int
+    source: Any = None
+    file: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"key": self.key, "dtype": self.dtype, "device": self.device, "nbytes": self.nbytes}
+
+
+@dataclass(frozen=True, eq=False)
+class TensorRef:
+    """A tensor's metadata and a lazy handle on its bytes.
+
+    >>> t = TensorRef(shape=(2, 3), dtype="float32", stride=(3, 1))
+    >>> t.numel, t.nbytes, t.is_contiguous
+    (6, 24, True)
+    """
+
+    shape: Tuple[int, ...]
+    dtype: str
+    stride: Tuple[int, ...] = ()
+    storage_offset: int = 0
+    storage: Optional[StorageRef] = None
+    device: str = "cpu"
+    requires_grad: bool = False
+    is_parameter: bool = False
+    kind: str = "dense"          # dense | quantized | meta | string | packed
+    subclass: Optional[str] = None  # e.g. a tensor subclass "mypkg.MyTensor"
+    explicit_nbytes: Optional[int] = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        if self.explicit_nbytes is not None:
+            return self.explicit_nbytes
+        return self.numel * itemsize(self.dtype)
+
+    @property
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for size, st in zip(reversed(self.shape), reversed(self.stride)):
+            if size != 1 and st != expected:
+                return False
+            expected *= size
+        return True
+
+    @property
+    def has_data(self) -> bool:
+        return self.storage is not None and self.storage.source is not None
+
+    def span(self) -> Tuple[int, int]:
+        """(first byte, byte length) of the storage region this tensor touches."""
+        size = itemsize(self.dtype) or 1
+        if self.numel == 0:
+            return self.storage_offset * size, 0
+        last = self.storage_offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
+        return self.storage_offset * size, (last - self.storage_offset + 1) * size
+
+    def read_bytes(self) -> bytes:
+        """The tensor's bytes in C order (gathered when the tensor is a strided view)."""
+        if not self.has_data:
+            raise FormatError(f"tensor has no data in the file (a {self.kind} tensor)", self.storage.file if self.storage else None)
+        start, length = self.span()
+        if self.is_contiguous or self.numel <= 1:
+            return self.storage.source.read(start, self.nbytes)
+        return _gather(self.storage.source.read(start, length), self.shape, self.stride, itemsize(self.dtype))
+
+    def iter_chunks(self, chunk_bytes: int = 1 << 26) -> Iterator[bytes]:
+        """Yield the tensor's C-order bytes in bounded pieces (whole elements each)."""
+        if not (self.is_contiguous or self.numel <= 1):
+            yield self.read_bytes()
+            return
+        size = itemsize(self.dtype) or 1
+        step = max(size, chunk_bytes - chunk_bytes % size)
+        start, _ = self.span()
+        total = self.nbytes
+        for off in range(0, total, step):
+            yield self.storage.source.read(start + off, min(step, total - off))
+
+    def to_torch(self):
+        """Materialize as a CPU torch tensor (imports torch)."""
+        from .torch_bridge import tensor_from_bytes
+        return tensor_from_bytes(self.read_bytes(), self.dtype, self.shape)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = {
+            "shape": list(self.shape), "dtype": self.dtype, "device": self.device,
+            "nbytes": self.nbytes, "stride": list(self.stride), "storage_offset": self.storage_offset,
+            "requires_grad": self.requires_grad, "is_parameter": self.is_parameter,
+        }
+        if self.kind != "dense":
+            d["kind"] = self.kind
+        if self.subclass:
+            d["subclass"] = self.subclass
+        return d
+
+
+def _gather(buf: bytes, shape, stride, size: int) -> bytes:
+    """Copy a strided view out of ``buf`` (which starts at the view's first element)."""
+    out = bytearray()
+    idx = [0] * len(shape)
+    mv = memoryview(buf)
+    n = math.prod(shape)
+    for _ in range(n):
+        off = sum(i * s for i, s in zip(idx, stride)) * size
+        out += mv[off:off + size]
+        for d in range(len(shape) - 1, -1, -1):
+            idx[d] += 1
+            if idx[d] < shape[d]:
+                break
+            idx[d] = 0
+    return bytes(out)
+
+
+@dataclass(frozen=True)
+class GlobalRef:
+    """A class or function a pickle names, and what the safe reader made of it."""
+
+    module: str
+    name: str
+    handling: str  # "tensor" (rebuilt as a TensorRef), "builtin" (safe value), "stub" (inert record)
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """What a reader makes of a path: the entry tree and its metadata.
+
+    ``root`` is the tree: dicts, lists, plain values, :class:`TensorRef` leaves
+    and inert stubs for pickled objects. Tensor bytes stay in the file.
+    """
+
+    path: str
+    format: str
+    file_size: int
+    root: Any
+    metadata: Dict[str, Any] = field(default_factory=dict)
+    globals: Tuple[GlobalRef, ...] = ()
+    files: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One named tensor of a result: what inspect lists."""
+
+    name: str
+    shape: Tuple[int, ...]
+    dtype: str
+    device: str
+    nbytes: int
+    stride: Tuple[int, ...] = ()
+    storage_offset: int = 0
+    storage: Optional[str] = None
+    stats: Optional[Dict[str, Any]] = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "device": self.device,
+             "nbytes": self.nbytes, "numel": self.numel, "stride": list(self.stride),
+             "storage_offset": self.storage_offset, "storage": self.storage}
+        if self.stats is not None:
+            d["stats"] = self.stats
+        return d
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    """The result of ``inspect``: a checkpoint's summary and its tensors."""
+
+    path: str
+    format: str
+    file_size: int
+    entry: Optional[str]
+    entry_source: str
+    tensors: Tuple[TensorInfo, ...]
+    total_params: int
+    total_bytes: int
+    bytes_by_dtype: Dict[str, int]
+    devices: Dict[str, int]
+    shared_storages: Tuple[Tuple[str, ...], ...]
+    other_entries: Dict[str, str]
+    pickled_classes: Tuple[str, ...]
+    notes: Tuple[str, ...]
+    metadata: Dict[str, Any]
+    tree: Optional[Tuple[Tuple[str, int, int], ...]] = None  # (module, tensors, params) with --depth
+    exit_code: int = 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = {
+            "path": self.path, "format": self.format, "file_size": self.file_size,
+            "entry": self.entry, "entry_source": self.entry_source,
+            "tensors": [t.to_dict() for t in self.tensors],
+            "tensor_count": len(self.tensors),
+            "total_params": self.total_params, "total_bytes": self.total_bytes,
+            "bytes_by_dtype": dict(self.bytes_by_dtype), "devices": dict(self.devices),
+            "shared_storages": [list(g) for g in self.shared_storages],
+            "other_entries": dict(self.other_entries),
+            "pickled_classes": list(self.pickled_classes),
+            "notes": list(self.notes), "metadata": _jsonable(self.metadata),
+        }
+        if self.tree is not None:
+            d["tree"] = [{"module": m, "tensors": n, "params": p} for m, n, p in self.tree]
+        return d
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if dataclasses.is_dataclass(v):
+        return _jsonable(dataclasses.asdict(v))
+    return repr(v)

@@ -1,0 +1,277 @@
+"""``inspect``: what a checkpoint holds, from its metadata (and, with stats, its data)."""
+from __future__ import annotations
+
+import collections
+import math
+import re
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from .errors import UsageError
+from .formats import open as open_checkpoint
+from .formats.safe_pickle import Stub
+from .records import Checkpoint, InspectResult, TensorInfo, TensorRef
+from .tree import StateDict, children, find_state_dict, is_tensor_dict, module_kind, module_state_dict
+
+Progress = Optional[Callable[[int, int], None]]
+
+
+def inspect(path: str, key: Optional[str] = None, filter: Optional[str] = None, sort: str = "file",
+            depth: Optional[int] = None, stats: bool = False, progress: Progress = None) -> InspectResult:
+    """Summarize a checkpoint of any format: its state_dict's tensors and everything else it holds.
+
+    >>> r = inspect("fixtures/tiny_state_dict.pt")  # doctest: +SKIP
+    >>> r.format, r.entry, r.total_params
+    ('torch_zip', None, 90)
+    """
+    ckpt = open_checkpoint(path)
+    sd = find_state_dict(ckpt, key)
+    return summarize(ckpt, sd, filter=filter, sort=sort, depth=depth, stats=stats, progress=progress)
+
+
+def summarize(ckpt: Checkpoint, sd: StateDict, filter: Optional[str] = None, sort: str = "file",
+              depth: Optional[int] = None, stats: bool = False, progress: Progress = None) -> InspectResult:
+    """Build the InspectResult of an opened checkpoint and its chosen state_dict."""
+    if sort not in ("file", "name", "size"):
+        raise UsageError(f"unknown sort order {sort!r} (file, name or size)")
+    if depth is not None and depth < 1:
+        raise UsageError("--depth must be at least 1")
+    items: List[Tuple[str, TensorRef]] = list(sd.tensors.items())
+    if filter:
+        try:
+            rx = re.compile(filter)
+        except re.error as e:
+            raise UsageError(f"--filter is not a valid regular expression: {e}") from None
+        items = [(n, t) for n, t in items if rx.search(n)]
+    if sort == "name":
+        items.sort(key=lambda nt: nt[0])
+    elif sort == "size":
+        items.sort(key=lambda nt: (-nt[1].nbytes, nt[0]))
+
+    labels: Dict[int, str] = {}
+    groups: Dict[int, List[str]] = collections.OrderedDict()
+    for name, t in items:
+        if t.storage is not None:
+            labels.setdefault(id(t.storage), t.storage.key)
+            groups.setdefault(id(t.storage), []).append(name)
+    computed = _stats(items, progress) if stats else {}
+    infos = tuple(TensorInfo(name=n, shape=t.shape, dtype=t.dtype, device=t.device, nbytes=t.nbytes,
+                             stride=t.stride, storage_offset=t.storage_offset,
+                             storage=labels.get(id(t.storage)), stats=computed.get(n) if stats else None)
+                  for n, t in items)
+    by_dtype: Dict[str, int] = collections.Counter()
+    devices: Dict[str, int] = collections.Counter()
+    for _, t in items:
+        by_dtype[t.dtype] += t.nbytes
+        devices[t.device] += 1
+    shared = tuple(tuple(g) for g in groups.values() if len(g) > 1)
+
+    tree = _fold(items, depth) if depth else None
+    stubs = tuple(sorted({g.qualname for g in ckpt.globals if g.handling == "stub"}))
+    notes = _notes(ckpt, sd, stubs)
+    return InspectResult(
+        path=ckpt.path, format=ckpt.format, file_size=ckpt.file_size, entry=sd.entry, entry_source=sd.source,
+        tensors=infos, total_params=sum(t.numel for _, t in items), total_bytes=sum(t.nbytes for _, t in items),
+        bytes_by_dtype=dict(by_dtype), devices=dict(devices), shared_storages=shared,
+        other_entries=_other_entries(ckpt.root, sd.entry), pickled_classes=stubs, notes=notes,
+        metadata={k: v for k, v in ckpt.metadata.items() if not k.startswith("_")}, tree=tree)
+
+
+def _fold(items, depth: int) -> Tuple[Tuple[str, int, int], ...]:
+    rows: Dict[str, List[int]] = collections.OrderedDict()
+    for name, t in items:
+        parts = name.split(".")
+        module = ".".join(parts[:min(depth, len(parts) - 1)]) or "(top)"
+        row = rows.setdefault(module, [0, 0])
+        row[0] += 1
+        row[1] += t.numel
+    return tuple((m, n, p) for m, (n, p) in rows.items())
+
+
+def _notes(ckpt: Checkpoint, sd: StateDict, stubs) -> Tuple[str, ...]:
+    notes = []
+    if sd.source == "pickled_module":
+        notes.append(f"holds pickled class {sd.module_class}; its state_dict is readable here, running it "
+                     f"needs its code and --trust")
+    elif sd.source == "script_module":
+        notes.append(f"TorchScript module {sd.module_class}; state_dict names as torch.jit.load(...).state_dict()")
+    elif sd.source == "all_tensors":
+        notes.append("no state_dict found: listing every tensor in the file by its path")
+    top_modules = sorted({o.qualname for o in _module_stubs(ckpt.root)} - {sd.module_class})
+    for m in top_modules[:3]:
+        notes.append(f"holds pickled class {m}; its state_dict is readable here, running it needs its code "
+                     f"and --trust")
+    module_classes = {o.qualname for o in _all_stubs(ckpt.root) if module_kind(o)}
+    other = [s for s in stubs if not s.startswith("torch.") and s not in module_classes]
+    if other and ckpt.format != "torchscript":
+        notes.append(f"references {len(other)} other class(es) the reader did not import: "
+                     f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''}")
+    if ckpt.metadata.get("note"):
+        notes.append(ckpt.metadata["note"])
+    return tuple(notes)
+
+
+def _all_stubs(root: Any):
+    """Every stub object in the tree, each once."""
+    seen, stack, out = set(), [root], []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen or isinstance(node, (str, bytes, int, float, bool, TensorRef)) or node is None:
+            continue
+        seen.add(id(node))
+        if isinstance(node, Stub):
+            out.append(node)
+        stack.extend(v for _, v in children(node))
+    return out
+
+
+def _module_stubs(root: Any):
+    """Top-level pickled modules (not their children) anywhere in a checkpoint dict."""
+    if module_kind(root) == "pickled":
+        return [root]
+    if isinstance(root, dict):
+        return [v for v in root.values() if module_kind(v) == "pickled"]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Describing the entries that are not the state_dict
+
+
+_OPTIMIZER_HINTS = (
+    ("SGD", {"momentum", "dampening", "nesterov"}),
+    ("AdamW", {"betas", "amsgrad", "decoupled_weight_decay=True"}),
+    ("Adam", {"betas", "amsgrad"}),
+    ("RMSprop", {"alpha", "centered"}),
+    ("Adagrad", {"lr_decay"}),
+    ("Adadelta", {"rho"}),
+)
+
+
+def _guess_optimizer(group: dict) -> Optional[str]:
+    keys = set(group)
+    if group.get("decoupled_weight_decay") is True:
+        keys.add("decoupled_weight_decay=True")
+    for name, needed in _OPTIMIZER_HINTS:
+        if needed <= keys:
+            return name
+    return None
+
+
+def describe(value: Any) -> str:
+    """A one-line description of a non-tensor entry.
+
+    >>> describe({"state": {}, "param_groups": [{"lr": 0.1, "momentum": 0.9, "dampening": 0, "nesterov": False, "params": [0, 1]}]})
+    'SGD optimizer state: 2 params in 1 group, lr=0.1'
+    """
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 60 else repr(value[:57]) + "..."
+    if isinstance(value, (bytes, bytearray)):
+        return f"{len(value)} bytes"
+    if isinstance(value, TensorRef):
+        return f"tensor {list(value.shape)} {value.dtype} on {value.device}"
+    if isinstance(value, dict):
+        if "param_groups" in value and "state" in value and isinstance(value["param_groups"], list):
+            groups = [g for g in value["param_groups"] if isinstance(g, dict)]
+            n = sum(len(g.get("params", [])) for g in groups)
+            kind = _guess_optimizer(groups[0]) if groups else None
+            lrs = sorted({g.get("lr") for g in groups if isinstance(g.get("lr"), (int, float))})
+            lr = f", lr={lrs[0]}" if len(lrs) == 1 else ""
+            return f"{kind + ' ' if kind else ''}optimizer state: {n} params in {len(groups)} " \
+                   f"group{'s' if len(groups) != 1 else ''}{lr}"
+        if "last_epoch" in value and ("base_lrs" in value or "_last_lr" in value):
+            return f"LR scheduler state: last_epoch={value['last_epoch']!r}"
+        if is_tensor_dict(value):
+            n = sum(t.numel for t in value.values())
+            return f"state_dict: {len(value)} tensors, {n:,} values"
+        keys = [str(k) for k in list(value)[:6]]
+        return f"dict of {len(value)} entries ({', '.join(keys)}{', ...' if len(value) > 6 else ''})"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__} of {len(value)} items"
+    if isinstance(value, (set, frozenset)):
+        return f"set of {len(value)} items"
+    if isinstance(value, Stub):
+        kind = module_kind(value)
+        if kind:
+            n = len(module_state_dict(value))
+            return f"pickled module {value.qualname} ({n} tensors in its state_dict)"
+        state = value.state if isinstance(value.state, dict) else None
+        if state is not None and all(isinstance(k, str) for k in state):
+            fields = ", ".join(f"{k}={_short(v)}" for k, v in list(state.items())[:6])
+            return f"{value.qualname}({fields}{', ...' if len(state) > 6 else ''})"
+        return f"pickled object {value.qualname}"
+    return type(value).__name__
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, (dict, list, tuple, Stub, TensorRef)):
+        return describe(v)
+    r = repr(v)
+    return r if len(r) <= 30 else r[:27] + "..."
+
+
+def _other_entries(root: Any, entry: Optional[str]) -> Dict[str, str]:
+    if not isinstance(root, dict) or is_tensor_dict(root):
+        return {}
+    top = entry.split("/")[0] if entry else None
+    return {str(k): describe(v) for k, v in root.items() if str(k) != top}
+
+
+# ---------------------------------------------------------------------------------------------
+# --stats: streamed over the data, a chunk at a time
+
+
+def _stats(items, progress: Progress) -> Dict[str, Optional[Dict[str, Any]]]:
+    out: Dict[str, Optional[Dict[str, Any]]] = {}
+    total = sum(t.nbytes for _, t in items)
+    done = 0
+    for name, t in items:
+        out[name] = tensor_stats(t)
+        done += t.nbytes
+        if progress:
+            progress(done, total)
+    return out
+
+
+def tensor_stats(t: TensorRef, chunk_bytes: int = 1 << 26) -> Optional[Dict[str, Any]]:
+    """min/max/mean/std and NaN/Inf counts of a tensor, read in bounded chunks.
+
+    Returns None for tensors without numeric data (meta, quantized, complex, strings).
+    """
+    if not t.has_data or t.kind != "dense" or t.dtype.startswith("complex") or t.dtype in ("string",):
+        return None
+    import torch
+    from .torch_bridge import torch_dtype
+    dt = torch_dtype(t.dtype)
+    count, mean, m2 = 0, 0.0, 0.0
+    lo, hi = math.inf, -math.inf
+    nans = infs = 0
+    for chunk in t.iter_chunks(chunk_bytes):
+        if not chunk:
+            continue
+        x = torch.frombuffer(bytearray(chunk), dtype=torch.uint8).view(dt).to(torch.float64)
+        bad_nan = torch.isnan(x)
+        bad_inf = torch.isinf(x)
+        nans += int(bad_nan.sum())
+        infs += int(bad_inf.sum())
+        x = x[~(bad_nan | bad_inf)]
+        n = x.numel()
+        if not n:
+            continue
+        lo = min(lo, float(x.min()))
+        hi = max(hi, float(x.max()))
+        c_mean = float(x.mean())
+        c_m2 = float(((x - c_mean) ** 2).sum())
+        delta = c_mean - mean
+        tot = count + n
+        mean += delta * n / tot
+        m2 += c_m2 + delta * delta * count * n / tot
+        count = tot
+    finite = count > 0
+    return {
+        "min": lo if finite else None, "max": hi if finite else None,
+        "mean": mean if finite else None,
+        "std": math.sqrt(m2 / (count - 1)) if count > 1 else (0.0 if finite else None),
+        "nan": nans, "inf": infs,
+    }

@@ -1,0 +1,194 @@
+"""Walking a checkpoint's entry tree: finding the state_dict, naming tensors.
+
+The state_dict is found the way timm and Lightning users expect: the whole
+file when it is a flat name -> tensor dict, else the first of
+``STATE_DICT_KEYS`` that holds one, else a pickled module's own parameters and
+persistent buffers, named exactly as ``module.state_dict()`` would name them.
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from .errors import KeyNotFoundError
+from .formats.safe_pickle import Stub
+from .records import Checkpoint, TensorRef
+
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "state_dict_ema", "model_ema",
+                   "ema_state_dict", "net", "network", "weights", "params")
+
+
+@dataclass(frozen=True)
+class StateDict:
+    """The tensors a checkpoint holds as its state_dict, and where they came from."""
+
+    entry: Optional[str]       # path of the entry in the tree ("model_state_dict"), None for the top level
+    source: str                # "state_dict" | "pickled_module" | "script_module" | "all_tensors"
+    tensors: "collections.OrderedDict[str, TensorRef]"
+    module_class: Optional[str] = None
+
+
+def is_tensor_dict(obj: Any) -> bool:
+    """A non-empty dict whose values are all tensors: a state_dict."""
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, TensorRef) for v in obj.values()) \
+        and all(isinstance(k, str) for k in obj)
+
+
+def _stub_state(obj: Stub) -> Optional[dict]:
+    state = obj.state
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
+        state = state[0]  # (dict, slotstate)
+    return state if isinstance(state, dict) else None
+
+
+def module_kind(obj: Any) -> Optional[str]:
+    """``"pickled"`` for a pickled nn.Module, ``"script"`` for a TorchScript module, else None."""
+    if not isinstance(obj, Stub):
+        return None
+    state = _stub_state(obj)
+    if state is None:
+        return None
+    if "_parameters" in state and "_modules" in state:
+        return "pickled"
+    if type(obj).stub_module.startswith("__torch__"):
+        return "script"
+    return None
+
+
+def module_state_dict(obj: Stub, members: Optional[Dict[str, Tuple[List[str], List[str]]]] = None,
+                      prefix: str = "", out=None) -> "collections.OrderedDict[str, TensorRef]":
+    """The state_dict of a pickled or TorchScript module stub, in ``state_dict()`` order.
+
+    For a pickled nn.Module: its ``_parameters``, then its ``_buffers`` not in
+    ``_non_persistent_buffers_set``, then each child of ``_modules`` (None
+    entries skipped, as torch does).
+    """
+    out = collections.OrderedDict() if out is None else out
+    state = _stub_state(obj) or {}
+    kind = module_kind(obj)
+    if kind == "pickled":
+        non_persistent = state.get("_non_persistent_buffers_set") or set()
+        for name, t in _items(state.get("_parameters")):
+            if isinstance(t, TensorRef):
+                out[prefix + name] = t
+        for name, t in _items(state.get("_buffers")):
+            if isinstance(t, TensorRef) and name not in non_persistent:
+                out[prefix + name] = t
+        for name, child in _items(state.get("_modules")):
+            if module_kind(child):
+                module_state_dict(child, members, f"{prefix}{name}.", out)
+    elif kind == "script":
+        qual = f"{type(obj).stub_module}.{type(obj).stub_name}"
+        params, buffers = (members or {}).get(qual, (None, None))
+        tensor_attrs = [(k, v) for k, v in state.items() if isinstance(v, TensorRef)]
+        if params is None:  # class code not found: every tensor attribute is state
+            for k, v in tensor_attrs:
+                out[prefix + k] = v
+        else:
+            for k, v in tensor_attrs:
+                if k in params:
+                    out[prefix + k] = v
+            for k, v in tensor_attrs:
+                if k in buffers:
+                    out[prefix + k] = v
+        for k, v in state.items():
+            if module_kind(v) == "script":
+                module_state_dict(v, members, f"{prefix}{k}.", out)
+    return out
+
+
+def _items(obj: Any):
+    if isinstance(obj, dict):
+        return list(obj.items())
+    return []
+
+
+def children(obj: Any) -> Iterator[Tuple[str, Any]]:
+    """The named children of a tree node (dict keys, list indices, a stub's state)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield str(k), v
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield str(i), v
+    elif isinstance(obj, Stub):
+        state = _stub_state(obj)
+        if state is not None:
+            yield from ((str(k), v) for k, v in state.items())
+        elif obj.state is not None:
+            yield "state", obj.state
+        for i, a in enumerate(obj.args):
+            yield f"arg{i}", a
+        for k, v in obj.items.items():
+            yield str(k), v
+        for i, v in enumerate(obj.list_items):
+            yield str(i), v
+
+
+def all_tensors(obj: Any, prefix: str = "", seen=None) -> Iterator[Tuple[str, TensorRef]]:
+    """Every tensor in the tree with its ``/``-joined path (each node visited once)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, TensorRef):
+        yield prefix, obj
+        return
+    if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool)) or obj is None:
+        return
+    seen.add(id(obj))
+    for k, v in children(obj):
+        yield from all_tensors(v, f"{prefix}/{k}" if prefix else k, seen)
+
+
+def get_entry(root: Any, key: str, path: Optional[str] = None) -> Any:
+    """Follow ``a/b/c`` through dicts, lists and stubs; KeyNotFoundError names what exists."""
+    node = root
+    walked = []
+    for part in key.split("/"):
+        found = False
+        for k, v in children(node):
+            if k == part:
+                node, found = v, True
+                break
+        if not found:
+            where = "/".join(walked) or "the top level"
+            keys = [k for k, _ in children(node)][:12]
+            raise KeyNotFoundError(f"no entry {part!r} under {where}; entries there: {', '.join(keys) or 'none'}",
+                                   path)
+        walked.append(part)
+    return node
+
+
+def _as_state_dict(node: Any, entry: Optional[str], ckpt: Checkpoint) -> Optional[StateDict]:
+    if is_tensor_dict(node):
+        return StateDict(entry, "state_dict", collections.OrderedDict(node))
+    kind = module_kind(node)
+    if kind:
+        members = ckpt.metadata.get("_script_members")
+        sd = module_state_dict(node, members)
+        return StateDict(entry, f"{kind}_module", sd, type(node).stub_module + "." + type(node).stub_name)
+    return None
+
+
+def find_state_dict(ckpt: Checkpoint, key: Optional[str] = None) -> StateDict:
+    """Pick the state_dict of ``ckpt`` (or of entry ``key``), as described in the module doc."""
+    if key:
+        node = get_entry(ckpt.root, key, ckpt.path)
+        sd = _as_state_dict(node, key, ckpt)
+        if sd is not None:
+            return sd
+        tensors = collections.OrderedDict(all_tensors(node))
+        return StateDict(key, "all_tensors", tensors)
+    sd = _as_state_dict(ckpt.root, None, ckpt)
+    if sd is not None:
+        return sd
+    if isinstance(ckpt.root, dict):
+        for k in STATE_DICT_KEYS:
+            if k in ckpt.root:
+                sd = _as_state_dict(ckpt.root[k], k, ckpt)
+                if sd is not None:
+                    return sd
+        # An empty dict of tensors under a usual key is still the state_dict.
+        for k in STATE_DICT_KEYS:
+            if isinstance(ckpt.root.get(k), dict) and not ckpt.root[k]:
+                return StateDict(k, "state_dict", collections.OrderedDict())
+    return StateDict(None, "all_tensors", collections.OrderedDict(all_tensors(ckpt.root)))
