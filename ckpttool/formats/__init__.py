@@ -49,10 +49,12 @@ def _folder_entry(path: str) -> str:
         return os.path.join(path, indexes[0])
     if ".metadata" in names:
         raise FormatError("is a torch.distributed.checkpoint folder; ckpttool does not read those yet", path)
-    singles = [n for n in names if n in ("model.safetensors", "pytorch_model.bin")]
+    singles = [n for n in names if n in ("model.safetensors", "pytorch_model.bin")] or \
+        [n for n in names if n.endswith(".onnx")]
     if len(singles) == 1:
         return os.path.join(path, singles[0])
-    raise FormatError("directory holds no checkpoint (no *.index.json, model.safetensors or pytorch_model.bin)",
+    raise FormatError("directory holds no checkpoint (no *.index.json, model.safetensors, pytorch_model.bin "
+                      "or single .onnx model)",
                       path)
 
 

@@ -67,7 +67,7 @@ def member_span(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, file_size
         if len(head) != _LOCAL_HEADER.size or head[:4] != b"PK\x03\x04":
             raise FormatError(f"record {info.filename} has no valid local header", path)
         fields = _LOCAL_HEADER.unpack(head)
-        start = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
+        start = info.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]  # name, extra lengths
         if start + info.file_size > file_size:
             raise FormatError(f"record {info.filename} runs past the end of the file (truncated?)", path)
         return start
