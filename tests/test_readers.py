@@ -86,7 +86,8 @@ def test_renamed_archive_folder_is_found(make):
 def test_every_zip_dtype_is_read(make):
     sd = find_state_dict(ckpttool.open(make("all_dtypes.pt"))).tensors
     dtypes = {t.dtype for t in sd.values()}
-    for expected in ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "complex64",
+    for expected in ("float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                     "float8_e5m2fnuz", "float8_e8m0fnu", "complex64",
                      "complex128", "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64", "bool"):
         assert expected in dtypes
 
@@ -226,8 +227,9 @@ def test_onnx_external_data(make):
         arr = numpy_helper.to_array(init)
         ref = ours[init.name]
         assert ref.shape == arr.shape
-        assert ref.dtype == str(arr.dtype).replace("float", "float").replace("int64", "int64")
+        assert ref.dtype == str(arr.dtype)
         assert ref.read_bytes() == arr.tobytes()
+    assert {r.dtype for r in ours.values()} == {"float32", "int64", "float16", "bool", "int8", "float64"}
 
 
 def test_opening_reads_no_tensor_bytes(make, monkeypatch):
@@ -277,3 +279,23 @@ def test_bare_pickle_file_is_read_safely(tmp_path):
     p.write_bytes(pickle.dumps({"lr": 0.1, "layers": [1, 2]}))
     ckpt = ckpttool.open(str(p))
     assert ckpt.format == "pickle" and ckpt.root == {"lr": 0.1, "layers": [1, 2]}
+
+
+def test_quantized_and_parameter_and_meta_tensors(tmp_path):
+    q = torch.quantize_per_tensor(torch.randn(4, 4), 0.1, 10, torch.quint8)
+    p = tmp_path / "mixed.pt"
+    torch.save({"q": q, "param": torch.nn.Parameter(torch.ones(3)), "meta": torch.empty(2, 5, device="meta")}, p)
+    tensors = dict(ckpttool.open(str(p)).root)
+    assert tensors["q"].dtype == "quint8" and tensors["q"].kind == "quantized" and tensors["q"].shape == (4, 4)
+    assert tensors["q"].read_bytes() == q.int_repr().numpy().tobytes()
+    assert tensors["param"].is_parameter and tensors["param"].requires_grad
+    assert tensors["meta"].device == "meta" and tensors["meta"].shape == (2, 5) and not tensors["meta"].has_data
+
+
+def test_numpy_scalars_become_numbers_without_numpy(tmp_path):
+    import numpy as np
+    p = tmp_path / "np.pt"
+    torch.save({"w": torch.ones(1), "best_acc": np.float64(0.75), "step": np.int64(1200), "ok": np.bool_(True)}, p)
+    root = ckpttool.open(str(p)).root
+    assert (root["best_acc"], root["step"], root["ok"]) == (0.75, 1200, True)
+    assert type(root["step"]) is int

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 
 from ..records import Checkpoint
-from .safe_pickle import safe_load
+from .safe_pickle import load_stream
 
 
 def read(path: str) -> Checkpoint:
-    """Read a bare pickle file through the restricted unpickler."""
+    """Read a bare pickle file through the restricted unpickler (streamed, never slurped)."""
     with open(path, "rb") as f:
-        data = f.read()
-    root, globs = safe_load(data, None, path)
-    return Checkpoint(path=path, format="pickle", file_size=len(data), root=root, globals=globs, files=(path,))
+        root, globs = load_stream(f, None, path)
+    return Checkpoint(path=path, format="pickle", file_size=os.path.getsize(path), root=root, globals=globs,
+                      files=(path,))

@@ -16,6 +16,7 @@ import dataclasses
 import collections
 import io
 import pickle
+import struct
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..dtypes import STORAGE_CLASS_DTYPE, itemsize
@@ -200,6 +201,48 @@ def _no_int(ctor):
     return build
 
 
+class NumpyDtype:
+    """``numpy.dtype(code, align, copy)`` as a record; numpy is never imported."""
+
+    def __init__(self, code="", align=False, copy=False):
+        if not isinstance(code, str):
+            raise FormatError("numpy.dtype with a non-string type code")
+        self.code, self.byteorder = code, "<"
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "="):
+            self.byteorder = ">" if state[1] == ">" else "<"
+
+    def __repr__(self) -> str:
+        return f"numpy.dtype({self.code!r})"
+
+
+_NUMPY_STRUCT = {"f8": "d", "f4": "f", "f2": "e", "i8": "q", "i4": "i", "i2": "h", "i1": "b",
+                 "u8": "Q", "u4": "I", "u2": "H", "u1": "B", "b1": "?"}
+
+
+class NumpyScalar:
+    """A numpy scalar of a type not decoded here (kept as its dtype code and raw bytes)."""
+
+    def __init__(self, dtype: NumpyDtype, data: bytes):
+        self.dtype, self.data = dtype, data
+
+    def __repr__(self) -> str:
+        return f"numpy scalar {self.dtype.code} ({len(self.data)} bytes)"
+
+
+def _numpy_scalar(dtype, data=b""):
+    # numpy.core.multiarray.scalar(dtype, raw bytes): decoded with struct to a Python number.
+    if not isinstance(dtype, NumpyDtype) or not isinstance(data, (bytes, bytearray, str)):
+        raise FormatError("malformed numpy scalar record")
+    if isinstance(data, str):
+        data = data.encode("latin1")
+    fmt = _NUMPY_STRUCT.get(dtype.code)
+    if fmt is None or struct.calcsize(fmt) != len(data):
+        return NumpyScalar(dtype, bytes(data))
+    return struct.unpack(dtype.byteorder + fmt, data)[0]
+
+
 def _torch_size(dims=()):
     return tuple(_check_dims(list(dims), "size"))
 
@@ -222,6 +265,8 @@ _SAFE_BUILTINS: Dict[Tuple[str, str], Callable] = {
     ("copyreg", "_reconstructor"): _reconstructor,
     ("builtins", "object"): object,
     ("torch", "Size"): _torch_size, ("torch", "device"): _torch_device,
+    ("numpy", "dtype"): NumpyDtype,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar, ("numpy._core.multiarray", "scalar"): _numpy_scalar,
 }
 
 _TENSOR_FUNCS: Dict[Tuple[str, str], Callable] = {

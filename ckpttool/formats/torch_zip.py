@@ -20,6 +20,8 @@ from ..records import Checkpoint, FileSpan, StorageRef
 from .safe_pickle import parse_storage_pid, safe_load, storage_nbytes
 
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
+# data.pkl holds structure, not tensor bytes: even 100k-tensor models stay far below this.
+MAX_PICKLE = 2 << 30
 
 
 def open_zip(path: str) -> zipfile.ZipFile:
@@ -126,7 +128,7 @@ def storage_loader(zf: zipfile.ZipFile, folder: str, path: str, file_size: int, 
 def read_zip_pickle(path: str, zf: zipfile.ZipFile, folder: str, name: str = "data.pkl"):
     """Unpickle ``<folder>/<name>`` safely with its storages as lazy StorageRefs."""
     file_size = os.path.getsize(path)
-    data = read_member(zf, folder + name, path)
+    data = read_member(zf, folder + name, path, limit=MAX_PICKLE)
     return safe_load(data, storage_loader(zf, folder, path, file_size), path)
 
 
