@@ -17,6 +17,11 @@ from . import __version__
 from .errors import CkptError
 
 
+def _one_line(text: str) -> str:
+    # Messages quote bytes from the file: never let them break the one-line contract.
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 class _Group(click.Group):
     """Translates CkptError into the one-line message and exit code, in one place."""
 
@@ -26,9 +31,9 @@ class _Group(click.Group):
         except CkptError as e:
             if ctx.params.get("debug") or os.environ.get("CKPTTOOL_DEBUG") == "1":
                 raise
-            click.echo(f"ckpttool: error: {e}", err=True)
+            click.echo(f"ckpttool: error: {_one_line(str(e))}", err=True)
             if e.hint:
-                click.echo(f"hint: {e.hint}", err=True)
+                click.echo(f"hint: {_one_line(e.hint)}", err=True)
             ctx.exit(e.exit_code)
 
 

@@ -19,6 +19,8 @@ class CkptError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, path: Optional[str] = None, hint: Optional[str] = None):
+        # Messages quote bytes from files: keep them on one line whatever those bytes are.
+        message = message.replace("\r", "\\r").replace("\n", "\\n")
         super().__init__(message)
         self.message = message
         self.path = path

@@ -6,7 +6,7 @@ import math
 import re
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .errors import UsageError
+from .errors import CkptError, UsageError
 from .formats import open as open_checkpoint
 from .formats.safe_pickle import Stub
 from .records import Checkpoint, InspectResult, TensorInfo, TensorRef
@@ -24,8 +24,13 @@ def inspect(path: str, key: Optional[str] = None, filter: Optional[str] = None, 
     ('torch_zip', None, 90)
     """
     ckpt = open_checkpoint(path)
-    sd = find_state_dict(ckpt, key)
-    return summarize(ckpt, sd, filter=filter, sort=sort, depth=depth, stats=stats, progress=progress)
+    try:
+        sd = find_state_dict(ckpt, key)
+        return summarize(ckpt, sd, filter=filter, sort=sort, depth=depth, stats=stats, progress=progress)
+    except CkptError as e:
+        if e.path is None and not isinstance(e, UsageError):
+            e.path = ckpt.path  # errors found while walking the tree are about this file
+        raise
 
 
 def summarize(ckpt: Checkpoint, sd: StateDict, filter: Optional[str] = None, sort: str = "file",
@@ -174,7 +179,7 @@ def describe(value: Any) -> str:
     if isinstance(value, dict):
         if "param_groups" in value and "state" in value and isinstance(value["param_groups"], list):
             groups = [g for g in value["param_groups"] if isinstance(g, dict)]
-            n = sum(len(g.get("params", [])) for g in groups)
+            n = sum(len(g["params"]) for g in groups if isinstance(g.get("params"), (list, tuple)))
             kind = _guess_optimizer(groups[0]) if groups else None
             lrs = sorted({g.get("lr") for g in groups if isinstance(g.get("lr"), (int, float))})
             lr = f", lr={lrs[0]}" if len(lrs) == 1 else ""

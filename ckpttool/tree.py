@@ -11,7 +11,7 @@ import collections
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from .errors import KeyNotFoundError
+from .errors import FormatError, KeyNotFoundError
 from .formats.safe_pickle import Stub
 from .records import Checkpoint, TensorRef
 
@@ -56,51 +56,71 @@ def module_kind(obj: Any) -> Optional[str]:
     return None
 
 
+# A shared submodule is visited once per name it has (as torch does); a file whose modules
+# share children at every level would need 2**depth visits: refuse past this many.
+MAX_MODULE_VISITS = 1_000_000
+
+
 def module_state_dict(obj: Stub, members: Optional[Dict[str, Tuple[List[str], List[str]]]] = None,
-                      prefix: str = "", out=None) -> "collections.OrderedDict[str, TensorRef]":
+                      path: Optional[str] = None) -> "collections.OrderedDict[str, TensorRef]":
     """The state_dict of a pickled or TorchScript module stub, in ``state_dict()`` order.
 
     For a pickled nn.Module: its ``_parameters``, then its ``_buffers`` not in
     ``_non_persistent_buffers_set``, then each child of ``_modules`` (None
-    entries skipped, as torch does).
+    entries skipped, as torch does). Iterative, so depth costs no recursion; a
+    module that contains itself is a FormatError.
     """
-    out = collections.OrderedDict() if out is None else out
-    state = _stub_state(obj) or {}
-    kind = module_kind(obj)
-    if kind == "pickled":
-        non_persistent = state.get("_non_persistent_buffers_set") or set()
-        for name, t in _items(state.get("_parameters")):
-            if isinstance(t, TensorRef):
-                out[prefix + name] = t
-        for name, t in _items(state.get("_buffers")):
-            if isinstance(t, TensorRef) and name not in non_persistent:
-                out[prefix + name] = t
-        for name, child in _items(state.get("_modules")):
-            if module_kind(child):
-                module_state_dict(child, members, f"{prefix}{name}.", out)
-    elif kind == "script":
-        qual = f"{type(obj).stub_module}.{type(obj).stub_name}"
-        params, buffers = (members or {}).get(qual, (None, None))
-        tensor_attrs = [(k, v) for k, v in state.items() if isinstance(v, TensorRef)]
-        if params is None:  # class code not found: every tensor attribute is state
-            for k, v in tensor_attrs:
-                out[prefix + k] = v
-        else:
-            for k, v in tensor_attrs:
-                if k in params:
+    out: "collections.OrderedDict[str, TensorRef]" = collections.OrderedDict()
+    stack: List[Tuple[Any, Optional[str]]] = [(obj, "")]  # prefix None marks leaving a node
+    on_path = set()
+    visits = 0
+    while stack:
+        node, prefix = stack.pop()
+        if prefix is None:
+            on_path.discard(id(node))
+            continue
+        visits += 1
+        if visits > MAX_MODULE_VISITS:
+            raise FormatError(f"module tree has more than {MAX_MODULE_VISITS:,} module visits "
+                              f"(submodules shared at every level?)", path)
+        if id(node) in on_path:
+            raise FormatError(f"module {prefix.rstrip('.') or '(top)'} contains itself", path)
+        on_path.add(id(node))
+        stack.append((node, None))
+        state = _stub_state(node) or {}
+        kids = []
+        if module_kind(node) == "pickled":
+            non_persistent = state.get("_non_persistent_buffers_set") or set()
+            if not isinstance(non_persistent, (set, frozenset, list, tuple)):
+                non_persistent = set()
+            for name, t in _items(state.get("_parameters")):
+                if isinstance(t, TensorRef):
+                    out[prefix + name] = t
+            for name, t in _items(state.get("_buffers")):
+                if isinstance(t, TensorRef) and name not in non_persistent:
+                    out[prefix + name] = t
+            kids = [(name, c) for name, c in _items(state.get("_modules")) if module_kind(c)]
+        else:  # TorchScript
+            qual = f"{type(node).stub_module}.{type(node).stub_name}"
+            params, buffers = (members or {}).get(qual, (None, None))
+            tensor_attrs = [(k, v) for k, v in state.items() if isinstance(v, TensorRef)]
+            if params is None:  # class code not found: every tensor attribute is state
+                for k, v in tensor_attrs:
                     out[prefix + k] = v
-            for k, v in tensor_attrs:
-                if k in buffers:
-                    out[prefix + k] = v
-        for k, v in state.items():
-            if module_kind(v) == "script":
-                module_state_dict(v, members, f"{prefix}{k}.", out)
+            else:
+                for wanted in (params, buffers):
+                    for k, v in tensor_attrs:
+                        if k in wanted:
+                            out[prefix + k] = v
+            kids = [(k, v) for k, v in state.items() if module_kind(v) == "script"]
+        for name, child in reversed(kids):
+            stack.append((child, f"{prefix}{name}."))
     return out
 
 
 def _items(obj: Any):
     if isinstance(obj, dict):
-        return list(obj.items())
+        return [(str(k), v) for k, v in obj.items()]
     return []
 
 
@@ -126,17 +146,19 @@ def children(obj: Any) -> Iterator[Tuple[str, Any]]:
             yield str(i), v
 
 
-def all_tensors(obj: Any, prefix: str = "", seen=None) -> Iterator[Tuple[str, TensorRef]]:
-    """Every tensor in the tree with its ``/``-joined path (each node visited once)."""
-    seen = set() if seen is None else seen
-    if isinstance(obj, TensorRef):
-        yield prefix, obj
-        return
-    if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool)) or obj is None:
-        return
-    seen.add(id(obj))
-    for k, v in children(obj):
-        yield from all_tensors(v, f"{prefix}/{k}" if prefix else k, seen)
+def all_tensors(obj: Any, prefix: str = "") -> Iterator[Tuple[str, TensorRef]]:
+    """Every tensor in the tree with its ``/``-joined path, depth first (each node visited once)."""
+    seen = set()
+    stack = [(prefix, obj)]
+    while stack:
+        name, node = stack.pop()
+        if isinstance(node, TensorRef):
+            yield name, node
+            continue
+        if node is None or isinstance(node, (str, bytes, int, float, bool)) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.extend(reversed([(f"{name}/{k}" if name else k, v) for k, v in children(node)]))
 
 
 def get_entry(root: Any, key: str, path: Optional[str] = None) -> Any:
@@ -164,7 +186,7 @@ def _as_state_dict(node: Any, entry: Optional[str], ckpt: Checkpoint) -> Optiona
     kind = module_kind(node)
     if kind:
         members = ckpt.metadata.get("_script_members")
-        sd = module_state_dict(node, members)
+        sd = module_state_dict(node, members, ckpt.path)
         return StateDict(entry, f"{kind}_module", sd, type(node).stub_module + "." + type(node).stub_name)
     return None
 

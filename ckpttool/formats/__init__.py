@@ -95,7 +95,7 @@ def detect(path: str) -> str:
         return "index"
     if path.lower().endswith(".onnx"):
         return "onnx"
-    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return "pickle"
     if head[:1] == b"\x08":  # protobuf field 1 (ir_version), as every ONNX model starts
         return "onnx"

@@ -37,8 +37,67 @@ def _import_onnx():
     return onnx, DecodeError
 
 
+MAX_TOP_LEVEL_FIELDS = 1 << 20
+
+
+def _varint(f) -> int:
+    value = shift = 0
+    for _ in range(10):
+        b = f.read(1)
+        if not b:
+            raise EOFError
+        value |= (b[0] & 0x7F) << shift
+        if b[0] < 0x80:
+            return value
+        shift += 7
+    raise ValueError("varint longer than 10 bytes")
+
+
+def check_framing(path: str) -> None:
+    """Walk the ModelProto's top-level protobuf fields by seeking over them.
+
+    onnx.load parses the whole file before it can say anything is wrong; this
+    reads a few bytes per top-level field, so a large file that is not ONNX is
+    refused without being read.
+    """
+    size = os.path.getsize(path)
+    seen_graph = False
+    with open(path, "rb") as f:
+        try:
+            for _ in range(MAX_TOP_LEVEL_FIELDS):
+                if f.tell() >= size:
+                    break
+                tag = _varint(f)
+                field, wire = tag >> 3, tag & 7
+                if field == 0:
+                    raise ValueError("field number 0")
+                if wire == 0:
+                    _varint(f)
+                elif wire == 1 or wire == 5:
+                    f.seek(8 if wire == 1 else 4, os.SEEK_CUR)
+                elif wire == 2:
+                    length = _varint(f)
+                    if f.tell() + length > size:
+                        raise ValueError(f"field {field} runs past the end of the file")
+                    f.seek(length, os.SEEK_CUR)
+                    seen_graph |= field == 7
+                else:
+                    raise ValueError(f"wire type {wire} of field {field}")
+            else:
+                raise ValueError("too many top-level fields")
+            if f.tell() != size:
+                raise ValueError("the last field runs past the end of the file")
+        except EOFError:
+            raise FormatError("not a valid ONNX model: truncated protobuf", path) from None
+        except ValueError as e:
+            raise FormatError(f"not a valid ONNX model: {e}", path) from None
+    if not seen_graph:
+        raise FormatError("not a valid ONNX model: it has no graph", path)
+
+
 def read(path: str) -> Checkpoint:
     """Read an ONNX model's initializers (external data located, not read)."""
+    check_framing(path)
     onnx, DecodeError = _import_onnx()
     try:
         model = onnx.load(path, load_external_data=False)
@@ -62,7 +121,7 @@ def read(path: str) -> Checkpoint:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             info = {e.key: e.value for e in init.external_data}
             loc = info.get("location", "")
-            full = inside(folder, loc)
+            full = inside(folder, loc, path)
             if not os.path.isfile(full):
                 raise FileAccessError(f"external data file {loc} of initializer {init.name!r} is missing", path)
             try:

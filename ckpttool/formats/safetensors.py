@@ -26,7 +26,18 @@ def looks_like(head: bytes, file_size: int) -> bool:
     if len(head) < 9:
         return False
     (n,) = struct.unpack("<Q", head[:8])
-    return 2 <= n <= min(MAX_HEADER, file_size - 8) and head[8:9] == b"{"
+    # a header longer than the file still says "safetensors": the reader reports the truncation
+    return 2 <= n <= MAX_HEADER and head[8:9] == b"{"
+
+
+def parse_json(text: bytes, what: str, path: str) -> Any:
+    """json.loads whose every failure (bad UTF-8, syntax, huge ints, deep nesting) is a FormatError."""
+    try:
+        return json.loads(text.decode("utf-8"))
+    except RecursionError:
+        raise FormatError(f"{what} is nested too deeply", path) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int digit limits
+        raise FormatError(f"{what} is not valid JSON: {str(e)[:120]}", path) from None
 
 
 def read_header(path: str) -> Tuple[Dict[str, Any], int, int]:
@@ -42,10 +53,7 @@ def read_header(path: str) -> Tuple[Dict[str, Any], int, int]:
         if 8 + n > file_size:
             raise FormatError(f"safetensors header claims {n} bytes but the file has {file_size} (truncated?)", path)
         text = f.read(n)
-    try:
-        header = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"safetensors header is not valid JSON: {e}", path) from None
+    header = parse_json(text, "safetensors header", path)
     if not isinstance(header, dict):
         raise FormatError("safetensors header is not a JSON object", path)
     return header, 8 + n, file_size
@@ -64,7 +72,7 @@ def read(path: str) -> Checkpoint:
         if not isinstance(info, dict):
             raise FormatError(f"safetensors entry {name!r} is not an object", path)
         dtype_code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype_code not in SAFETENSORS_DTYPE:
+        if not isinstance(dtype_code, str) or dtype_code not in SAFETENSORS_DTYPE:
             raise FormatError(f"tensor {name!r} has unknown dtype {dtype_code!r:.20}", path)
         dtype = SAFETENSORS_DTYPE[dtype_code]
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
@@ -97,5 +105,7 @@ def read(path: str) -> Checkpoint:
         if begin > pos:
             raise FormatError(f"safetensors buffer has a gap before tensor {name!r}", path)
         pos = end
+    if pos != buffer_size:
+        raise FormatError(f"safetensors buffer has {buffer_size - pos} bytes after its last tensor", path)
     return Checkpoint(path=path, format="safetensors", file_size=file_size, root=tensors,
                       metadata={"metadata": meta or {}}, files=(path,))

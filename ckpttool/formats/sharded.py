@@ -6,43 +6,46 @@ no symlink escaping it); each shard is read by its own reader, lazily.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Dict
 
 from ..errors import FileAccessError, FormatError
 from ..records import Checkpoint, TensorRef
+from .safetensors import parse_json
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+MAX_INDEX = 64 << 20
 
 
-def inside(folder: str, name: str) -> str:
-    """Resolve ``name`` relative to ``folder``; refuse anything that leaves it."""
-    if not name or os.path.isabs(name) or "\x00" in name:
-        raise FormatError(f"refers to {name!r}, which is not a relative file name", folder)
+def inside(folder: str, name: str, referrer: str) -> str:
+    """Resolve ``name`` relative to ``folder``; refuse anything that leaves it (errors name ``referrer``)."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or "\x00" in name:
+        raise FormatError(f"refers to {name!r:.300}, which is not a relative file name", referrer)
     root = os.path.realpath(folder)
     full = os.path.realpath(os.path.join(root, name))
     if os.path.commonpath([root, full]) != root:
-        raise FormatError(f"refers to {name!r}, outside its folder", folder)
+        raise FormatError(f"refers to {name!r:.300}, outside its folder", referrer)
     return full
 
 
 def read(path: str, open_file: Callable[[str], Checkpoint]) -> Checkpoint:
     """Read a shard index and every shard's metadata into one flat state_dict."""
-    try:
-        with open(path, "rb") as f:
-            index = json.loads(f.read(64 << 20).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"shard index is not valid JSON: {e}", path) from None
+    with open(path, "rb") as f:
+        text = f.read(MAX_INDEX + 1)
+    if len(text) > MAX_INDEX:
+        raise FormatError(f"shard index is larger than {MAX_INDEX >> 20} MiB", path)
+    index = parse_json(text, "shard index", path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise FormatError("shard index has no weight_map of tensor name -> shard file", path)
     folder = os.path.dirname(os.path.abspath(path))
     shards: Dict[str, Checkpoint] = {}
     for shard in dict.fromkeys(weight_map.values()):
-        full = inside(folder, shard)
+        full = inside(folder, shard, path)
         if not os.path.isfile(full):
             raise FileAccessError(f"shard {shard} named by the index is missing", path)
+        if shard.endswith(".json"):
+            raise FormatError(f"shard {shard} is itself an index, not a checkpoint file", path)
         shards[shard] = open_file(full)
     tensors: Dict[str, TensorRef] = {}
     for name, shard in weight_map.items():
@@ -58,8 +61,12 @@ def read(path: str, open_file: Callable[[str], Checkpoint]) -> Checkpoint:
         if extra:
             raise FormatError(f"shard {shard} holds {extra[0]!r}, which the index does not map to it", path)
     kinds = {c.format for c in shards.values()}
-    meta = {"shards": list(shards), "index_metadata": index.get("metadata", {})}
-    declared = meta["index_metadata"].get("total_size") if isinstance(meta["index_metadata"], dict) else None
+    raw_meta = index.get("metadata")
+    # only flat values are kept: the index is someone else's JSON, shown back to the user
+    meta = {"shards": list(shards), "index_metadata": {
+        str(k): v for k, v in (raw_meta.items() if isinstance(raw_meta, dict) else ())
+        if isinstance(v, (str, int, float, bool)) or v is None}}
+    declared = meta["index_metadata"].get("total_size")
     fmt = "safetensors_sharded" if kinds == {"safetensors"} else "torch_sharded"
     total = os.path.getsize(path) + sum(c.file_size for c in shards.values())
     globs = tuple(g for c in shards.values() for g in c.globals)

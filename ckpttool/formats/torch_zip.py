@@ -22,6 +22,7 @@ from .safe_pickle import parse_storage_pid, safe_load, storage_nbytes
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 # data.pkl holds structure, not tensor bytes: even 100k-tensor models stay far below this.
 MAX_PICKLE = 2 << 30
+_KNOWN_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 
 
 def open_zip(path: str) -> zipfile.ZipFile:
@@ -91,7 +92,8 @@ class _CompressedMember:
                 with zf.open(self.name) as f:
                     f.seek(start)
                     data = f.read(size)
-            except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, RuntimeError,
+                    ValueError, struct.error) as e:
                 raise FormatError(f"record {self.name} is corrupt: {e}", self.path) from None
         if len(data) != size:
             raise FormatError(f"record {self.name} is truncated", self.path)
@@ -114,6 +116,8 @@ def storage_loader(zf: zipfile.ZipFile, folder: str, path: str, file_size: int, 
         nbytes = storage_nbytes(stype, numel)
         if info.file_size < nbytes:
             raise FormatError(f"storage {key!r} needs {nbytes} bytes but its record holds {info.file_size}")
+        if info.compress_type not in _KNOWN_COMPRESSION:
+            raise FormatError(f"storage {key!r} uses unknown zip compression method {info.compress_type}")
         if info.compress_type == zipfile.ZIP_STORED:
             source = member_span(zf, info, path, file_size)
         else:
