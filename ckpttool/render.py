@@ -5,6 +5,7 @@ import json
 from typing import Any, Dict, List
 
 from .records import InspectResult
+from .text import printable
 
 
 def human_bytes(n: int) -> str:
@@ -38,6 +39,11 @@ def _num(v) -> str:
     return str(v)
 
 
+def _clean(rows: List[List[Any]]) -> List[List[Any]]:
+    """Escape control characters in every text cell: names and values come from the file."""
+    return [[printable(c) if isinstance(c, str) else c for c in row] for row in rows]
+
+
 def inspect_text(r: InspectResult) -> str:
     """The human view of an InspectResult: a summary block, then the tensor (or module) table."""
     from tabulate import tabulate
@@ -67,9 +73,9 @@ def inspect_text(r: InspectResult) -> str:
         summary.append(["metadata", ", ".join(f"{k}={v}" for k, v in meta.items())])
     for i, n in enumerate(r.notes):
         summary.append(["notes" if i == 0 else "", n])
-    out = [r.path, tabulate(summary, tablefmt="plain"), ""]
+    out = [printable(r.path), tabulate(_clean(summary), tablefmt="plain"), ""]
     if r.tree is not None:
-        out.append(tabulate([[m, n, f"{p:,}"] for m, n, p in r.tree], headers=["module", "tensors", "params"],
+        out.append(tabulate(_clean([[m, n, f"{p:,}"] for m, n, p in r.tree]), headers=["module", "tensors", "params"],
                             tablefmt="simple", colalign=("left", "right", "right")))
     elif r.tensors:
         stats = any(t.stats is not None for t in r.tensors)
@@ -83,7 +89,7 @@ def inspect_text(r: InspectResult) -> str:
                 s: Dict[str, Any] = t.stats or {}
                 row += [_num(s.get(k)) for k in ("min", "max", "mean", "std", "nan", "inf")]
             rows.append(row)
-        out.append(tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True))
+        out.append(tabulate(_clean(rows), headers=headers, tablefmt="simple", disable_numparse=True))
     else:
         out.append("(no tensors)")
     return "\n".join(out)

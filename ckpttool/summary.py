@@ -11,6 +11,7 @@ from .formats import open as open_checkpoint
 from .formats.safe_pickle import Stub
 from .records import Checkpoint, InspectResult, TensorInfo, TensorRef
 from .tree import StateDict, children, find_state_dict, is_tensor_dict, module_kind, module_state_dict
+from .text import safe_repr
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -20,7 +21,7 @@ def inspect(path: str, key: Optional[str] = None, filter: Optional[str] = None, 
     """Summarize a checkpoint of any format: its state_dict's tensors and everything else it holds.
 
     >>> r = inspect("fixtures/tiny_state_dict.pt")  # doctest: +SKIP
-    >>> r.format, r.entry, r.total_params
+    >>> r.format, r.entry, r.total_params  # doctest: +SKIP
     ('torch_zip', None, 90)
     """
     ckpt = open_checkpoint(path)
@@ -162,16 +163,18 @@ def _guess_optimizer(group: dict) -> Optional[str]:
     return None
 
 
-def describe(value: Any) -> str:
-    """A one-line description of a non-tensor entry.
+def describe(value: Any, depth: int = 2) -> str:
+    """A one-line description of a non-tensor entry, in bounded work whatever the value.
+
+    ``depth`` is how many levels of an object's fields are described inside it.
 
     >>> describe({"state": {}, "param_groups": [{"lr": 0.1, "momentum": 0.9, "dampening": 0, "nesterov": False, "params": [0, 1]}]})
     'SGD optimizer state: 2 params in 1 group, lr=0.1'
     """
     if value is None or isinstance(value, (bool, int, float)):
-        return repr(value)
+        return safe_repr(value)
     if isinstance(value, str):
-        return repr(value) if len(value) <= 60 else repr(value[:57]) + "..."
+        return safe_repr(value, 60)
     if isinstance(value, (bytes, bytearray)):
         return f"{len(value)} bytes"
     if isinstance(value, TensorRef):
@@ -181,16 +184,16 @@ def describe(value: Any) -> str:
             groups = [g for g in value["param_groups"] if isinstance(g, dict)]
             n = sum(len(g["params"]) for g in groups if isinstance(g.get("params"), (list, tuple)))
             kind = _guess_optimizer(groups[0]) if groups else None
-            lrs = sorted({g.get("lr") for g in groups if isinstance(g.get("lr"), (int, float))})
-            lr = f", lr={lrs[0]}" if len(lrs) == 1 else ""
+            lrs = sorted({g.get("lr") for g in groups if type(g.get("lr")) in (int, float)})
+            lr = f", lr={safe_repr(lrs[0])}" if len(lrs) == 1 else ""
             return f"{kind + ' ' if kind else ''}optimizer state: {n} params in {len(groups)} " \
                    f"group{'s' if len(groups) != 1 else ''}{lr}"
         if "last_epoch" in value and ("base_lrs" in value or "_last_lr" in value):
-            return f"LR scheduler state: last_epoch={value['last_epoch']!r}"
+            return f"LR scheduler state: last_epoch={safe_repr(value['last_epoch'])}"
         if is_tensor_dict(value):
             n = sum(t.numel for t in value.values())
             return f"state_dict: {len(value)} tensors, {n:,} values"
-        keys = [str(k) for k in list(value)[:6]]
+        keys = [safe_repr(k, 30) if not isinstance(k, str) else k for k in list(value)[:6]]
         return f"dict of {len(value)} entries ({', '.join(keys)}{', ...' if len(value) > 6 else ''})"
     if isinstance(value, (list, tuple)):
         return f"{type(value).__name__} of {len(value)} items"
@@ -199,21 +202,24 @@ def describe(value: Any) -> str:
     if isinstance(value, Stub):
         kind = module_kind(value)
         if kind:
-            n = len(module_state_dict(value))
-            return f"pickled module {value.qualname} ({n} tensors in its state_dict)"
+            try:
+                n = f"{len(module_state_dict(value))} tensors in its state_dict"
+            except CkptError as e:
+                n = f"state_dict unreadable: {e.message}"
+            return f"pickled module {value.qualname} ({n})"
         state = value.state if isinstance(value.state, dict) else None
         if state is not None and all(isinstance(k, str) for k in state):
-            fields = ", ".join(f"{k}={_short(v)}" for k, v in list(state.items())[:6])
+            if depth <= 0:
+                return f"{value.qualname}(...)"
+            fields = ", ".join(f"{k}={_short(v, depth - 1)}" for k, v in list(state.items())[:6])
             return f"{value.qualname}({fields}{', ...' if len(state) > 6 else ''})"
         return f"pickled object {value.qualname}"
-    return type(value).__name__
+    return safe_repr(value)
 
 
-def _short(v: Any) -> str:
-    if isinstance(v, (dict, list, tuple, Stub, TensorRef)):
-        return describe(v)
-    r = repr(v)
-    return r if len(r) <= 30 else r[:27] + "..."
+def _short(v: Any, depth: int) -> str:
+    text = describe(v, depth) if isinstance(v, (dict, list, tuple, Stub, TensorRef)) else safe_repr(v, 30)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _other_entries(root: Any, entry: Optional[str]) -> Dict[str, str]:

@@ -146,19 +146,38 @@ def children(obj: Any) -> Iterator[Tuple[str, Any]]:
             yield str(i), v
 
 
+# Paths deeper than this are not followed by all_tensors: no checkpoint nests its tensors so deep,
+# and naming a tensor at depth d costs d, so a file of deep chains would cost depth**2.
+MAX_TENSOR_DEPTH = 1000
+
+
 def all_tensors(obj: Any, prefix: str = "") -> Iterator[Tuple[str, TensorRef]]:
-    """Every tensor in the tree with its ``/``-joined path, depth first (each node visited once)."""
+    """Every tensor in the tree with its ``/``-joined path, depth first (each node visited once).
+
+    Paths are kept as parent links and joined only for the tensors found, so a deep
+    tree without tensors costs time linear in its size. A tensor nested deeper
+    than ``MAX_TENSOR_DEPTH`` is a FormatError.
+    """
     seen = set()
-    stack = [(prefix, obj)]
+    stack: List[Tuple[Any, Any, int]] = [(None if not prefix else (None, prefix), obj, 0)]
     while stack:
-        name, node = stack.pop()
+        link, node, depth = stack.pop()
         if isinstance(node, TensorRef):
-            yield name, node
+            parts = []
+            while link is not None:
+                link, part = link
+                parts.append(part)
+            yield "/".join(reversed(parts)), node
             continue
         if node is None or isinstance(node, (str, bytes, int, float, bool)) or id(node) in seen:
             continue
         seen.add(id(node))
-        stack.extend(reversed([(f"{name}/{k}" if name else k, v) for k, v in children(node)]))
+        if depth >= MAX_TENSOR_DEPTH:
+            if any(isinstance(v, TensorRef) or not isinstance(v, (str, bytes, int, float, bool, type(None)))
+                   for _, v in children(node)):
+                raise FormatError(f"entries nested more than {MAX_TENSOR_DEPTH} levels deep")
+            continue
+        stack.extend(reversed([((link, k), v, depth + 1) for k, v in children(node)]))
 
 
 def get_entry(root: Any, key: str, path: Optional[str] = None) -> Any:

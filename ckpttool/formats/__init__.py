@@ -106,7 +106,7 @@ def open(path: str, fmt: Optional[str] = None) -> Checkpoint:  # noqa: A001 - th
     """Read a checkpoint's structure (no tensor bytes) from any known format.
 
     >>> ckpt = open("model.pt")  # doctest: +SKIP
-    >>> ckpt.format
+    >>> ckpt.format  # doctest: +SKIP
     'torch_zip'
     """
     path = os.fspath(path)

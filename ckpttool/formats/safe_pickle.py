@@ -12,9 +12,11 @@ nothing: the only callables it can reach are the ones defined here.
 from __future__ import annotations
 
 import codecs
-import dataclasses
 import collections
+import copyreg
+import dataclasses
 import io
+import os
 import pickle
 import struct
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -22,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..dtypes import STORAGE_CLASS_DTYPE, itemsize
 from ..errors import FormatError
 from ..records import GlobalRef, StorageRef, TensorRef
+from ..text import safe_repr
 
 
 class Stub:
@@ -35,6 +38,7 @@ class Stub:
 
     stub_module = ""
     stub_name = ""
+    _bounded_repr = True
 
     def __new__(cls, *args, **kwargs):
         obj = object.__new__(cls)
@@ -78,6 +82,8 @@ class TorchDtype(str):
 class _StorageType:
     """A storage class named by a pickle (``torch.FloatStorage``)."""
 
+    _bounded_repr = True
+
     def __init__(self, name: str, dtype: str, cuda: bool = False):
         self.name, self.dtype, self.cuda = name, dtype, cuda
 
@@ -98,7 +104,7 @@ _DTYPE_ALIASES = {"float": "float32", "double": "float64", "half": "float16", "l
 
 def _check_dims(values, what: str) -> Tuple[int, ...]:
     if not isinstance(values, (tuple, list)) or not all(type(v) is int and v >= 0 for v in values):
-        raise FormatError(f"tensor {what} is not a tuple of non-negative ints: {values!r:.80}")
+        raise FormatError(f"tensor {what} is not a tuple of non-negative ints: {safe_repr(values, 80)}")
     return tuple(values)
 
 
@@ -107,7 +113,7 @@ def _make_tensor(storage, storage_offset, size, stride, requires_grad=False, dty
     if not isinstance(storage, StorageRef):
         raise FormatError(f"tensor rebuilt from something that is not a storage: {type(storage).__name__}")
     if type(storage_offset) is not int or storage_offset < 0:
-        raise FormatError(f"tensor storage offset is not a non-negative int: {storage_offset!r:.40}")
+        raise FormatError(f"tensor storage offset is not a non-negative int: {safe_repr(storage_offset, 40)}")
     shape = _check_dims(size, "size")
     strides = _check_dims(stride, "stride")
     if len(shape) != len(strides):
@@ -139,7 +145,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
                        metadata=None):
     if not isinstance(dtype, TorchDtype):
-        raise FormatError(f"tensor dtype is not a torch dtype: {dtype!r:.40}")
+        raise FormatError(f"tensor dtype is not a torch dtype: {safe_repr(dtype, 40)}")
     return _make_tensor(storage, storage_offset, size, stride, requires_grad, dtype=str(dtype))
 
 
@@ -204,6 +210,8 @@ def _no_int(ctor):
 class NumpyDtype:
     """``numpy.dtype(code, align, copy)`` as a record; numpy is never imported."""
 
+    _bounded_repr = True
+
     def __init__(self, code="", align=False, copy=False):
         if not isinstance(code, str):
             raise FormatError("numpy.dtype with a non-string type code")
@@ -223,6 +231,8 @@ _NUMPY_STRUCT = {"f8": "d", "f4": "f", "f2": "e", "i8": "q", "i4": "i", "i2": "h
 
 class NumpyScalar:
     """A numpy scalar of a type not decoded here (kept as its dtype code and raw bytes)."""
+
+    _bounded_repr = True
 
     def __init__(self, dtype: NumpyDtype, data: bytes):
         self.dtype, self.data = dtype, data
@@ -253,13 +263,52 @@ def _torch_device(kind, index=None):
     return f"{kind}:{index}" if index is not None and ":" not in kind else kind
 
 
+_P = (1 << 61) - 1  # ints below this hash to themselves: no engineered collisions
+_FREE_KEY_TYPES = frozenset({str, bytes, bool, type(None), TorchDtype})
+MAX_HARD_KEYS = 4096   # dict keys / set members whose hash a file can aim (floats, big ints, int tuples...)
+MAX_KEY_NODES = 16     # elements in one tuple / frozenset key
+_CODECS = {"utf-8": "utf-8", "utf8": "utf-8", "latin-1": "latin-1", "latin1": "latin-1", "iso-8859-1": "latin-1",
+           "ascii": "ascii", "us-ascii": "ascii"}
+_ERROR_HANDLERS = {"strict", "replace", "ignore", "surrogateescape", "surrogatepass", "backslashreplace"}
+_NEWOBJ_TYPES = (set, frozenset, dict, list, tuple, int, float, str, bool, complex, object, collections.OrderedDict)
+
+
+def _codec(encoding, errors="strict") -> Tuple[str, str]:
+    # Looking a codec up by name imports ``encodings.<name>``: only three names are served.
+    enc = _CODECS.get(encoding.lower() if isinstance(encoding, str) else None)
+    if enc is None or errors not in _ERROR_HANDLERS:
+        raise FormatError("pickle asks for a text codec other than utf-8, latin-1 or ascii")
+    return enc, errors
+
+
+def _str(obj="", encoding=None, errors="strict"):
+    if encoding is not None:
+        if not isinstance(obj, (bytes, bytearray)):
+            raise FormatError("pickle decodes something that is not bytes")
+        return str(obj, *_codec(encoding, errors))
+    if type(obj) not in (str, int, float, bool, type(None)):
+        raise FormatError(f"pickle converts a {type(obj).__name__} to text")  # repr() of shared structure explodes
+    return str(obj)
+
+
+def _encoded(ctor):
+    plain = _no_int(ctor)
+
+    def build(source=b"", encoding=None, errors="strict"):
+        if encoding is not None:
+            if not isinstance(source, str):
+                raise FormatError(f"pickle encodes something that is not text into {ctor.__name__}")
+            return ctor(source, *_codec(encoding, errors))
+        return plain(source)
+    build.__name__ = ctor.__name__
+    return build
+
+
 _SAFE_BUILTINS: Dict[Tuple[str, str], Callable] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
-    ("builtins", "bytearray"): _no_int(bytearray), ("builtins", "complex"): complex,
-    ("builtins", "slice"): slice, ("builtins", "bytes"): _no_int(bytes),
-    ("builtins", "tuple"): tuple, ("builtins", "list"): list, ("builtins", "dict"): dict,
-    ("builtins", "int"): int, ("builtins", "float"): float, ("builtins", "str"): str,
+    ("builtins", "bytearray"): _encoded(bytearray), ("builtins", "complex"): complex,
+    ("builtins", "slice"): slice, ("builtins", "bytes"): _encoded(bytes),
+    ("builtins", "tuple"): tuple, ("builtins", "list"): list,
+    ("builtins", "int"): int, ("builtins", "float"): float, ("builtins", "str"): _str,
     ("builtins", "bool"): bool,
     ("_codecs", "encode"): _codecs_encode,
     ("copyreg", "_reconstructor"): _reconstructor,
@@ -284,20 +333,38 @@ _TENSOR_FUNCS: Dict[Tuple[str, str], Callable] = {
 PersistentLoad = Callable[[Any], Any]
 
 
-class SafeUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` whose globals are ours and whose persistent ids go to a reader.
+class SafeUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler with our globals, our persistent ids, and bounded work.
+
+    Built on ``pickle._Unpickler`` rather than the C one because the C one
+    cannot be bounded: a 4-byte memo index makes it allocate and zero up to
+    32 GB, and it builds dicts and sets (hashing whatever keys a file
+    chooses) with no hook. Here the memo is a dict with checked indexes,
+    every opcode that reads a declared length checks it against the input's
+    size, BUILD only fills objects the reader made for the file, and keys
+    whose hash a file can aim (floats, big ints, tuples of ints...) are
+    counted and capped so no dict build goes quadratic.
 
     ``persistent_load`` is the format's function from a persistent id (a
     ``('storage', type, key, location, numel)`` tuple, already with its
     storage type resolved) to a :class:`StorageRef`.
     """
 
-    def __init__(self, file, persistent_load: Optional[PersistentLoad] = None):
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file, persistent_load: Optional[PersistentLoad] = None, size: Optional[int] = None):
         super().__init__(file, encoding="utf-8")
         self._persistent = persistent_load
+        self._size = _input_size(file) if size is None else size
+        self._hard_keys = 0
         self.globals: Dict[Tuple[str, str], GlobalRef] = {}
         self._stub_classes: Dict[Tuple[str, str], type] = {}
+        self._served = {
+            ("builtins", "set"): self._set, ("builtins", "frozenset"): self._frozenset,
+            ("builtins", "dict"): self._dict, ("collections", "OrderedDict"): self._ordered_dict,
+        }
 
+    # -- globals and persistent ids --------------------------------------------------------
     def _note(self, module: str, name: str, handling: str) -> None:
         self.globals.setdefault((module, name), GlobalRef(module, name, handling))
 
@@ -310,6 +377,9 @@ class SafeUnpickler(pickle.Unpickler):
         if key in _TENSOR_FUNCS:
             self._note(module, name, "tensor")
             return _TENSOR_FUNCS[key]
+        if key in self._served:
+            self._note(module, name, "builtin")
+            return self._served[key]
         if key in _SAFE_BUILTINS:
             self._note(module, name, "builtin")
             return _SAFE_BUILTINS[key]
@@ -331,17 +401,242 @@ class SafeUnpickler(pickle.Unpickler):
             raise FormatError("pickle refers to external data (a persistent id) where none is allowed")
         return self._persistent(pid)
 
+    # -- keys: bounded hashing -------------------------------------------------------------
+    def _key(self, k) -> None:
+        """Refuse a dict key / set member whose hashing a file could make slow."""
+        t = type(k)
+        if t in _FREE_KEY_TYPES or t.__hash__ is object.__hash__ or (t is int and -_P < k < _P):
+            return
+        if t not in (int, float, tuple, frozenset, complex):
+            raise FormatError(f"pickle uses a {t.__name__} as a dict key or set member")
+        if t in (tuple, frozenset):
+            todo, nodes = [k], 0
+            while todo:
+                for item in todo.pop():
+                    nodes += 1
+                    if nodes > MAX_KEY_NODES:
+                        raise FormatError(f"pickle uses a {t.__name__} of more than {MAX_KEY_NODES} items as a key")
+                    it = type(item)
+                    if it in (tuple, frozenset):
+                        todo.append(item)
+                    elif not (it in _FREE_KEY_TYPES or it in (int, float, complex) or it.__hash__ is object.__hash__):
+                        raise FormatError(f"pickle uses a {t.__name__} holding a {it.__name__} as a key")
+        self._hard_keys += 1
+        if self._hard_keys > MAX_HARD_KEYS:
+            raise FormatError(f"pickle has more than {MAX_HARD_KEYS} dict keys or set members that are not "
+                              "strings or small ints")
+
+    def _keys(self, items) -> None:
+        key = self._key
+        for k in items:
+            key(k)
+
+    def _set(self, items=()):
+        items = list(items)
+        self._keys(items)
+        return set(items)
+
+    def _frozenset(self, items=()):
+        items = list(items)
+        self._keys(items)
+        return frozenset(items)
+
+    def _pairs(self, source) -> list:
+        if isinstance(source, dict):
+            source = list(source.items())
+        pairs = [tuple(p) for p in source]
+        if any(len(p) != 2 for p in pairs):
+            raise FormatError("pickle builds a dict from items that are not pairs")
+        self._keys(p[0] for p in pairs)
+        return pairs
+
+    def _dict(self, source=(), **kwargs):
+        return dict(self._pairs(source), **kwargs)
+
+    def _ordered_dict(self, source=(), **kwargs):
+        return collections.OrderedDict(self._pairs(source), **kwargs)
+
+    # -- opcodes ---------------------------------------------------------------------------
+    def _length(self, n: int, what: str) -> int:
+        if n < 0 or n > self._size:
+            raise FormatError(f"pickle declares a {n}-byte {what} in a {self._size}-byte input")
+        return n
+
+    def _memo_index(self, i: int) -> int:
+        if i < 0 or i >= 1 << 32:
+            raise FormatError(f"pickle memo index {i} out of range")
+        return i
+
+    def load_proto(self):
+        proto = self.read(1)[0]
+        if proto > pickle.HIGHEST_PROTOCOL:
+            raise FormatError(f"unsupported pickle protocol {proto}")
+        self.proto = proto
+    dispatch[pickle.PROTO[0]] = load_proto
+
+    def load_frame(self):
+        (n,) = struct.unpack("<Q", self.read(8))
+        self._unframer.load_frame(self._length(n, "frame"))
+    dispatch[pickle.FRAME[0]] = load_frame
+
+    def _counted(fmt: str, what: str, make):  # noqa: N805 - a factory used in the class body
+        size = struct.calcsize(fmt)
+
+        def load(self):
+            (n,) = struct.unpack(fmt, self.read(size))
+            data = self.read(self._length(n, what))
+            if len(data) != n:
+                raise FormatError(f"pickle is truncated inside a {n}-byte {what}")
+            self.append(make(self, data))
+        return load
+
+    dispatch[pickle.BINBYTES[0]] = _counted("<I", "bytes", lambda self, d: d)
+    dispatch[pickle.BINBYTES8[0]] = _counted("<Q", "bytes", lambda self, d: d)
+    dispatch[pickle.SHORT_BINBYTES[0]] = _counted("<B", "bytes", lambda self, d: d)
+    dispatch[pickle.BYTEARRAY8[0]] = _counted("<Q", "bytearray", lambda self, d: bytearray(d))
+    dispatch[pickle.BINUNICODE[0]] = _counted("<I", "string", lambda self, d: str(d, "utf-8", "surrogatepass"))
+    dispatch[pickle.BINUNICODE8[0]] = _counted("<Q", "string", lambda self, d: str(d, "utf-8", "surrogatepass"))
+    dispatch[pickle.SHORT_BINUNICODE[0]] = _counted("<B", "string",
+                                                    lambda self, d: str(d, "utf-8", "surrogatepass"))
+    dispatch[pickle.BINSTRING[0]] = _counted("<i", "string", lambda self, d: self._decode_string(d))
+    dispatch[pickle.SHORT_BINSTRING[0]] = _counted("<B", "string", lambda self, d: self._decode_string(d))
+    dispatch[pickle.LONG4[0]] = _counted("<i", "int", lambda self, d: pickle.decode_long(d))
+    del _counted
+
+    def load_put(self):
+        self.memo[self._memo_index(int(self.readline()[:-1]))] = self.stack[-1]
+    dispatch[pickle.PUT[0]] = load_put
+
+    def load_long_binput(self):
+        (i,) = struct.unpack("<I", self.read(4))
+        self.memo[self._memo_index(i)] = self.stack[-1]
+    dispatch[pickle.LONG_BINPUT[0]] = load_long_binput
+
+    def _ext(self, code: int):
+        # Never copyreg's process-wide cache: it may hold real objects put there by a stock unpickler.
+        key = copyreg._extension_registry.get(code)
+        if key is None:
+            raise FormatError(f"pickle uses unregistered extension code {code}")
+        self.append(self.find_class(*key))
+
+    def load_ext1(self):
+        self._ext(self.read(1)[0])
+    dispatch[pickle.EXT1[0]] = load_ext1
+
+    def load_ext2(self):
+        self._ext(struct.unpack("<H", self.read(2))[0])
+    dispatch[pickle.EXT2[0]] = load_ext2
+
+    def load_ext4(self):
+        self._ext(struct.unpack("<i", self.read(4))[0])
+    dispatch[pickle.EXT4[0]] = load_ext4
+
+    def load_setitem(self):
+        self._key(self.stack[-2])
+        pickle._Unpickler.load_setitem(self)
+    dispatch[pickle.SETITEM[0]] = load_setitem
+
+    def load_setitems(self):
+        pairs = self.pop_mark()
+        self._keys(pairs[0::2])
+        target = self.stack[-1]
+        for i in range(0, len(pairs), 2):
+            target[pairs[i]] = pairs[i + 1]
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+
+    def load_dict(self):
+        items = self.pop_mark()
+        self._keys(items[0::2])
+        self.append({items[i]: items[i + 1] for i in range(0, len(items), 2)})
+    dispatch[pickle.DICT[0]] = load_dict
+
+    def load_additems(self):
+        items = self.pop_mark()
+        self._keys(items)
+        target = self.stack[-1]
+        if not isinstance(target, set):
+            raise FormatError(f"pickle adds set items to a {type(target).__name__}")
+        target.update(items)
+    dispatch[pickle.ADDITEMS[0]] = load_additems
+
+    def load_frozenset(self):
+        items = self.pop_mark()
+        self._keys(items)
+        self.append(frozenset(items))
+    dispatch[pickle.FROZENSET[0]] = load_frozenset
+
+    def _new(self, cls, args, kwargs=None):
+        if not isinstance(cls, type) or not (issubclass(cls, Stub) or cls in _NEWOBJ_TYPES):
+            raise FormatError(f"pickle creates an object of {_short_type(cls)} without calling it")
+        if type(args) is not tuple or (kwargs is not None and type(kwargs) is not dict):
+            raise FormatError("pickle creates an object with malformed arguments")
+        if cls in (set, frozenset):
+            self._keys(args[0] if args else ())
+        elif cls in (dict, collections.OrderedDict) and args:
+            args = (self._pairs(args[0]),) + args[1:]
+        self.append(cls.__new__(cls, *args, **(kwargs or {})))
+
+    def load_newobj(self):
+        args = self.stack.pop()
+        self._new(self.stack.pop(), args)
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+
+    def load_newobj_ex(self):
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        self._new(self.stack.pop(), args, kwargs)
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+
+    def load_reduce(self):
+        args = self.stack.pop()
+        if type(args) is not tuple:
+            raise FormatError(f"pickle calls something with arguments that are a {type(args).__name__}")
+        func = self.stack[-1]
+        if not callable(func):
+            raise FormatError(f"pickle calls {_short_type(func)}, which is not callable")
+        self.stack[-1] = func(*args)
+    dispatch[pickle.REDUCE[0]] = load_reduce
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, (Stub, NumpyDtype)):
+            inst.__setstate__(state)
+        elif type(inst) is collections.OrderedDict and isinstance(state, dict) and \
+                all(type(k) is str for k in state):
+            inst.__dict__.update(state)  # a state_dict's ``_metadata``
+        else:
+            raise FormatError(f"pickle sets the state of {_short_type(inst)}")
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+def _short_type(obj) -> str:
+    if isinstance(obj, type) and issubclass(obj, Stub):
+        return f"class {obj.stub_module}.{obj.stub_name}"
+    if isinstance(obj, Stub):
+        return f"an object of {obj.qualname}"
+    return f"a {type(obj).__name__}"
+
+
+def _input_size(f) -> int:
+    if isinstance(f, io.BytesIO):
+        return len(f.getbuffer())
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return 1 << 62
+
 
 def parse_storage_pid(pid) -> Tuple[_StorageType, str, str, int, Any]:
     """Check a ``('storage', type, key, location, numel[, view])`` id; return its parts."""
     if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
         kind = pid[0] if isinstance(pid, tuple) and pid else type(pid).__name__
-        raise FormatError(f"unknown persistent id {kind!r:.40} in pickle")
+        raise FormatError(f"unknown persistent id {safe_repr(kind, 40)} in pickle")
     _, stype, key, location, numel = pid[:5]
     if not isinstance(stype, _StorageType):
-        raise FormatError(f"storage of unknown type {stype!r:.60}")
+        raise FormatError(f"storage of unknown type {safe_repr(stype, 60)}")
     if not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int or numel < 0:
-        raise FormatError(f"malformed storage record {pid!r:.100}")
+        raise FormatError(f"malformed storage record {safe_repr(pid, 100)}")
     if stype.cuda and not location.startswith("cuda"):
         location = "cuda"
     return stype, key, location, numel, (pid[5] if len(pid) > 5 else None)
@@ -363,9 +658,13 @@ def safe_load(data: bytes, persistent_load: Optional[PersistentLoad] = None, pat
     return load_stream(io.BytesIO(data), persistent_load, path)
 
 
-def load_stream(f, persistent_load: Optional[PersistentLoad] = None, path: Optional[str] = None):
-    """Like :func:`safe_load` on an open binary file positioned at a pickle; leaves it after the pickle."""
-    up = SafeUnpickler(f, persistent_load)
+def load_stream(f, persistent_load: Optional[PersistentLoad] = None, path: Optional[str] = None,
+                size: Optional[int] = None):
+    """Like :func:`safe_load` on an open binary file positioned at a pickle; leaves it after the pickle.
+
+    ``size`` bounds every length the pickle declares (default: the file's size).
+    """
+    up = SafeUnpickler(f, persistent_load, size)
     try:
         obj = up.load()
     except FormatError as e:

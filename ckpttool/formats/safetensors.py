@@ -17,6 +17,7 @@ from typing import Any, Dict, Tuple
 from ..dtypes import SAFETENSORS_DTYPE, itemsize
 from ..errors import FormatError
 from ..records import Checkpoint, FileSpan, StorageRef, TensorRef
+from ..text import safe_repr
 
 MAX_HEADER = 100 << 20  # safetensors' own limit
 
@@ -73,12 +74,12 @@ def read(path: str) -> Checkpoint:
             raise FormatError(f"safetensors entry {name!r} is not an object", path)
         dtype_code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype_code, str) or dtype_code not in SAFETENSORS_DTYPE:
-            raise FormatError(f"tensor {name!r} has unknown dtype {dtype_code!r:.20}", path)
+            raise FormatError(f"tensor {name!r} has unknown dtype {safe_repr(dtype_code, 20)}", path)
         dtype = SAFETENSORS_DTYPE[dtype_code]
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise FormatError(f"tensor {name!r} has a malformed shape {shape!r:.60}", path)
+            raise FormatError(f"tensor {name!r} has a malformed shape {safe_repr(shape, 60)}", path)
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-            raise FormatError(f"tensor {name!r} has malformed data_offsets {offsets!r:.60}", path)
+            raise FormatError(f"tensor {name!r} has malformed data_offsets {safe_repr(offsets, 60)}", path)
         begin, end = offsets
         numel = math.prod(shape)
         nbytes = numel * itemsize(dtype)

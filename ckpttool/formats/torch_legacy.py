@@ -15,6 +15,7 @@ from typing import Dict, Tuple
 from ..dtypes import itemsize
 from ..errors import FormatError
 from ..records import Checkpoint, FileSpan, StorageRef
+from ..text import safe_repr
 from .safe_pickle import load_stream, parse_storage_pid, storage_nbytes
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -62,7 +63,7 @@ def read(path: str) -> Checkpoint:
         if view is None:
             return root
         if not (isinstance(view, tuple) and len(view) == 3):
-            raise FormatError(f"malformed storage view record {view!r:.60}")
+            raise FormatError(f"malformed storage view record {safe_repr(view, 60)}")
         view_key, offset, view_size = view
         if view_key not in views:
             if type(offset) is not int or type(view_size) is not int or offset < 0 or view_size < 0 \
@@ -86,7 +87,7 @@ def read(path: str) -> Checkpoint:
         magic, _ = load_stream(f, None, path)
         version, _ = load_stream(f, None, path)
         if version != PROTOCOL_VERSION:
-            raise FormatError(f"legacy PyTorch file of unknown protocol version {version!r:.20}", path)
+            raise FormatError(f"legacy PyTorch file of unknown protocol version {safe_repr(version, 20)}", path)
         sys_info, _ = load_stream(f, None, path)
         root, globs = load_stream(f, persistent_load, path)
         keys, _ = load_stream(f, None, path)
@@ -113,9 +114,10 @@ def read(path: str) -> Checkpoint:
     if missing:
         raise FormatError(f"storage {missing[0]!r} is used but not stored in the file", path)
     meta = {"legacy_protocol": version}
-    if isinstance(sys_info, dict):
-        meta["little_endian"] = sys_info.get("little_endian")
-        if sys_info.get("little_endian") is False:
+    little = sys_info.get("little_endian") if isinstance(sys_info, dict) else None
+    if isinstance(little, bool):  # anything else in sys_info is the file's to choose: not kept
+        meta["little_endian"] = little
+        if little is False:
             meta["note"] = "big-endian file: tensor bytes are big-endian"
     return Checkpoint(path=path, format="torch_legacy", file_size=file_size, root=root, metadata=meta,
                       globals=globs, files=(path,))

@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 
 from ..errors import FormatError
 from ..records import Checkpoint, FileSpan, StorageRef
-from .safe_pickle import parse_storage_pid, safe_load, storage_nbytes
+from .safe_pickle import load_stream, parse_storage_pid, safe_load, storage_nbytes
 
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 # data.pkl holds structure, not tensor bytes: even 100k-tensor models stay far below this.
@@ -132,8 +132,18 @@ def storage_loader(zf: zipfile.ZipFile, folder: str, path: str, file_size: int, 
 def read_zip_pickle(path: str, zf: zipfile.ZipFile, folder: str, name: str = "data.pkl"):
     """Unpickle ``<folder>/<name>`` safely with its storages as lazy StorageRefs."""
     file_size = os.path.getsize(path)
-    data = read_member(zf, folder + name, path, limit=MAX_PICKLE)
-    return safe_load(data, storage_loader(zf, folder, path, file_size), path)
+    loader = storage_loader(zf, folder, path, file_size)
+    info = zf.NameToInfo.get(folder + name)
+    if info is None or info.compress_type == zipfile.ZIP_STORED:
+        return safe_load(read_member(zf, folder + name, path, limit=MAX_PICKLE), loader, path)
+    # A compressed pickle is streamed, never inflated whole: a tiny record can declare gigabytes.
+    if info.file_size > MAX_PICKLE:
+        raise FormatError(f"record {info.filename} declares {info.file_size} bytes, more than {MAX_PICKLE}", path)
+    try:
+        with zf.open(info) as f:
+            return load_stream(f, loader, path, size=info.file_size)
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, RuntimeError) as e:
+        raise FormatError(f"record {info.filename} is corrupt: {e}", path) from None
 
 
 def zip_metadata(zf: zipfile.ZipFile, folder: str, path: str) -> Dict[str, str]:

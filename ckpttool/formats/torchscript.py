@@ -4,11 +4,10 @@ The archive is a torch zip whose ``data.pkl`` pickles the module tree as
 ``__torch__.*`` objects whose state is a dict of attributes. Which tensor
 attributes are parameters and buffers is declared in the archive's generated
 code (``__parameters__ = [...]``, ``__buffers__ = [...]`` per class), read here
-as text with ``ast.literal_eval``: nothing is executed.
+as text, line by line: nothing is executed.
 """
 from __future__ import annotations
 
-import ast
 import os
 import re
 from typing import Dict, List, Tuple
@@ -16,8 +15,11 @@ from typing import Dict, List, Tuple
 from ..records import Checkpoint
 from .torch_zip import find_record_folder, open_zip, read_member, read_zip_pickle, zip_metadata
 
-_CLASS = re.compile(r"^class (\w+)\(Module\):\n((?:[ \t].*\n|\s*\n)*)", re.M)
-_MEMBERS = re.compile(r"^\s+__(parameters|buffers)__ = (\[.*?\])\s*$", re.M)
+_CLASS = re.compile(r"class (\w+)\(Module\):\s*")
+_MEMBERS = re.compile(r"\s+__(parameters|buffers)__ = (\[.*\])\s*")
+# A list of plain string literals, as TorchScript writes it: ["weight", "bias", ]
+_NAME_LIST = re.compile(r'\[\s*(?:"[^"\\\n]*"\s*,\s*)*(?:"[^"\\\n]*"\s*)?\]')
+_NAME = re.compile(r'"([^"\\\n]*)"')
 
 
 def is_torchscript(names) -> bool:
@@ -31,17 +33,19 @@ def parse_members(code: str, module: str) -> Dict[str, Tuple[List[str], List[str
     >>> parse_members('class L(Module):\\n  __parameters__ = ["weight", ]\\n  __buffers__ = []\\n', "__torch__.m")
     {'__torch__.m.L': (['weight'], [])}
     """
-    out = {}
-    for m in _CLASS.finditer(code):
-        found = {"parameters": [], "buffers": []}
-        for kind, lst in _MEMBERS.findall(m.group(2)):
-            try:
-                value = ast.literal_eval(lst)
-            except (ValueError, SyntaxError):
-                continue
-            if isinstance(value, list):
-                found[kind] = [v for v in value if isinstance(v, str)]
-        out[f"{module}.{m.group(1)}"] = (found["parameters"], found["buffers"])
+    out: Dict[str, Tuple[List[str], List[str]]] = {}
+    current = None
+    for line in code.split("\n"):
+        m = _CLASS.fullmatch(line)
+        if m:
+            current = out[f"{module}.{m.group(1)}"] = ([], [])
+            continue
+        if line[:1] not in (" ", "\t", ""):
+            current = None  # a line at the left margin ends the class body
+        elif current is not None:
+            m = _MEMBERS.fullmatch(line)
+            if m and _NAME_LIST.fullmatch(m.group(2)):
+                current[0 if m.group(1) == "parameters" else 1][:] = _NAME.findall(m.group(2))
     return out
 
 
