@@ -12,9 +12,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__", "open", "detect", "inspect", "find_state_dict", "tensor_stats",
-    "Checkpoint", "TensorRef", "StorageRef", "InspectResult", "TensorInfo",
+    "diff", "filter_state_dict", "load_into",
+    "Checkpoint", "TensorRef", "StorageRef", "InspectResult", "TensorInfo", "DiffResult", "FilterResult",
     "CkptError", "FormatError", "FileAccessError", "KeyNotFoundError", "UsageError",
-    "TrustRequiredError", "MissingDependencyError",
+    "TrustRequiredError", "MissingDependencyError", "CheckFailedError",
 ]
 
 _LAZY = {
@@ -23,6 +24,12 @@ _LAZY = {
     "inspect": ("ckpttool.summary", "inspect"),
     "tensor_stats": ("ckpttool.summary", "tensor_stats"),
     "find_state_dict": ("ckpttool.tree", "find_state_dict"),
+    "diff": ("ckpttool.diff", "diff"),
+    "filter_state_dict": ("ckpttool.filtering", "filter_state_dict"),
+    "load_into": ("ckpttool.filtering", "load_into"),
+    "DiffResult": ("ckpttool.records", "DiffResult"),
+    "FilterResult": ("ckpttool.records", "FilterResult"),
+    "CheckFailedError": ("ckpttool.errors", "CheckFailedError"),
     "Checkpoint": ("ckpttool.records", "Checkpoint"),
     "TensorRef": ("ckpttool.records", "TensorRef"),
     "StorageRef": ("ckpttool.records", "StorageRef"),

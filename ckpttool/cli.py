@@ -113,6 +113,91 @@ def inspect(path: str, key: Optional[str], filter_: Optional[str], sort: str, de
     sys.exit(result.exit_code)
 
 
+@cli.command()
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option("--key-a", help="Entry of A holding the state_dict (default: found automatically).")
+@click.option("--key-b", help="Entry of B holding the state_dict (default: found automatically).")
+@click.option("--no-values", is_flag=True, help="Compare names, shapes and dtypes only; read no tensor data.")
+@click.option("--atol", type=float, help="Absolute tolerance for floating tensors (default by dtype: 1e-5; "
+                                         "float64 1e-7).")
+@click.option("--rtol", type=float, help="Relative tolerance for floating tensors, against B (default by dtype: "
+                                         "float32 1.3e-6, float16 1e-3, bfloat16 1.6e-2, float64 1e-7). "
+                                         "Integers and bools always compare exactly.")
+@click.option("--no-align", is_flag=True, help="Do not strip a wrapper prefix (module., _orig_mod., model.) "
+                                               "that every key of one side carries.")
+@json_option
+@quiet_option
+def diff(a: str, b: str, key_a: Optional[str], key_b: Optional[str], no_values: bool, atol: Optional[float],
+         rtol: Optional[float], no_align: bool, as_json: bool, quiet: bool) -> None:
+    """Compare the state_dicts of A and B: keys, shapes, dtypes and values.
+
+    Any two formats ckpttool reads. Exit 0 when equal (within tolerance), 1 when
+    they differ, 2 on an error. Values are read tensor by tensor from the files.
+
+    \b
+    Examples:
+      ckpttool diff model.pt model.safetensors
+      ckpttool diff ddp_ckpt.pt plain.pt --key-a model_state_dict   # module. aligned
+      ckpttool diff a.pt b.pt --atol 1e-4 --rtol 1e-3 --json
+      ckpttool diff a.pt b.pt --no-values
+    """
+    from .diff import diff as run_diff
+    from .render import diff_text
+    with _progress(quiet, "comparing values") as progress:
+        result = run_diff(a, b, key_a=key_a, key_b=key_b, values=not no_values, atol=atol, rtol=rtol,
+                          align=not no_align, progress=progress)
+    _emit(result, as_json, diff_text)
+    sys.exit(result.exit_code)
+
+
+@cli.command(name="filter")
+@click.argument("source", type=click.Path())
+@click.option("--model", "-m", "model", metavar="SPEC",
+              help="Target model: MODULE:FACTORY (torchvision.models:resnet50) or FILE.py:CLASS.")
+@click.option("--arg", "model_args", multiple=True, metavar="NAME=VALUE",
+              help="Argument for the model's constructor, a Python literal (repeatable): --arg num_classes=120.")
+@click.option("--target", "-t", metavar="PATH", help="Target checkpoint whose names and shapes to fit.")
+@click.option("--target-key", help="Entry of the target checkpoint holding its state_dict.")
+@click.option("--output", "-o", "out", required=True, metavar="OUT",
+              help="Output file; .pt/.pth/.bin (torch.save state_dict) or .safetensors.")
+@click.option("--key", "-k", help="Entry of SOURCE holding the state_dict (default: found automatically).")
+@click.option("--rename", "renames", multiple=True, metavar="REGEX=REPL",
+              help="Rename source keys (after prefix alignment) before matching; applied in order, repeatable.")
+@click.option("--no-align", is_flag=True, help="Do not strip a wrapper prefix (module., _orig_mod., model.).")
+@click.option("--to", type=click.Choice(["pt", "state_dict", "safetensors"]), help="Output format (default: "
+                                                                                      "from OUT's extension).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@json_option
+@quiet_option
+def filter_cmd(source: str, model: Optional[str], model_args, target: Optional[str], target_key: Optional[str],
+               out: str, key: Optional[str], renames, no_align: bool, to: Optional[str], force: bool,
+               as_json: bool, quiet: bool) -> None:
+    """Keep the tensors of SOURCE that fit a target model, and report the rest.
+
+    A source key is kept when its name (after stripping a wrapper prefix such as
+    module. or _orig_mod., and after the --rename rules) is one of the target's
+    and its shape is the target's; dtypes are cast to the target's. The report
+    groups kept, dropped (no such key / shape differs) and missing keys. The
+    output is read back and, with --model, loaded into the model (strict=False)
+    to check that the missing keys are exactly the reported ones.
+
+    \b
+    Examples:
+      ckpttool filter resnet50.pth --model torchvision.models:resnet50 --arg num_classes=120 -o fit.pt
+      ckpttool filter ddp_ckpt.tar --model nets.py:ClassNet -o net.safetensors
+      ckpttool filter big.pt --target small.safetensors -o fit.pt --rename '^encoder\\.=backbone.'
+    """
+    from .filtering import filter_checkpoint
+    from .render import filter_text
+    with _progress(quiet, "reading tensors") as progress:
+        result = filter_checkpoint(source, out, model=model, model_args=model_args, target=target,
+                                   target_key=target_key, key=key, renames=renames, align=not no_align, to=to,
+                                   force=force, progress=progress)
+    _emit(result, as_json, filter_text)
+    sys.exit(result.exit_code)
+
+
 def main(argv=None) -> None:
     """Console-script entry point."""
     try:

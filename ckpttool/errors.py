@@ -52,3 +52,9 @@ class TrustRequiredError(CkptError):
 
 class MissingDependencyError(CkptError):
     """An optional library needed for this file or operation is not installed."""
+
+
+class CheckFailedError(CkptError):
+    """A check the command runs on its own output failed (exit 1): nothing was written."""
+
+    exit_code = 1

@@ -118,6 +118,10 @@ class TensorRef:
         return math.prod(self.shape)
 
     @property
+    def itemsize(self) -> int:
+        return itemsize(self.dtype) or 1
+
+    @property
     def nbytes(self) -> int:
         if self.explicit_nbytes is not None:
             return self.explicit_nbytes
@@ -166,9 +170,18 @@ class TensorRef:
             yield self.storage.source.read(start + off, min(step, total - off))
 
     def to_torch(self):
-        """Materialize as a CPU torch tensor (imports torch)."""
+        """Materialize as a contiguous CPU torch tensor (imports torch).
+
+        A strided view is read as the storage region it spans and gathered by torch.
+        """
         from .torch_bridge import tensor_from_bytes
-        return tensor_from_bytes(self.read_bytes(), self.dtype, self.shape)
+        if self.is_contiguous or self.numel <= 1:
+            return tensor_from_bytes(self.read_bytes(), self.dtype, self.shape)
+        if not self.has_data:
+            return tensor_from_bytes(self.read_bytes(), self.dtype, self.shape)  # raises the no-data error
+        start, length = self.span()
+        flat = tensor_from_bytes(self.storage.source.read(start, length), self.dtype, (length // itemsize(self.dtype),))
+        return flat.as_strided(self.shape, self.stride).contiguous()
 
     def to_dict(self) -> Dict[str, Any]:
         d = {
@@ -307,3 +320,168 @@ def _jsonable(v: Any) -> Any:
     if dataclasses.is_dataclass(v):
         return _jsonable(dataclasses.asdict(v))
     return repr(v)
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    """How one tensor of A compares with its counterpart in B."""
+
+    name: str                      # the name in A
+    name_b: str                    # the name in B (differs under prefix alignment)
+    shape_a: Tuple[int, ...]
+    shape_b: Tuple[int, ...]
+    dtype_a: str
+    dtype_b: str
+    status: str = ""               # exact | close | mismatch | not_compared ("" when values were not read)
+    max_abs: Optional[float] = None
+    max_rel: Optional[float] = None
+    mismatched: int = 0            # elements outside the tolerance
+    numel: int = 0
+    atol: Optional[float] = None
+    rtol: Optional[float] = None
+    note: str = ""
+
+    def to_dict(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"name": self.name}
+        if self.name_b != self.name:
+            d["name_b"] = self.name_b
+        if self.shape_a != self.shape_b:
+            d.update(shape_a=list(self.shape_a), shape_b=list(self.shape_b))
+        else:
+            d["shape"] = list(self.shape_a)
+        if self.dtype_a != self.dtype_b:
+            d.update(dtype_a=self.dtype_a, dtype_b=self.dtype_b)
+        else:
+            d["dtype"] = self.dtype_a
+        if self.status:
+            d["status"] = self.status
+        if self.status in ("close", "mismatch"):
+            d.update(max_abs=_num(self.max_abs), max_rel=_num(self.max_rel), mismatched=self.mismatched,
+                     numel=self.numel, atol=self.atol, rtol=self.rtol)
+        if self.note:
+            d["note"] = self.note
+        return d
+
+
+def _num(v: Optional[float]) -> Any:
+    # JSON has no inf/nan: spell them as strings.
+    if v is None or math.isfinite(v):
+        return v
+    return str(v)
+
+
+@dataclass(frozen=True)
+class DiffResult:
+    """The result of ``diff``: how two state_dicts differ in keys, shapes, dtypes and values."""
+
+    path_a: str
+    path_b: str
+    format_a: str
+    format_b: str
+    entry_a: Optional[str]
+    entry_b: Optional[str]
+    count_a: int
+    count_b: int
+    only_in_a: Tuple[str, ...]
+    only_in_b: Tuple[str, ...]
+    shape_mismatch: Tuple[TensorDiff, ...]
+    dtype_mismatch: Tuple[TensorDiff, ...]
+    value_mismatch: Tuple[TensorDiff, ...]
+    value_close: Tuple[TensorDiff, ...]
+    exact: int
+    not_compared: Tuple[TensorDiff, ...]
+    values_compared: bool
+    atol: Optional[float]
+    rtol: Optional[float]
+    prefix_alignment: Any          # align.Alignment
+    equal: bool
+    exit_code: int = 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "equal": self.equal,
+            "a": {"path": self.path_a, "format": self.format_a, "entry": self.entry_a, "tensors": self.count_a},
+            "b": {"path": self.path_b, "format": self.format_b, "entry": self.entry_b, "tensors": self.count_b},
+            "prefix_alignment": self.prefix_alignment.to_dict(),
+            "only_in_a": list(self.only_in_a), "only_in_b": list(self.only_in_b),
+            "shape_mismatch": [d.to_dict() for d in self.shape_mismatch],
+            "dtype_mismatch": [d.to_dict() for d in self.dtype_mismatch],
+            "value_mismatch": [d.to_dict() for d in self.value_mismatch],
+            "value_close": [d.to_dict() for d in self.value_close],
+            "not_compared": [d.to_dict() for d in self.not_compared],
+            "values_compared": self.values_compared, "exact_equal": self.exact,
+            "atol": self.atol, "rtol": self.rtol,
+        }
+
+
+@dataclass(frozen=True)
+class KeptTensor:
+    """A source tensor that fits the target: its target name, shape and dtype."""
+
+    name: str
+    source_name: str
+    shape: Tuple[int, ...]
+    dtype: str
+    source_dtype: str
+
+    def to_dict(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        if self.source_name != self.name:
+            d["source_name"] = self.source_name
+        if self.source_dtype != self.dtype:
+            d["cast_from"] = self.source_dtype
+        return d
+
+
+@dataclass(frozen=True)
+class ShapeDrop:
+    """A source tensor whose name the target has, with another shape."""
+
+    source_name: str
+    name: str
+    source_shape: Tuple[int, ...]
+    target_shape: Tuple[int, ...]
+
+    def to_dict(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"name": self.name, "source_shape": list(self.source_shape),
+                             "target_shape": list(self.target_shape)}
+        if self.source_name != self.name:
+            d["source_name"] = self.source_name
+        return d
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    """The result of ``filter`` / ``load_into``: what of the source fits the target, and why not the rest."""
+
+    source: str
+    source_format: str
+    source_entry: Optional[str]
+    target: str
+    kept: Tuple[KeptTensor, ...]
+    dropped_unexpected: Tuple[str, ...]            # source names the target has no key for
+    dropped_shape_mismatch: Tuple[ShapeDrop, ...]
+    missing: Tuple[str, ...]                       # target names the output does not provide
+    prefix_alignment: Any                          # align.Alignment
+    renames: Tuple[str, ...] = ()
+    output: Optional[str] = None
+    output_format: Optional[str] = None
+    verified: Optional[Dict[str, Any]] = None
+    exit_code: int = 0
+
+    @property
+    def cast(self) -> Tuple[KeptTensor, ...]:
+        return tuple(k for k in self.kept if k.dtype != k.source_dtype)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "source": {"path": self.source, "format": self.source_format, "entry": self.source_entry},
+            "target": self.target,
+            "prefix_alignment": self.prefix_alignment.to_dict(), "renames": list(self.renames),
+            "kept": [k.to_dict() for k in self.kept],
+            "dropped_unexpected": list(self.dropped_unexpected),
+            "dropped_shape_mismatch": [d.to_dict() for d in self.dropped_shape_mismatch],
+            "missing": list(self.missing),
+            "cast": [{"name": k.name, "from": k.source_dtype, "to": k.dtype} for k in self.cast],
+            "output": self.output, "output_format": self.output_format, "verified": self.verified,
+        }

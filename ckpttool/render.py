@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List
 
-from .records import InspectResult
+from .records import DiffResult, FilterResult, InspectResult
 from .text import printable
 
 
@@ -106,3 +106,107 @@ def _format_detail(meta: Dict[str, Any]) -> str:
     if "opsets" in meta:
         bits.append("opset " + ", ".join(f"{d} {v}" for d, v in meta["opsets"].items()))
     return f" ({'; '.join(bits)})" if bits else ""
+
+
+def _names(names, limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _g(v) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def diff_text(r: DiffResult, limit: int = 50) -> str:
+    """The human view of a DiffResult: what was compared, then each kind of difference, then the verdict."""
+    from tabulate import tabulate
+
+    def side(path, fmt, entry, n):
+        return f"{path}  ({fmt}, state_dict: {entry or 'top level'}, {n} tensors)"
+
+    common = r.count_a - len(r.only_in_a)
+    head = [["A", side(r.path_a, r.format_a, r.entry_a, r.count_a)],
+            ["B", side(r.path_b, r.format_b, r.entry_b, r.count_b)],
+            ["prefix alignment", r.prefix_alignment.describe()],
+            ["keys", f"{common} common, {len(r.only_in_a)} only in A, {len(r.only_in_b)} only in B"]]
+    if r.values_compared:
+        head.append(["values", f"{r.exact} exact, {len(r.value_close)} within tolerance, "
+                               f"{len(r.value_mismatch)} different"
+                               + (f", {len(r.not_compared)} not compared" if r.not_compared else "")])
+        tol = "dtype defaults (float32 atol=1e-05 rtol=1.3e-06, float16 rtol=1e-03, bfloat16 rtol=1.6e-02; " \
+              "integers exact)" if r.atol is None and r.rtol is None else \
+            f"atol={_g(r.atol) if r.atol is not None else 'dtype default'}, " \
+            f"rtol={_g(r.rtol) if r.rtol is not None else 'dtype default'} (integers exact)"
+        head.append(["tolerance", tol])
+    else:
+        head.append(["values", "not compared (--no-values)"])
+    out = [tabulate(_clean(head), tablefmt="plain"), ""]
+    if r.only_in_a:
+        out += [f"only in A ({len(r.only_in_a)}): " + printable(_names(list(r.only_in_a))), ""]
+    if r.only_in_b:
+        out += [f"only in B ({len(r.only_in_b)}): " + printable(_names(list(r.only_in_b))), ""]
+    if r.shape_mismatch:
+        rows = [[d.name, _shape(d.shape_a), _shape(d.shape_b)] for d in r.shape_mismatch[:limit]]
+        out += [f"shape mismatch ({len(r.shape_mismatch)}):",
+                tabulate(_clean(rows), headers=["name", "A", "B"], tablefmt="simple", disable_numparse=True), ""]
+    if r.dtype_mismatch:
+        rows = [[d.name, d.dtype_a, d.dtype_b, d.status or "-", _g(d.max_abs)] for d in r.dtype_mismatch[:limit]]
+        out += [f"dtype mismatch ({len(r.dtype_mismatch)}):",
+                tabulate(_clean(rows), headers=["name", "A", "B", "values", "max abs"], tablefmt="simple",
+                         disable_numparse=True), ""]
+    diffs = list(r.value_mismatch) + list(r.value_close)
+    if diffs:
+        rows = [[d.name, _shape(d.shape_a), d.dtype_a if d.dtype_a == d.dtype_b else f"{d.dtype_a}/{d.dtype_b}",
+                 "differs" if d.status == "mismatch" else "close", _g(d.max_abs), _g(d.max_rel),
+                 f"{d.mismatched:,}/{d.numel:,}"] for d in diffs[:limit]]
+        more = f" (first {limit})" if len(diffs) > limit else ""
+        out += [f"values not bit-equal ({len(diffs)}){more}:",
+                tabulate(_clean(rows), headers=["name", "shape", "dtype", "", "max abs", "max rel", "outside tol"],
+                         tablefmt="simple", disable_numparse=True), ""]
+    if r.not_compared:
+        out += [f"not compared ({len(r.not_compared)}): "
+                + printable("; ".join(f"{d.name}: {d.note}" for d in r.not_compared[:5])), ""]
+    out.append("result: " + ("EQUAL" if r.equal else "DIFFERENT")
+               + ("" if r.values_compared else " (names, shapes and dtypes only)"))
+    return "\n".join(out)
+
+
+def filter_text(r: FilterResult, limit: int = 50) -> str:
+    """The human view of a FilterResult: counts, then each group with its names, then the output."""
+    from tabulate import tabulate
+    head = [["source", f"{r.source}  ({r.source_format}, state_dict: {r.source_entry or 'top level'})"],
+            ["target", r.target],
+            ["prefix alignment", r.prefix_alignment.describe("the source", "the target")]]
+    if r.renames:
+        head.append(["renames", ", ".join(r.renames)])
+    head += [["kept", str(len(r.kept))],
+             ["dropped", f"{len(r.dropped_unexpected)} not in the target, "
+                         f"{len(r.dropped_shape_mismatch)} shape differs"],
+             ["missing", f"{len(r.missing)} target keys keep their fresh initialization"]]
+    if r.cast:
+        head.append(["cast", f"{len(r.cast)} tensors to the target's dtype"])
+    out = [tabulate(_clean(head), tablefmt="plain"), ""]
+    if r.dropped_shape_mismatch:
+        rows = [[d.name if d.source_name == d.name else f"{d.source_name} -> {d.name}",
+                 f"{_shape(d.source_shape)} -> {_shape(d.target_shape)}"] for d in r.dropped_shape_mismatch[:limit]]
+        out += [f"dropped, shape differs ({len(r.dropped_shape_mismatch)}):",
+                tabulate(_clean(rows), headers=["name", "source -> target"], tablefmt="simple",
+                         disable_numparse=True), ""]
+    if r.dropped_unexpected:
+        out += [f"dropped, not in the target ({len(r.dropped_unexpected)}): "
+                + printable(_names(list(r.dropped_unexpected))), ""]
+    if r.missing:
+        out += [f"missing, keep their initialization ({len(r.missing)}): " + printable(_names(list(r.missing))), ""]
+    if r.cast:
+        out += [f"cast ({len(r.cast)}): " + printable(_names([f"{k.name} {k.source_dtype}->{k.dtype}"
+                                                                for k in r.cast])), ""]
+    renamed = [k for k in r.kept if k.source_name != k.name]
+    if renamed and not r.prefix_alignment.active:
+        out += [f"renamed ({len(renamed)}): " + printable(_names([f"{k.source_name} -> {k.name}" for k in renamed])),
+                ""]
+    if r.output:
+        checks = "; ".join(f"{name}: {'ok' if c.get('ok') else 'FAILED'} ({c.get('how')})"
+                           for name, c in (r.verified or {}).items())
+        out.append(printable(f"wrote {len(r.kept)} tensors to {r.output} ({r.output_format})"
+                             + (f"; checked {checks}" if checks else "")))
+    return "\n".join(out).rstrip("\n")

@@ -1,0 +1,229 @@
+"""``diff``: compare the state_dicts of two checkpoints, key by key and value by value.
+
+Values are compared tensor by tensor, a chunk at a time, straight from the
+files: memory stays bounded by a few chunks whatever the checkpoint's size.
+Chunks whose bytes are equal need no arithmetic (and no torch); only where
+bytes differ, or dtypes differ, are values converted and measured.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+from .align import Alignment, align as find_alignment, pair_names
+from .errors import CkptError, UsageError
+from .formats import open as open_checkpoint
+from .records import Checkpoint, DiffResult, TensorDiff, TensorRef
+from .tree import StateDict, find_state_dict
+
+Progress = Optional[Any]
+
+# Default tolerances by dtype, as torch.testing.assert_close uses them (float8: about one ulp at 1).
+# Integer, bool and quantized tensors compare exactly.
+DEFAULT_TOLERANCES: Dict[str, Tuple[float, float]] = {  # dtype -> (atol, rtol)
+    "float64": (1e-7, 1e-7), "complex128": (1e-7, 1e-7),
+    "float32": (1e-5, 1.3e-6), "complex64": (1e-5, 1.3e-6),
+    "float16": (1e-5, 1e-3), "complex32": (1e-5, 1e-3),
+    "bfloat16": (1e-5, 1.6e-2),
+    "float8_e4m3fn": (1e-3, 0.125), "float8_e4m3fnuz": (1e-3, 0.125),
+    "float8_e5m2": (1e-3, 0.25), "float8_e5m2fnuz": (1e-3, 0.25), "float8_e8m0fnu": (0.0, 1.0),
+}
+# dtypes torch can turn into float64/complex128 for measuring; others are compared as bytes.
+_MEASURABLE = set(DEFAULT_TOLERANCES) | {"int64", "int32", "int16", "int8", "uint64", "uint32", "uint16",
+                                         "uint8", "bool"}
+CHUNK_ELEMENTS = 1 << 22  # 4M elements: 32 MB as float64 per side
+
+
+def is_floating(dtype: str) -> bool:
+    return dtype in DEFAULT_TOLERANCES
+
+
+def tolerance(dtype_a: str, dtype_b: str, atol: Optional[float] = None,
+              rtol: Optional[float] = None) -> Tuple[float, float]:
+    """(atol, rtol) for comparing a ``dtype_a`` tensor with a ``dtype_b`` one: the looser dtype's
+    defaults, or the given values for floating tensors; integers always compare exactly.
+
+    >>> tolerance("float32", "float16")
+    (1e-05, 0.001)
+    >>> tolerance("int64", "int64", atol=0.1)
+    (0.0, 0.0)
+    """
+    if not (is_floating(dtype_a) or is_floating(dtype_b)):
+        return 0.0, 0.0
+    da = DEFAULT_TOLERANCES.get(dtype_a, (0.0, 0.0))
+    db = DEFAULT_TOLERANCES.get(dtype_b, (0.0, 0.0))
+    return (max(da[0], db[0]) if atol is None else atol), (max(da[1], db[1]) if rtol is None else rtol)
+
+
+def diff(a: Union[str, Checkpoint], b: Union[str, Checkpoint], key_a: Optional[str] = None,
+         key_b: Optional[str] = None, values: bool = True, atol: Optional[float] = None,
+         rtol: Optional[float] = None, align: bool = True, progress: Progress = None) -> DiffResult:
+    """Compare the state_dicts of ``a`` and ``b`` (paths or opened checkpoints, any formats).
+
+    ``values=False`` compares names, shapes and dtypes only and reads no tensor data.
+    ``atol``/``rtol`` override the dtype defaults (see ``DEFAULT_TOLERANCES``) for
+    floating tensors. ``align`` strips a wrapper prefix (``module.``, ``_orig_mod.``,
+    ``model.``...) that every key of one side carries, when that makes more keys meet.
+
+    >>> r = diff("a.pt", "b.safetensors")   # doctest: +SKIP
+    >>> r.equal, r.only_in_a, [d.name for d in r.value_mismatch]   # doctest: +SKIP
+    (False, (), ['fc.weight'])
+    """
+    for name, v in (("--atol", atol), ("--rtol", rtol)):
+        if v is not None and not (v >= 0 and math.isfinite(v)):
+            raise UsageError(f"{name} must be a finite number >= 0, not {v}")
+    ca, sa = _open(a, key_a)
+    cb, sb = _open(b, key_b)
+    names_a, names_b = list(sa.tensors), list(sb.tensors)
+    alignment = find_alignment(names_a, names_b) if align else Alignment()
+    pairs, only_a, only_b = pair_names(names_a, names_b, alignment)
+
+    shape_mm: List[TensorDiff] = []
+    dtype_mm: List[TensorDiff] = []
+    to_compare: List[Tuple[TensorDiff, TensorRef, TensorRef]] = []
+    for na, nb in pairs.items():
+        ta, tb = sa.tensors[na], sb.tensors[nb]
+        d = TensorDiff(name=na, name_b=nb, shape_a=ta.shape, shape_b=tb.shape, dtype_a=ta.dtype, dtype_b=tb.dtype)
+        if ta.shape != tb.shape:
+            shape_mm.append(d)
+            continue
+        if ta.dtype != tb.dtype:
+            dtype_mm.append(d)
+        to_compare.append((d, ta, tb))
+
+    compared: List[TensorDiff] = []
+    if values:
+        total = sum(ta.nbytes + tb.nbytes for _, ta, tb in to_compare)
+        done = 0
+        for d, ta, tb in to_compare:
+            try:
+                compared.append(compare_tensors(d, ta, tb, atol, rtol))
+            except CkptError as e:
+                if e.path is None:
+                    e.path = f"{ca.path}, {cb.path}"
+                raise
+            done += ta.nbytes + tb.nbytes
+            if progress:
+                progress(done, total)
+    by_name = {d.name: d for d in compared}
+    dtype_mm = [by_name.get(d.name, d) for d in dtype_mm]  # with how their values compare
+    mismatch = tuple(d for d in compared if d.status == "mismatch")
+    close = tuple(d for d in compared if d.status == "close")
+    equal = not (only_a or only_b or shape_mm or dtype_mm or mismatch)
+    return DiffResult(
+        path_a=ca.path, path_b=cb.path, format_a=ca.format, format_b=cb.format, entry_a=sa.entry,
+        entry_b=sb.entry, count_a=len(names_a), count_b=len(names_b), only_in_a=tuple(only_a),
+        only_in_b=tuple(only_b), shape_mismatch=tuple(shape_mm), dtype_mismatch=tuple(dtype_mm),
+        value_mismatch=mismatch, value_close=close,
+        exact=sum(1 for d in compared if d.status == "exact"),
+        not_compared=tuple(d for d in compared if d.status == "not_compared"),
+        values_compared=values, atol=atol, rtol=rtol, prefix_alignment=alignment, equal=equal,
+        exit_code=0 if equal else 1)
+
+
+def _open(src: Union[str, Checkpoint], key: Optional[str]) -> Tuple[Checkpoint, StateDict]:
+    ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
+    try:
+        return ckpt, find_state_dict(ckpt, key)
+    except CkptError as e:
+        if e.path is None:
+            e.path = ckpt.path
+        raise
+
+
+def _pieces(t: TensorRef, n: int) -> Iterator[Any]:
+    """The tensor's elements in C order, ``n`` at a time: bytes when contiguous, else torch slices."""
+    if t.is_contiguous or t.numel <= 1:
+        yield from t.iter_chunks(n * t.itemsize)
+        return
+    flat = t.to_torch().reshape(-1)
+    for i in range(0, flat.numel(), n):
+        yield flat[i:i + n]
+
+
+def _as_number_tensor(piece: Any, dtype: str):
+    import torch
+    from .torch_bridge import torch_dtype
+    if isinstance(piece, (bytes, bytearray)):
+        if not piece:
+            return torch.empty(0, dtype=torch.float64)
+        piece = torch.frombuffer(bytearray(piece), dtype=torch.uint8).view(torch_dtype(dtype))
+    wide = torch.complex128 if dtype.startswith("complex") else torch.float64
+    return piece.to(wide)
+
+
+def _same_bits(pa: Any, pb: Any) -> bool:
+    if isinstance(pa, (bytes, bytearray)) and isinstance(pb, (bytes, bytearray)):
+        return pa == pb
+    import torch
+    pa, pb = (torch.frombuffer(bytearray(p), dtype=torch.uint8) if isinstance(p, (bytes, bytearray))
+              else p.contiguous().view(torch.uint8) for p in (pa, pb))
+    return torch.equal(pa, pb)
+
+
+def _count(piece: Any, itemsize: int) -> int:
+    return len(piece) // max(itemsize, 1) if isinstance(piece, (bytes, bytearray)) else piece.numel()
+
+
+def compare_tensors(d: TensorDiff, a: TensorRef, b: TensorRef, atol: Optional[float] = None,
+                    rtol: Optional[float] = None, chunk_elements: int = CHUNK_ELEMENTS) -> TensorDiff:
+    """Fill ``d`` with how the values of ``a`` and ``b`` (same shape) compare.
+
+    ``exact`` when every element is bitwise equal (same dtype) or numerically equal
+    (different dtypes); ``close`` when all are within the tolerance; else ``mismatch``
+    with the count of elements outside it and the max abs / rel difference.
+    """
+    import dataclasses
+    if not (a.has_data and b.has_data):
+        return dataclasses.replace(d, status="not_compared", note=f"no data to compare ({a.kind}/{b.kind} tensor)")
+    at, rt = tolerance(a.dtype, b.dtype, atol, rtol)
+    measurable = a.dtype in _MEASURABLE and b.dtype in _MEASURABLE and a.kind == b.kind == "dense"
+    if not measurable and a.dtype != b.dtype:
+        return dataclasses.replace(d, status="not_compared",
+                                   note=f"values of {a.dtype} and {b.dtype} cannot be compared numerically")
+    if not measurable and not (a.is_contiguous and b.is_contiguous):
+        return dataclasses.replace(d, status="not_compared", note=f"strided {a.dtype} view: values not compared")
+    n_bad, max_abs, max_rel, exact = 0, 0.0, 0.0, True
+    for pa, pb in zip(_pieces(a, chunk_elements), _pieces(b, chunk_elements)):
+        if a.dtype == b.dtype and _same_bits(pa, pb):
+            continue
+        if not measurable:  # same dtype, bytes differ, no numbers to measure (quantized, packed)
+            exact = False
+            n_bad += _count(pa, a.itemsize)
+            max_abs = max_rel = math.nan
+            continue
+        chunk_bad, chunk_abs, chunk_rel, chunk_exact = _measure(_as_number_tensor(pa, a.dtype),
+                                                                _as_number_tensor(pb, b.dtype), at, rt)
+        exact = exact and chunk_exact
+        n_bad += chunk_bad
+        max_abs = max(max_abs, chunk_abs)
+        max_rel = max(max_rel, chunk_rel)
+    if exact:
+        return dataclasses.replace(d, status="exact", max_abs=0.0, max_rel=0.0, atol=at, rtol=rt)
+    status = "mismatch" if n_bad else "close"
+    return dataclasses.replace(d, status=status, max_abs=max_abs, max_rel=max_rel, mismatched=n_bad,
+                               numel=a.numel, atol=at, rtol=rt)
+
+
+def _measure(xa, xb, atol: float, rtol: float) -> Tuple[int, float, float, bool]:
+    """(elements not close, max abs diff, max rel diff, all equal) of two float64/complex128 tensors."""
+    import torch
+    both_nan = torch.isnan(xa) & torch.isnan(xb)
+    same = (xa == xb) | both_nan
+    if bool(same.all()):
+        return 0, 0.0, 0.0, True
+    bad = int((~torch.isclose(xa, xb, rtol=rtol, atol=atol, equal_nan=True)).sum())
+    diff = (xa - xb).abs()
+    diff = torch.where(same, torch.zeros_like(diff), diff)
+    finite = torch.isfinite(diff)
+    max_abs = float(diff[finite].max()) if bool(finite.any()) else 0.0
+    if not bool(finite.all()):
+        max_abs = math.inf  # a NaN or Inf against a number
+    ref = xb.abs()
+    with torch.no_grad():
+        rel = torch.where(diff == 0, torch.zeros_like(diff), diff / ref)
+    rel_finite = rel[torch.isfinite(rel)]
+    max_rel = float(rel_finite.max()) if rel_finite.numel() else 0.0
+    if not bool(torch.isfinite(rel).all()):
+        max_rel = math.inf
+    return bad, max_abs, max_rel, False

@@ -1,0 +1,64 @@
+"""Writing outputs safely: never over an input, never half a file.
+
+Every command that writes goes through :func:`atomic_output`: the output is
+checked against the inputs (through symlinks and other spellings of the path),
+an existing file is replaced only with ``force``, and the data goes to a
+temporary file beside the target that is fsynced and renamed into place, so a
+failure (a full disk, an exception, Ctrl-C) leaves the old file or nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Iterable, Iterator
+
+from .errors import FileAccessError, UsageError
+
+
+def check_output(out: str, inputs: Iterable[str], force: bool = False) -> str:
+    """Refuse ``out`` when it is an input or (without ``force``) an existing file; return it absolute."""
+    out = os.path.abspath(os.fspath(out))
+    if os.path.isdir(out):
+        raise UsageError("output is a directory", out)
+    folder = os.path.dirname(out)
+    if not os.path.isdir(folder):
+        raise FileAccessError("output folder does not exist", out)
+    if os.path.lexists(out):
+        for inp in inputs:
+            try:
+                same = os.path.exists(out) and os.path.samefile(out, inp)
+            except OSError:
+                same = False
+            if same or os.path.realpath(out) == os.path.realpath(inp):
+                raise UsageError("output is one of the inputs; refusing to write over it", out)
+        if not force:
+            raise UsageError("output exists", out, hint="pass --force to replace it")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output(out: str) -> Iterator[str]:
+    """Yield a temporary path beside ``out``; on success fsync it and rename it to ``out``.
+
+    >>> with atomic_output("/tmp/x.pt") as tmp:   # doctest: +SKIP
+    ...     torch.save(sd, tmp)
+    """
+    folder = os.path.dirname(os.path.abspath(out))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
