@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from typing import Optional
 
 import click
@@ -59,15 +60,18 @@ quiet_option = click.option("--quiet", "-q", is_flag=True, help="Print nothing b
 
 @contextlib.contextmanager
 def _progress(quiet: bool, label: str):
-    """A progress callback drawing a bar on stderr when it is a terminal."""
+    """A progress callback drawing a bar on stderr when it is a terminal and the work takes a while."""
     if quiet or not sys.stderr.isatty():
         yield None
         return
     bar = None
+    start = time.monotonic()
 
     def update(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
+            if time.monotonic() - start < 0.5 or done >= total:
+                return  # quick work draws nothing
             bar = click.progressbar(length=max(total, 1), label=label, file=sys.stderr)
             bar.__enter__()
         bar.update(done - bar.pos)
@@ -195,6 +199,58 @@ def filter_cmd(source: str, model: Optional[str], model_args, target: Optional[s
                                    target_key=target_key, key=key, renames=renames, align=not no_align, to=to,
                                    force=force, progress=progress)
     _emit(result, as_json, filter_text)
+    sys.exit(result.exit_code)
+
+
+@cli.command()
+@click.argument("source", type=click.Path())
+@click.option("--output", "-o", "out", required=True, metavar="OUT", help="Output file (or folder with "
+                                                                           "--max-shard-size).")
+@click.option("--to", type=click.Choice(["state_dict", "pt", "safetensors", "onnx", "dcp"]),
+              help="Target format (default: from OUT's extension: .pt/.pth/.bin, .safetensors, .onnx).")
+@click.option("--key", "-k", help="Entry holding the state_dict (default: found automatically).")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32", "fp64"]), help="Cast floating tensors only.")
+@click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Add to the safetensors header (repeatable).")
+@click.option("--max-shard-size", metavar="SIZE", help="Write a folder of safetensors shards of at most SIZE "
+                                                         "(5GB, 500MiB) and model.safetensors.index.json.")
+@click.option("--check", is_flag=True, help="After writing, compare every byte of the output with the source.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--trust", is_flag=True, help="ONNX: allow importing and running the code a pickled full model names.")
+@click.option("--import-path", multiple=True, type=click.Path(), metavar="DIR",
+              help="ONNX with --trust: where the pickled model's code lives (repeatable).")
+@click.option("--model", "-m", metavar="SPEC", help="ONNX from a state_dict: MODULE:FACTORY or FILE.py:CLASS.")
+@click.option("--arg", "model_args", multiple=True, metavar="NAME=VALUE", help="Argument for --model (repeatable).")
+@click.option("--input-shape", multiple=True, metavar="1x3x224x224", help="ONNX: shape of each input (repeatable).")
+@click.option("--opset", type=int, help="ONNX opset version (default: the exporter's).")
+@click.option("--dynamic-batch", is_flag=True, help="ONNX: make the first dimension of inputs and outputs dynamic.")
+@json_option
+@quiet_option
+def convert(source: str, out: str, to: Optional[str], key: Optional[str], dtype: Optional[str], metadata,
+            max_shard_size: Optional[str], check: bool, force: bool, trust: bool, import_path, model: Optional[str],
+            model_args, input_shape, opset: Optional[int], dynamic_batch: bool, as_json: bool, quiet: bool) -> None:
+    """Convert a checkpoint's state_dict to a torch.save state_dict, safetensors or ONNX.
+
+    From a state_dict in any format, a checkpoint dict (its state_dict entry or
+    --key), or a pickled full model without running its code. Tensors are
+    streamed from the source to the output; the output is read back and checked
+    before it is put in place. ONNX needs code that runs: --model SPEC for a
+    state_dict, or --trust for a pickled full model.
+
+    \b
+    Examples:
+      ckpttool convert full_model.pth -o model.safetensors
+      ckpttool convert ckpt.tar -o weights.pt --key model_state_dict --dtype fp16
+      ckpttool convert big.pt -o big_hf/ --to safetensors --max-shard-size 5GB
+      ckpttool convert resnet.pt -o resnet.onnx --model torchvision.models:resnet50 --input-shape 1x3x224x224
+    """
+    from .convert import convert as run_convert
+    from .render import convert_text
+    with _progress(quiet, "converting") as progress:
+        result = run_convert(source, out, to=to, key=key, dtype=dtype, metadata=metadata,
+                             max_shard_size=max_shard_size, force=force, check=check, progress=progress,
+                             trust=trust, import_path=tuple(import_path), model=model, model_args=tuple(model_args),
+                             input_shapes=tuple(input_shape), opset=opset, dynamic_batch=dynamic_batch)
+    _emit(result, as_json, convert_text)
     sys.exit(result.exit_code)
 
 

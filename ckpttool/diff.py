@@ -31,7 +31,7 @@ DEFAULT_TOLERANCES: Dict[str, Tuple[float, float]] = {  # dtype -> (atol, rtol)
 # dtypes torch can turn into float64/complex128 for measuring; others are compared as bytes.
 _MEASURABLE = set(DEFAULT_TOLERANCES) | {"int64", "int32", "int16", "int8", "uint64", "uint32", "uint16",
                                          "uint8", "bool"}
-CHUNK_ELEMENTS = 1 << 22  # 4M elements: 32 MB as float64 per side
+CHUNK_ELEMENTS = 1 << 20  # 1M elements: 8 MB as float64 per side; the measuring temporaries stay ~50 MB
 
 
 def is_floating(dtype: str) -> bool:

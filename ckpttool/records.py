@@ -47,6 +47,11 @@ class FileSpan:
         with open(self.path, "rb") as f:
             fd = f.fileno()
             pos = self.offset + start
+            if size <= 1 << 30:  # the usual case: one read, no copies
+                first = os.pread(fd, size, pos)
+                if len(first) == size:
+                    return first
+                out += first
             while len(out) < size:
                 chunk = os.pread(fd, min(size - len(out), 1 << 26), pos + len(out))
                 if not chunk:
@@ -485,3 +490,33 @@ class FilterResult:
             "cast": [{"name": k.name, "from": k.source_dtype, "to": k.dtype} for k in self.cast],
             "output": self.output, "output_format": self.output_format, "verified": self.verified,
         }
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """The result of ``convert``: what was written where, and how it was checked."""
+
+    source: str
+    source_format: str
+    entry: Optional[str]
+    entry_source: str
+    output: str
+    format: str                      # torch_zip | safetensors | onnx
+    tensors: int                     # tensors written
+    files: Tuple[str, ...] = ()
+    tied: Tuple[Tuple[str, str], ...] = ()   # (name not stored, the stored twin) for safetensors
+    cast_to: Optional[str] = None
+    bytes_written: int = 0
+    checked: Optional[Dict[str, Any]] = None
+    details: Optional[Dict[str, Any]] = None  # e.g. ONNX export: opset, inputs, max difference
+    exit_code: int = 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = {"output": self.output, "format": self.format, "tensors": self.tensors,
+             "source": {"path": self.source, "format": self.source_format, "entry": self.entry,
+                        "entry_source": self.entry_source},
+             "files": list(self.files), "tied": {a: b for a, b in self.tied}, "cast_to": self.cast_to,
+             "bytes_written": self.bytes_written, "checked": self.checked}
+        if self.details is not None:
+            d["details"] = _jsonable(self.details)
+        return d

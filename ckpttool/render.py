@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Dict, List
 
-from .records import DiffResult, FilterResult, InspectResult
+from .records import ConvertResult, DiffResult, FilterResult, InspectResult
 from .text import printable
 
 
@@ -210,3 +211,27 @@ def filter_text(r: FilterResult, limit: int = 50) -> str:
         out.append(printable(f"wrote {len(r.kept)} tensors to {r.output} ({r.output_format})"
                              + (f"; checked {checks}" if checks else "")))
     return "\n".join(out).rstrip("\n")
+
+
+def convert_text(r: ConvertResult) -> str:
+    """The human view of a ConvertResult: source, output, and what was checked."""
+    from tabulate import tabulate
+    rows = [["source", f"{r.source}  ({r.source_format}, state_dict: {r.entry or 'top level'})"],
+            ["output", f"{r.output}  ({r.format}, {r.tensors} tensors, {human_bytes(r.bytes_written)})"]]
+    if len(r.files) > 1:
+        rows.append(["files", f"{len(r.files)}: " + ", ".join(os.path.basename(f) for f in r.files[:4])
+                     + (" ..." if len(r.files) > 4 else "")])
+    if r.cast_to:
+        rows.append(["dtype", f"floating tensors cast to {r.cast_to}"])
+    if r.tied:
+        rows.append(["tied", f"{len(r.tied)} stored once: " + ", ".join(f"{a} = {b}" for a, b in r.tied[:4])
+                     + (" ..." if len(r.tied) > 4 else "")])
+    for k, v in (r.details or {}).items():
+        rows.append([k.replace("_", " "), v if isinstance(v, str) else json.dumps(v)])
+    c = r.checked or {}
+    if c and r.format == "onnx":
+        rows.append(["checked", "ok: onnx.checker, onnxruntime output vs torch's on the same input"])
+    elif c:
+        what = "names, shapes, dtypes" + (", every byte" if "bytes_compared" in c else "")
+        rows.append(["checked", f"{'ok' if c.get('ok') else 'FAILED'}: read back, {what}"])
+    return tabulate(_clean(rows), tablefmt="plain")

@@ -16,16 +16,22 @@ from typing import Iterable, Iterator
 from .errors import FileAccessError, UsageError
 
 
-def check_output(out: str, inputs: Iterable[str], force: bool = False) -> str:
-    """Refuse ``out`` when it is an input or (without ``force``) an existing file; return it absolute."""
+def check_output(out: str, inputs: Iterable[str], force: bool = False, folder: bool = False) -> str:
+    """Refuse ``out`` when it is an input or (without ``force``) an existing file; return it absolute.
+
+    ``folder``: the output is a folder (of shards) rather than a file.
+    """
     out = os.path.abspath(os.fspath(out))
-    if os.path.isdir(out):
+    if os.path.isdir(out) and not folder:
         raise UsageError("output is a directory", out)
     folder = os.path.dirname(out)
     if not os.path.isdir(folder):
         raise FileAccessError("output folder does not exist", out)
     if os.path.lexists(out):
+        inputs = list(inputs)
         for inp in inputs:
+            if folder and os.path.isdir(out) and os.path.realpath(inp).startswith(os.path.realpath(out) + os.sep):
+                raise UsageError("output folder holds one of the inputs; refusing to replace it", out)
             try:
                 same = os.path.exists(out) and os.path.samefile(out, inp)
             except OSError:

@@ -1,0 +1,352 @@
+"""``convert``: a checkpoint's state_dict to a torch.save file or safetensors, streamed from the bytes.
+
+No code from the file runs: a pickled full model's state_dict comes from the
+pickle's own records. Tensors are read from the source and written to the
+output a storage (or a tensor) at a time, so memory stays near one chunk
+whatever the checkpoint's size. The output is written beside its target,
+read back through the readers and checked (names, shapes, dtypes; with
+``check=True`` every byte) before it is renamed into place.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .dtypes import itemsize
+from .errors import CheckFailedError, CkptError, FileAccessError, UsageError
+from .formats import open as open_checkpoint
+from .formats.safetensors_writer import (EntryOut, index_json, parse_size, plan_shards, shard_names,
+                                         write_safetensors)
+from .formats.torch_writer import StorageOut, TensorOut, write_torch_zip
+from .records import Checkpoint, ConvertResult, TensorRef
+from .tree import StateDict, find_state_dict
+from .writing import atomic_output, check_output
+
+Progress = Optional[Callable[[int, int], None]]
+CHUNK = 1 << 24  # 16 MiB of source bytes per read
+FLOATING = ("float64", "float32", "float16", "bfloat16")
+DTYPES = {"fp16": "float16", "float16": "float16", "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp32": "float32", "float32": "float32", "float": "float32", "fp64": "float64", "float64": "float64"}
+TARGETS = {"state_dict": "state_dict", "pt": "state_dict", "torch": "state_dict", "safetensors": "safetensors",
+           "onnx": "onnx", "dcp": "dcp"}
+TORCH_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+
+
+def target_format(out: str, to: Optional[str]) -> str:
+    """``state_dict`` | ``safetensors`` | ``onnx`` | ``dcp`` from ``--to`` or OUT's extension.
+
+    >>> target_format("m.safetensors", None), target_format("m.pth", None), target_format("dir", "safetensors")
+    ('safetensors', 'state_dict', 'safetensors')
+    """
+    if to:
+        if to not in TARGETS:
+            raise UsageError(f"unknown target format {to!r} (state_dict, pt, safetensors, onnx)")
+        return TARGETS[to]
+    ext = os.path.splitext(out)[1].lower()
+    if ext == ".safetensors":
+        return "safetensors"
+    if ext in TORCH_EXTENSIONS:
+        return "state_dict"
+    if ext == ".onnx":
+        return "onnx"
+    raise UsageError(f"cannot tell the target format from {os.path.basename(out)!r}",
+                     hint="name it .pt/.pth/.bin, .safetensors or .onnx, or pass --to")
+
+
+def parse_metadata(items: Sequence[str]) -> Dict[str, str]:
+    """``["k=v", ...]`` -> dict (values are kept as text, as safetensors stores them)."""
+    out = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise UsageError(f"--metadata {item!r} is not KEY=VALUE")
+        out[k] = v
+    return out
+
+
+def _cast_chunks(raw: Callable[[], Iterator[bytes]], src: str, dst: str) -> Callable[[], Iterator[bytes]]:
+    """Bytes of ``src`` elements -> bytes of the same elements as ``dst`` (chunks are whole elements)."""
+    def gen() -> Iterator[bytes]:
+        import torch
+        from .torch_bridge import torch_dtype
+        s, d = torch_dtype(src), torch_dtype(dst)
+        for chunk in raw():
+            if chunk:
+                t = torch.frombuffer(bytearray(chunk), dtype=torch.uint8).view(s).to(d)
+                yield t.view(torch.uint8).numpy().tobytes()
+    return gen
+
+
+def _span_chunks(source: Any, start: int, size: int, elem: int) -> Callable[[], Iterator[bytes]]:
+    step = max(elem, CHUNK - CHUNK % elem)
+
+    def gen() -> Iterator[bytes]:
+        for off in range(0, size, step):
+            yield source.read(start + off, min(step, size - off))
+    return gen
+
+
+def _needs_data(name: str, t: TensorRef, path: str) -> None:
+    if not t.has_data:
+        raise UsageError(f"tensor {name} has no data in the file (a {t.kind} tensor); it cannot be converted", path)
+    if t.kind != "dense":
+        raise UsageError(f"tensor {name} is a {t.kind} tensor; converting it is not supported", path)
+
+
+def _out_dtype(t: TensorRef, cast: Optional[str]) -> str:
+    return cast if cast and t.dtype in FLOATING else t.dtype
+
+
+def torch_tree(tensors: Mapping[str, TensorRef], cast: Optional[str], path: str) -> "collections.OrderedDict":
+    """TensorOut leaves over the source storages: each storage copied once, views and ties kept."""
+    storages: Dict[Tuple[int, str], StorageOut] = {}
+    out: "collections.OrderedDict[str, TensorOut]" = collections.OrderedDict()
+    for name, t in tensors.items():
+        _needs_data(name, t, path)
+        size = t.itemsize
+        ident = (id(t.storage), t.dtype)
+        s = storages.get(ident)
+        if s is None:
+            nbytes = t.storage.nbytes - t.storage.nbytes % size
+            raw = _span_chunks(t.storage.source, 0, nbytes, size)
+            dst = _out_dtype(t, cast)
+            if dst != t.dtype:
+                s = StorageOut(str(len(storages)), dst, nbytes // size * itemsize(dst), _cast_chunks(raw, t.dtype, dst))
+            else:
+                s = StorageOut(str(len(storages)), t.dtype, nbytes, raw)
+            storages[ident] = s
+        out[name] = TensorOut(s, tuple(t.shape), tuple(t.stride), t.storage_offset)
+    return out
+
+
+def _contiguous_chunks(t: TensorRef) -> Callable[[], Iterator[bytes]]:
+    if t.is_contiguous or t.numel <= 1:
+        start, _ = t.span()
+        return _span_chunks(t.storage.source, start, t.nbytes, t.itemsize)
+
+    def gen() -> Iterator[bytes]:  # a strided view: gathered by torch, one tensor in memory
+        yield t.to_torch().view(-1).view(__import__("torch").uint8).numpy().tobytes()
+    return gen
+
+
+def safetensors_entries(tensors: Mapping[str, TensorRef], cast: Optional[str],
+                        path: str) -> Tuple[List[EntryOut], Dict[str, str]]:
+    """Entries to write and ``{dropped name: kept name}`` for tensors that share a storage.
+
+    As ``safetensors.torch.save_model`` does: of names over the same bytes, the first
+    (sorted) that covers its whole storage is written and the others are recorded in
+    the metadata, so ``load_model`` ties them again. Views with no such name are
+    written each on its own.
+    """
+    groups: Dict[int, List[str]] = collections.defaultdict(list)
+    for name, t in tensors.items():
+        _needs_data(name, t, path)
+        groups[id(t.storage)].append(name)
+    dropped: Dict[str, str] = {}
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        complete = sorted(n for n in names if _covers_storage(tensors[n]))
+        if complete:
+            keep = complete[0]
+            for n in names:
+                if n != keep and _same_bytes_region(tensors[n], tensors[keep]):
+                    dropped[n] = keep
+    entries = []
+    for name, t in tensors.items():
+        if name in dropped:
+            continue
+        dst = _out_dtype(t, cast)
+        raw = _contiguous_chunks(t)
+        entries.append(EntryOut(name, dst, tuple(t.shape), _cast_chunks(raw, t.dtype, dst) if dst != t.dtype else raw))
+    return entries, dropped
+
+
+def _covers_storage(t: TensorRef) -> bool:
+    return t.storage_offset == 0 and t.is_contiguous and t.nbytes == t.storage.nbytes
+
+
+def _same_bytes_region(a: TensorRef, b: TensorRef) -> bool:
+    # a tied twin: the same shape, dtype, offset and stride over the same storage
+    return (a.shape, a.dtype, a.storage_offset, a.stride) == (b.shape, b.dtype, b.storage_offset, b.stride)
+
+
+def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, key: Optional[str] = None,
+            dtype: Optional[str] = None, metadata: Union[Sequence[str], Mapping[str, str]] = (),
+            max_shard_size: Optional[Union[str, int]] = None, force: bool = False, check: bool = False,
+            progress: Progress = None, **onnx_options: Any) -> ConvertResult:
+    """Convert ``source``'s state_dict to ``out`` (format from ``to`` or OUT's extension).
+
+    ``dtype`` (fp16/bf16/fp32) casts floating tensors only. ``metadata`` goes into a
+    safetensors header; ``max_shard_size`` (``"5GB"``) makes OUT a folder of HF-style
+    shards with ``model.safetensors.index.json``. ``check`` compares every byte of the
+    output with the source after writing.
+
+    >>> r = convert("full_model.pth", "model.safetensors")   # doctest: +SKIP
+    >>> r.tensors, r.format                                    # doctest: +SKIP
+    (19, 'safetensors')
+    """
+    fmt = target_format(os.fspath(out), to)
+    if fmt == "onnx":
+        from .onnx_export import export_onnx
+        return export_onnx(source, out, key=key, dtype=dtype, force=force, progress=progress, **onnx_options)
+    if onnx_options:
+        unused = ", ".join(sorted(k for k, v in onnx_options.items() if v not in (None, (), False)))
+        if unused:
+            raise UsageError(f"{unused}: only for --to onnx")
+    if fmt == "dcp":
+        raise UsageError("writing torch.distributed.checkpoint folders is not supported yet")
+    cast = None
+    if dtype:
+        cast = DTYPES.get(str(dtype).lower())
+        if cast is None:
+            raise UsageError(f"--dtype {dtype!r}: use fp16, bf16, fp32 or fp64")
+    meta = dict(metadata) if isinstance(metadata, Mapping) else parse_metadata(metadata)
+    if meta and fmt != "safetensors":
+        raise UsageError("--metadata is only for safetensors output")
+    shard = parse_size(max_shard_size) if max_shard_size not in (None, "") else None
+    if shard and fmt != "safetensors":
+        raise UsageError("--max-shard-size is only for safetensors output")
+
+    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(os.fspath(source))
+    try:
+        sd = find_state_dict(ckpt, key)
+    except CkptError as e:
+        if e.path is None:
+            e.path = ckpt.path
+        raise
+    if not sd.tensors:
+        raise UsageError("the checkpoint holds no tensors to convert", ckpt.path)
+    out = check_output(os.fspath(out), list(ckpt.files or (ckpt.path,)) + [ckpt.path], force, folder=bool(shard))
+    total = 0
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], total)
+
+    if fmt == "state_dict":
+        tree = torch_tree(sd.tensors, cast, ckpt.path)
+        total = sum(s.nbytes for s in {id(t.storage): t.storage for t in tree.values()}.values())
+        with _writing(out):
+            with atomic_output(out) as tmp:
+                write_torch_zip(tmp, tree, progress=tick)
+                checked = _check(tmp, sd, dict(tree), cast, check, dropped={})
+        files = [out]
+        dropped: Dict[str, str] = {}
+    else:
+        entries, dropped = safetensors_entries(sd.tensors, cast, ckpt.path)
+        meta = {"format": "pt", **dropped, **meta}
+        total = sum(e.nbytes for e in entries)
+        with _writing(out):
+            if shard is None:
+                with atomic_output(out) as tmp:
+                    write_safetensors(tmp, entries, meta, progress=tick)
+                    checked = _check(tmp, sd, {e.name: e for e in entries}, cast, check, dropped)
+                files = [out]
+            else:
+                files, checked = _write_shards(out, entries, meta, shard, sd, cast, check, dropped, tick)
+    n = len(sd.tensors) - len(dropped)
+    return ConvertResult(source=ckpt.path, source_format=ckpt.format, entry=sd.entry, entry_source=sd.source,
+                         output=out, format=fmt if fmt != "state_dict" else "torch_zip", tensors=n,
+                         files=tuple(files), tied=tuple(sorted(dropped.items())), cast_to=cast,
+                         bytes_written=sum(os.path.getsize(f) for f in files), checked=checked)
+
+
+@contextlib.contextmanager
+def _writing(out: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        raise FileAccessError(f"cannot write the output: {e.strerror or e}", out) from None
+
+
+def _write_shards(out: str, entries: List[EntryOut], meta: Dict[str, str], max_bytes: int, sd: StateDict,
+                  cast: Optional[str], check: bool, dropped: Dict[str, str], tick) -> Tuple[List[str], Dict[str, Any]]:
+    """OUT as a folder: shards + model.safetensors.index.json, built in a temporary folder then renamed."""
+    parent = os.path.dirname(out)
+    tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=parent)
+    try:
+        shards = plan_shards(entries, max_bytes)
+        names = shard_names(len(shards))
+        for shard, name in zip(shards, names):
+            p = os.path.join(tmpdir, name)
+            write_safetensors(p, shard, meta, progress=tick)
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+        index = os.path.join(tmpdir, "model.safetensors.index.json")
+        with open(index, "wb") as f:
+            f.write(index_json(shards, names, {k: v for k, v in meta.items() if k == "format"}))
+            f.flush()
+            os.fsync(f.fileno())
+        checked = _check(tmpdir, sd, {e.name: e for e in entries}, cast, check, dropped)
+        old = None
+        if os.path.lexists(out):
+            old = out + f".old-{os.getpid()}"
+            os.rename(out, old)
+        os.rename(tmpdir, out)
+        if old:
+            shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.unlink(old)
+    except BaseException:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+    return [os.path.join(out, n) for n in names + ["model.safetensors.index.json"]], checked
+
+
+def _check(path: str, sd: StateDict, written: Mapping[str, Any], cast: Optional[str], every_byte: bool,
+           dropped: Mapping[str, str]) -> Dict[str, Any]:
+    """Read the output back through the readers; names, shapes, dtypes (and bytes) must be the source's."""
+    back = find_state_dict(open_checkpoint(path)).tensors
+    expected = [n for n in sd.tensors if n not in dropped]
+    if sorted(back) != sorted(expected):
+        missing = sorted(set(expected) - set(back))[:1]
+        extra = sorted(set(back) - set(expected))[:1]
+        raise CheckFailedError(f"output holds other names than the source (missing {missing}, extra {extra})")
+    compared = 0
+    for name in expected:
+        src, got = sd.tensors[name], back[name]
+        want_dtype = _out_dtype(src, cast)
+        if got.shape != src.shape or got.dtype != want_dtype:
+            raise CheckFailedError(f"tensor {name} reads back as {got.dtype} {list(got.shape)}, "
+                                   f"expected {want_dtype} {list(src.shape)}")
+        if every_byte:
+            _compare_bytes(name, src, got, want_dtype)
+            compared += 1
+    for name, keep in dropped.items():
+        if name not in sd.tensors or keep not in back:
+            raise CheckFailedError(f"tied tensor {name} has no kept twin {keep} in the output")
+    result: Dict[str, Any] = {"ok": True, "tensors": len(expected), "names_shapes_dtypes": True}
+    if every_byte:
+        result["bytes_compared"] = compared
+    return result
+
+
+def _compare_bytes(name: str, src: TensorRef, got: TensorRef, dtype: str) -> None:
+    from .diff import _pieces
+    n = max(1, CHUNK // 8)
+    pieces = _pieces(src, n)
+    if dtype != src.dtype:
+        import torch
+        from .torch_bridge import torch_dtype
+        pieces = (_to_bytes(torch.frombuffer(bytearray(p), dtype=torch.uint8).view(torch_dtype(src.dtype))
+                            .to(torch_dtype(dtype))) if isinstance(p, (bytes, bytearray)) and p else
+                  (_to_bytes(p.to(torch_dtype(dtype))) if not isinstance(p, (bytes, bytearray)) else p)
+                  for p in pieces)
+    for a, b in zip(pieces, _pieces(got, n)):
+        if not isinstance(a, (bytes, bytearray)):
+            a = _to_bytes(a)
+        if not isinstance(b, (bytes, bytearray)):
+            b = _to_bytes(b)
+        if a != b:
+            raise CheckFailedError(f"tensor {name}: the output's bytes differ from the source's")
+
+
+def _to_bytes(t: Any) -> bytes:
+    import torch
+    return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
