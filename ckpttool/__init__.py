@@ -12,8 +12,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__", "open", "detect", "inspect", "find_state_dict", "tensor_stats",
-    "diff", "filter_state_dict", "load_into",
+    "diff", "filter_state_dict", "load_into", "convert", "remap",
     "Checkpoint", "TensorRef", "StorageRef", "InspectResult", "TensorInfo", "DiffResult", "FilterResult",
+    "ConvertResult", "RemapResult",
     "CkptError", "FormatError", "FileAccessError", "KeyNotFoundError", "UsageError",
     "TrustRequiredError", "MissingDependencyError", "CheckFailedError",
 ]
@@ -28,6 +29,10 @@ _LAZY = {
     "filter_state_dict": ("ckpttool.filtering", "filter_state_dict"),
     "load_into": ("ckpttool.filtering", "load_into"),
     "DiffResult": ("ckpttool.records", "DiffResult"),
+    "convert": ("ckpttool.convert", "convert"),
+    "remap": ("ckpttool.remap", "remap"),
+    "ConvertResult": ("ckpttool.records", "ConvertResult"),
+    "RemapResult": ("ckpttool.records", "RemapResult"),
     "FilterResult": ("ckpttool.records", "FilterResult"),
     "CheckFailedError": ("ckpttool.errors", "CheckFailedError"),
     "Checkpoint": ("ckpttool.records", "Checkpoint"),

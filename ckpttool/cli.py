@@ -254,6 +254,37 @@ def convert(source: str, out: str, to: Optional[str], key: Optional[str], dtype:
     sys.exit(result.exit_code)
 
 
+@cli.command()
+@click.argument("path", type=click.Path())
+@click.option("--output", "-o", "out", required=True, metavar="OUT", help="Output file (same format as PATH).")
+@click.option("--map", "maps", multiple=True, required=True, metavar="SRC=DST",
+              help="Device mapping, first match wins (repeatable): cuda=cpu, cuda:1=cuda:0, cpu=cuda, mps=cpu.")
+@click.option("--check", is_flag=True, help="After writing, compare every tensor's bytes with the source.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@json_option
+@quiet_option
+def remap(path: str, out: str, maps, check: bool, force: bool, as_json: bool, quiet: bool) -> None:
+    """Rewrite the device tags of a checkpoint's storages, so plain torch.load works.
+
+    The fix, made once on the file, for "Attempting to deserialize object on a
+    CUDA device but torch.cuda.is_available() is False" and for a cuda:1 file
+    on a one-GPU machine. Works on torch.save zip and legacy files and
+    TorchScript archives, full pickled models and optimizer state included,
+    without running anything and without a GPU; tensor bytes are copied as they are.
+
+    \b
+    Examples:
+      ckpttool remap gpu_ckpt.pt -o cpu_ckpt.pt --map cuda=cpu
+      ckpttool remap ckpt.pt -o ckpt0.pt --map cuda:1=cuda:0
+      ckpttool remap cpu.pt -o gpu.pt --map cpu=cuda
+    """
+    from .remap import remap as run_remap
+    from .render import remap_text
+    result = run_remap(path, out, list(maps), force=force, check=check)
+    _emit(result, as_json, remap_text)
+    sys.exit(result.exit_code)
+
+
 def main(argv=None) -> None:
     """Console-script entry point."""
     try:

@@ -520,3 +520,23 @@ class ConvertResult:
         if self.details is not None:
             d["details"] = _jsonable(self.details)
         return d
+
+
+@dataclass(frozen=True)
+class RemapResult:
+    """The result of ``remap``: which location tags were rewritten, and the check of the output."""
+
+    source: str
+    output: str
+    format: str
+    storages: int                    # storage records whose tag was looked at
+    tensors: int
+    mapped: Dict[str, int]           # "cuda:1 -> cuda:0": storages
+    unchanged: Dict[str, int]        # tags no rule matched: storages
+    checked: Optional[Dict[str, Any]] = None
+    exit_code: int = 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"output": self.output, "format": self.format, "tensors": self.tensors, "storages": self.storages,
+                "source": self.source, "mapped": dict(self.mapped), "unchanged": dict(self.unchanged),
+                "checked": self.checked}

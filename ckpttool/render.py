@@ -5,7 +5,7 @@ import json
 import os
 from typing import Any, Dict, List
 
-from .records import ConvertResult, DiffResult, FilterResult, InspectResult
+from .records import ConvertResult, DiffResult, FilterResult, InspectResult, RemapResult
 from .text import printable
 
 
@@ -234,4 +234,18 @@ def convert_text(r: ConvertResult) -> str:
     elif c:
         what = "names, shapes, dtypes" + (", every byte" if "bytes_compared" in c else "")
         rows.append(["checked", f"{'ok' if c.get('ok') else 'FAILED'}: read back, {what}"])
+    return tabulate(_clean(rows), tablefmt="plain")
+
+
+def remap_text(r: RemapResult) -> str:
+    """The human view of a RemapResult."""
+    from tabulate import tabulate
+    rows = [["source", r.source], ["output", f"{r.output}  ({r.format}, {r.tensors} tensors)"],
+            ["remapped", ", ".join(f"{k}: {n} storages" for k, n in r.mapped.items()) or "nothing matched"]]
+    if r.unchanged:
+        rows.append(["unchanged", ", ".join(f"{k}: {n} storages" for k, n in r.unchanged.items())])
+    c = r.checked or {}
+    if c:
+        rows.append(["checked", "ok: read back, every tensor on its mapped device"
+                     + (", every byte" if "bytes_compared" in c else "")])
     return tabulate(_clean(rows), tablefmt="plain")

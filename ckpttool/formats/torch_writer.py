@@ -184,7 +184,7 @@ class _AlignedZip:
         self.folder = folder
 
     def add(self, name: str, chunks: Iterable[bytes], size: int) -> None:
-        info = zipfile.ZipInfo(f"{self.folder}/{name}", date_time=(1980, 1, 1, 0, 0, 0))
+        info = zipfile.ZipInfo(f"{self.folder}/{name}" if self.folder else name, date_time=(1980, 1, 1, 0, 0, 0))
         info.compress_type = zipfile.ZIP_STORED
         info.file_size = size
         zip64 = size * 1.05 > zipfile.ZIP64_LIMIT
