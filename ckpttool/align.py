@@ -70,7 +70,7 @@ def common_prefix(names: Sequence[str]) -> List[str]:
     return out
 
 
-def align(names_a: Iterable[str], names_b: Iterable[str]) -> Alignment:
+def align(names_a: Iterable[str], names_b: Iterable[str], renames: Sequence["Rename"] = ()) -> Alignment:
     """The prefix stripping that makes the most names of A and B meet (none if that is already best).
 
     >>> align(["module.fc.weight", "module.fc.bias"], ["fc.weight", "fc.bias"])
@@ -81,10 +81,10 @@ def align(names_a: Iterable[str], names_b: Iterable[str]) -> Alignment:
     a, b = list(names_a), list(names_b)
     pa, pb = common_prefix(a), common_prefix(b)
     set_b = set(b)
-    best = (sum(1 for n in a if n in set_b), 0, "", "")  # (matches, -stripped components, prefix a, prefix b)
+    best = (sum(1 for n in a if apply_renames(n, renames) in set_b), 0, "", "")  # (matches, -components, a, b)
     for i in range(len(pa) + 1):
         strip_a = ".".join(pa[:i]) + "." if i else ""
-        canon_a = {n[len(strip_a):] for n in a}
+        canon_a = {apply_renames(n[len(strip_a):], renames) for n in a}
         for j in range(len(pb) + 1):
             if not i and not j:
                 continue
@@ -105,9 +105,10 @@ class Rename:
     @classmethod
     def parse(cls, spec: str) -> "Rename":
         """``'^encoder\\.=backbone.'`` -> Rename. The first ``=`` not inside the regex's escapes splits."""
-        if "=" not in spec:
+        m = re.search(r"(?<!\\)(?:\\\\)*=", spec)  # the first "=" not escaped by a backslash
+        if m is None:
             raise UsageError(f"--rename {spec!r} is not REGEX=REPL")
-        regex, repl = spec.split("=", 1)
+        regex, repl = spec[:m.end() - 1], spec[m.end():]
         try:
             return cls(re.compile(regex), repl)
         except re.error as e:

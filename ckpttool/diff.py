@@ -31,6 +31,7 @@ DEFAULT_TOLERANCES: Dict[str, Tuple[float, float]] = {  # dtype -> (atol, rtol)
 # dtypes torch can turn into float64/complex128 for measuring; others are compared as bytes.
 _MEASURABLE = set(DEFAULT_TOLERANCES) | {"int64", "int32", "int16", "int8", "uint64", "uint32", "uint16",
                                          "uint8", "bool"}
+_INTEGER = {"int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8", "bool"}
 CHUNK_ELEMENTS = 1 << 20  # 1M elements: 8 MB as float64 per side; the measuring temporaries stay ~50 MB
 
 
@@ -109,14 +110,15 @@ def diff(a: Union[str, Checkpoint], b: Union[str, Checkpoint], key_a: Optional[s
     dtype_mm = [by_name.get(d.name, d) for d in dtype_mm]  # with how their values compare
     mismatch = tuple(d for d in compared if d.status == "mismatch")
     close = tuple(d for d in compared if d.status == "close")
-    equal = not (only_a or only_b or shape_mm or dtype_mm or mismatch)
+    undecided = tuple(d for d in compared if d.status == "not_compared")  # values that could not be compared
+    equal = not (only_a or only_b or shape_mm or dtype_mm or mismatch or undecided)
     return DiffResult(
         path_a=ca.path, path_b=cb.path, format_a=ca.format, format_b=cb.format, entry_a=sa.entry,
         entry_b=sb.entry, count_a=len(names_a), count_b=len(names_b), only_in_a=tuple(only_a),
         only_in_b=tuple(only_b), shape_mismatch=tuple(shape_mm), dtype_mismatch=tuple(dtype_mm),
         value_mismatch=mismatch, value_close=close,
         exact=sum(1 for d in compared if d.status == "exact"),
-        not_compared=tuple(d for d in compared if d.status == "not_compared"),
+        not_compared=tuple(d for d in compared if d.status in ("not_compared", "no_data")),
         values_compared=values, atol=atol, rtol=rtol, prefix_alignment=alignment, equal=equal,
         exit_code=0 if equal else 1)
 
@@ -174,8 +176,13 @@ def compare_tensors(d: TensorDiff, a: TensorRef, b: TensorRef, atol: Optional[fl
     with the count of elements outside it and the max abs / rel difference.
     """
     import dataclasses
+    if not (a.has_data or b.has_data):  # meta on both sides: nothing to compare, nothing differs
+        return dataclasses.replace(d, status="no_data", note=f"no data on either side ({a.kind} tensors)")
     if not (a.has_data and b.has_data):
-        return dataclasses.replace(d, status="not_compared", note=f"no data to compare ({a.kind}/{b.kind} tensor)")
+        side = "A" if not a.has_data else "B"
+        return dataclasses.replace(d, status="mismatch", mismatched=a.numel, numel=a.numel, max_abs=math.nan,
+                                   max_rel=math.nan, note=f"{side} has no data (a {(a if side == 'A' else b).kind} "
+                                                          f"tensor); the other has values")
     at, rt = tolerance(a.dtype, b.dtype, atol, rtol)
     measurable = a.dtype in _MEASURABLE and b.dtype in _MEASURABLE and a.kind == b.kind == "dense"
     if not measurable and a.dtype != b.dtype:
@@ -192,8 +199,11 @@ def compare_tensors(d: TensorDiff, a: TensorRef, b: TensorRef, atol: Optional[fl
             n_bad += _count(pa, a.itemsize)
             max_abs = max_rel = math.nan
             continue
-        chunk_bad, chunk_abs, chunk_rel, chunk_exact = _measure(_as_number_tensor(pa, a.dtype),
-                                                                _as_number_tensor(pb, b.dtype), at, rt)
+        if a.dtype == b.dtype and a.dtype in _INTEGER:
+            chunk_bad, chunk_abs, chunk_rel, chunk_exact = _measure_ints(pa, pb, a.dtype)
+        else:
+            chunk_bad, chunk_abs, chunk_rel, chunk_exact = _measure(_as_number_tensor(pa, a.dtype),
+                                                                    _as_number_tensor(pb, b.dtype), at, rt)
         exact = exact and chunk_exact
         n_bad += chunk_bad
         max_abs = max(max_abs, chunk_abs)
@@ -203,6 +213,36 @@ def compare_tensors(d: TensorDiff, a: TensorRef, b: TensorRef, atol: Optional[fl
     status = "mismatch" if n_bad else "close"
     return dataclasses.replace(d, status=status, max_abs=max_abs, max_rel=max_rel, mismatched=n_bad,
                                numel=a.numel, atol=at, rtol=rt)
+
+
+def _native(piece: Any, dtype: str):
+    import torch
+    from .torch_bridge import torch_dtype
+    if isinstance(piece, (bytes, bytearray)):
+        return torch.frombuffer(bytearray(piece), dtype=torch.uint8).view(torch_dtype(dtype)) if piece else \
+            torch.empty(0, dtype=torch_dtype(dtype))
+    return piece
+
+
+def _measure_ints(pa: Any, pb: Any, dtype: str) -> Tuple[int, float, float, bool]:
+    """Integers and bools compare exactly, in their own dtype (float64 would round past 2**53)."""
+    import torch
+    xa, xb = _native(pa, dtype), _native(pb, dtype)
+    if dtype == "uint64":  # torch has few uint64 kernels; equality of the bit patterns is the same thing
+        xa, xb = xa.view(torch.int64), xb.view(torch.int64)
+    ne = xa != xb
+    bad = int(ne.sum())
+    if not bad:
+        return 0, 0.0, 0.0, True
+    # exact differences from Python ints, over at most 100k of the differing elements
+    va = xa[ne][:100_000].tolist()
+    vb = xb[ne][:100_000].tolist()
+    if dtype == "uint64":
+        va = [v % (1 << 64) for v in va]
+        vb = [v % (1 << 64) for v in vb]
+    diffs = [abs(int(x) - int(y)) for x, y in zip(va, vb)]
+    rels = [abs(int(x) - int(y)) / abs(int(y)) if y else math.inf for x, y in zip(va, vb)]
+    return bad, float(max(diffs)), float(max(rels)), False
 
 
 def _measure(xa, xb, atol: float, rtol: float) -> Tuple[int, float, float, bool]:

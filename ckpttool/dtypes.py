@@ -38,12 +38,18 @@ CUDA_STORAGE_MODULES = ("torch.cuda",)
 SAFETENSORS_DTYPE: Dict[str, str] = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz",
     "F4": "float4_e2m1fn_x2",
     "C64": "complex64", "C128": "complex128",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
     "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
 }
 TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPE.items()}
+# What ckpttool writes into safetensors: the dtypes safetensors.torch can load back.
+SAFETENSORS_WRITABLE = {d: TORCH_TO_SAFETENSORS[d] for d in (
+    "float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2",
+    "float8_e5m2fnuz", "complex64", "int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8",
+    "bool")}
 
 # ONNX TensorProto.DataType numbers -> torch name (strings have no torch dtype).
 ONNX_DTYPE: Dict[int, str] = {

@@ -77,7 +77,7 @@ def _plan(source: Union[str, Checkpoint], target: Any, key: Optional[str], targe
     if not shapes:
         raise UsageError(f"the target {description} has no tensors")
     src_names, tgt_names = list(src.tensors), list(shapes)
-    alignment = find_alignment(src_names, tgt_names) if align else Alignment()
+    alignment = find_alignment(src_names, tgt_names, rules) if align else Alignment()
     pairs, unexpected, only_target = pair_names(src_names, tgt_names, alignment, rules)
     by_target = {t: s for s, t in pairs.items()}
     kept: List[KeptTensor] = []
@@ -127,6 +127,9 @@ def materialize(result: FilterResult, src: StateDict, device: Any = None,
     done = 0
     for k in result.kept:
         ref = src.tensors[k.source_name]
+        if ref.kind != "dense" or not ref.has_data:
+            raise UsageError(f"tensor {k.source_name} is a {ref.kind} tensor without plain data; filter cannot "
+                             f"carry it", result.source)
         # Two names over the same bytes (tied weights) become one tensor, so torch.save keeps them tied.
         ident = (id(ref.storage), ref.storage_offset, ref.shape, ref.stride, ref.dtype) if ref.storage else (id(ref),)
         t = made.get(ident)
@@ -183,6 +186,10 @@ def filter_checkpoint(source: str, out: str, model: Optional[str] = None, model_
     from .writing import check_output
     if (model is None) == (target is None):
         raise UsageError("give the target as --model SPEC or --target PATH (one of them)")
+    if model is None and model_args:
+        raise UsageError("--arg goes with --model, not --target")
+    if model is not None and target_key:
+        raise UsageError("--target-key goes with --target, not --model")
     fmt = output_format(out, to)
     built = None
     if model is not None:
@@ -192,7 +199,9 @@ def filter_checkpoint(source: str, out: str, model: Optional[str] = None, model_
     else:
         target_obj = target
     result, src, inputs = _plan(source, target_obj, key, target_key, renames, align)
-    out = check_output(out, inputs + [source] + ([target] if target else []), force)
+    model_file = model.rpartition(":")[0] if model else ""
+    out = check_output(out, inputs + [source] + ([target] if target else []) + ([model_file] if model_file else []),
+                       force)
     if not result.kept:
         raise UsageError(f"no tensor of the source fits the target ({len(result.dropped_unexpected)} names the "
                          f"target lacks, {len(result.dropped_shape_mismatch)} shapes that differ); nothing written",
@@ -253,5 +262,35 @@ def load_into(model: Any, source: Union[str, Checkpoint], device: Any = None, ke
     if device is None:
         device = "cpu" if first is None or on_meta else first.device
     tensors = materialize(result, src, device=device)
+    tied = _tied_groups(model) if on_meta else []
     check = _check_load(model, tensors, result, assign=on_meta)
+    for names in tied:  # assign=True gives each name its own Parameter: tie them again, as the model had them
+        first = _get_member(model, names[0])
+        for name in names[1:]:
+            _set_member(model, name, first)
     return dataclasses.replace(result, verified={"load_into_model": check})
+
+
+def _tied_groups(model: Any) -> List[List[str]]:
+    """Names of parameters/buffers that are one object in ``model`` (tied weights), grouped."""
+    groups: Dict[int, List[str]] = collections.defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups[id(p)].append(name)
+    for name, b in model.named_buffers(remove_duplicate=False):
+        groups[id(b)].append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _get_member(model: Any, name: str) -> Any:
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    return module._parameters[leaf] if leaf in module._parameters else module._buffers[leaf]
+
+
+def _set_member(model: Any, name: str, value: Any) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = value
+    else:
+        module._buffers[leaf] = value

@@ -14,10 +14,9 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from ..dtypes import SAFETENSORS_DTYPE, itemsize
+from ..dtypes import SAFETENSORS_WRITABLE, itemsize
 from ..errors import UsageError
 
-_TO_CODE = {v: k for k, v in SAFETENSORS_DTYPE.items()}
 
 
 @dataclass(eq=False)
@@ -38,9 +37,10 @@ class EntryOut:
 
 
 def dtype_code(dtype: str) -> str:
-    code = _TO_CODE.get(dtype)
+    code = SAFETENSORS_WRITABLE.get(dtype)
     if code is None:
-        raise UsageError(f"safetensors cannot hold {dtype} tensors")
+        raise UsageError(f"safetensors cannot hold {dtype} tensors (safetensors.torch loads none)",
+                         hint="write a .pt state_dict instead")
     return code
 
 

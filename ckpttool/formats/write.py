@@ -39,6 +39,10 @@ def write_state_dict(tensors: Mapping[str, Any], out: str, fmt: str,
     stored contiguously, each on its own (safetensors holds no shared storage).
     """
     import torch
+    if fmt == "safetensors":
+        from .safetensors_writer import dtype_code
+        for name, t in tensors.items():
+            dtype_code(str(t.dtype).replace("torch.", ""))  # a UsageError naming the dtype safetensors lacks
     try:
         with atomic_output(out) as tmp:
             if fmt == "torch":
