@@ -25,7 +25,7 @@ _LAZY = {
     "inspect": ("ckpttool.summary", "inspect"),
     "tensor_stats": ("ckpttool.summary", "tensor_stats"),
     "find_state_dict": ("ckpttool.tree", "find_state_dict"),
-    "diff": ("ckpttool.diff", "diff"),
+    "diff": ("ckpttool.diffing", "diff"),
     "filter_state_dict": ("ckpttool.filtering", "filter_state_dict"),
     "load_into": ("ckpttool.filtering", "load_into"),
     "DiffResult": ("ckpttool.records", "DiffResult"),

@@ -146,7 +146,7 @@ def diff(a: str, b: str, key_a: Optional[str], key_b: Optional[str], no_values: 
       ckpttool diff a.pt b.pt --atol 1e-4 --rtol 1e-3 --json
       ckpttool diff a.pt b.pt --no-values
     """
-    from .diff import diff as run_diff
+    from .diffing import diff as run_diff
     from .render import diff_text
     with _progress(quiet, "comparing values") as progress:
         result = run_diff(a, b, key_a=key_a, key_b=key_b, values=not no_values, atol=atol, rtol=rtol,

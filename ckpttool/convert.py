@@ -328,7 +328,7 @@ def _check(path: str, sd: StateDict, written: Mapping[str, Any], cast: Optional[
 
 
 def _compare_bytes(name: str, src: TensorRef, got: TensorRef, dtype: str) -> None:
-    from .diff import _pieces
+    from .diffing import _pieces
     n = max(1, CHUNK // 8)
     pieces = _pieces(src, n)
     if dtype != src.dtype:

@@ -17,8 +17,8 @@ from torch import nn
 
 import ckpttool
 from ckpttool import errors
-from ckpttool.diff import compare_tensors
-from ckpttool.diff import diff as _diff_fn
+from ckpttool.diffing import compare_tensors
+from ckpttool.diffing import diff as _diff_fn
 from ckpttool.records import TensorDiff
 
 # The public function, whatever `ckpttool.diff` is bound to at the moment (see test_lazy_api_*).
@@ -729,8 +729,8 @@ def test_lazy_api_diff_is_the_function(make):
 
 
 IMPORT_FIRST = {
-    "import_module": "import ckpttool.diff",
-    "from_module": "from ckpttool.diff import compare_tensors",
+    "import_module": "import ckpttool.diffing",
+    "from_module": "from ckpttool.diffing import compare_tensors",
     "cli_diff_ran": "import io, contextlib\nfrom ckpttool.cli import main\n"
                     "with contextlib.redirect_stdout(io.StringIO()):\n"
                     "    try: main(['diff', P, P, '--no-values'])\n"
@@ -740,7 +740,7 @@ IMPORT_FIRST = {
 
 @pytest.mark.parametrize("first", sorted(IMPORT_FIRST))
 def test_lazy_api_diff_survives_importing_the_diff_module(make, first):
-    """`ckpttool.diff` is both a submodule and the public function: importing the module must not shadow it."""
+    """Importing the module that implements `ckpttool.diff` (or running the CLI) must not shadow the function."""
     path = make("state_dict.pt")
     out = _python(f"P = {path!r}\n{IMPORT_FIRST[first]}\nimport ckpttool\n"
                   "print(type(ckpttool.diff).__name__)\n"
@@ -751,7 +751,7 @@ def test_lazy_api_diff_survives_importing_the_diff_module(make, first):
 
 def test_metadata_and_bit_equal_diff_import_no_torch(make, committed):
     a, b = make("state_dict.pt"), make("legacy.pt")
-    out = _python("import sys\nfrom ckpttool.diff import diff\n"
+    out = _python("import sys\nfrom ckpttool.diffing import diff\n"
                   f"r1 = diff({a!r}, {b!r}, values=False)\n"
                   f"r2 = diff({a!r}, {committed('model.safetensors')!r}, values=False)\n"
                   f"r3 = diff({a!r}, {b!r})\n"  # bit-equal values need no arithmetic
