@@ -259,11 +259,14 @@ def convert(source: str, out: str, to: Optional[str], key: Optional[str], dtype:
 @click.option("--output", "-o", "out", required=True, metavar="OUT", help="Output file (same format as PATH).")
 @click.option("--map", "maps", multiple=True, required=True, metavar="SRC=DST",
               help="Device mapping, first match wins (repeatable): cuda=cpu, cuda:1=cuda:0, cpu=cuda, mps=cpu.")
+@click.option("--to", type=click.Choice(["zip", "legacy"]), help="Write the other torch.save format (default: "
+                                                                   "PATH's own).")
 @click.option("--check", is_flag=True, help="After writing, compare every tensor's bytes with the source.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @json_option
 @quiet_option
-def remap(path: str, out: str, maps, check: bool, force: bool, as_json: bool, quiet: bool) -> None:
+def remap(path: str, out: str, maps, to: Optional[str], check: bool, force: bool, as_json: bool,
+          quiet: bool) -> None:
     """Rewrite the device tags of a checkpoint's storages, so plain torch.load works.
 
     The fix, made once on the file, for "Attempting to deserialize object on a
@@ -277,10 +280,11 @@ def remap(path: str, out: str, maps, check: bool, force: bool, as_json: bool, qu
       ckpttool remap gpu_ckpt.pt -o cpu_ckpt.pt --map cuda=cpu
       ckpttool remap ckpt.pt -o ckpt0.pt --map cuda:1=cuda:0
       ckpttool remap cpu.pt -o gpu.pt --map cpu=cuda
+      ckpttool remap old_gpu.pt -o new_cpu.pt --map cuda=cpu --to zip   # legacy file -> zip format
     """
     from .remap import remap as run_remap
     from .render import remap_text
-    result = run_remap(path, out, list(maps), force=force, check=check)
+    result = run_remap(path, out, list(maps), force=force, check=check, to=to)
     _emit(result, as_json, remap_text)
     sys.exit(result.exit_code)
 

@@ -76,13 +76,21 @@ class _Str:
 
 
 class _Tup:
-    __slots__ = ("items",)
+    __slots__ = ("items", "close")
 
-    def __init__(self, items):
-        self.items = items
+    def __init__(self, items, close: int):
+        self.items, self.close = items, close
 
 
-_OTHER = object()
+class _Item:
+    """Anything else on the symbolic stack, with the op that pushed it."""
+    __slots__ = ("op",)
+
+    def __init__(self, op: int):
+        self.op = op
+
+
+_OTHER = _Item(-1)
 _MARK = object()
 _STRING_OPS = {"BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
 _GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
@@ -94,11 +102,24 @@ def _string_op(value: str) -> bytes:
     return b"X" + struct.pack("<I", len(data)) + data
 
 
-def rewrite_locations(data: bytes, new_location: Callable[[str], str]) -> Tuple[bytes, Counter]:
+class StorageSeen:
+    """A storage persistent id met in the pickle: its key, storage class, element count, location."""
+    __slots__ = ("key", "stype", "numel", "location")
+
+    def __init__(self, key: str, stype: str, numel: int, location: str):
+        self.key, self.stype, self.numel, self.location = key, stype, numel, location
+
+
+def rewrite_locations(data: bytes, new_location: Callable[[str], str], arity: Optional[int] = None,
+                      seen: Optional[Dict[str, StorageSeen]] = None) -> Tuple[bytes, Counter]:
     """``data`` (a pickle) with each storage's location tag replaced by ``new_location(tag)``.
 
+    ``arity`` 5 or 6 rewrites storage ids to the zip format's 5 fields or the legacy
+    format's 6 (the last being a view record, None). ``seen`` collects the storages.
     Returns the new pickle and a Counter of ``(old, new)`` tag pairs, one per storage id.
     """
+    inserts: Dict[int, bytes] = {}
+    globals_at: Dict[int, str] = {}
     try:
         ops = list(pickletools.genops(data))
     except Exception as e:  # pickletools raises ValueError and friends on bad bytes
@@ -107,6 +128,7 @@ def rewrite_locations(data: bytes, new_location: Callable[[str], str]) -> Tuple[
     memo: Dict[int, object] = {}
     events: List[Tuple[str, int, object, object]] = []  # (kind, op index, memo index, item) for pass 2
     uses: Dict[int, _Str] = {}  # op index of the string -> the item used as a location
+    replace_early: Dict[int, bytes] = {}  # ops deleted or replaced while walking (pid reshaping)
     counts: Counter = Counter()
     stop = len(ops)
     for i, (op, arg, pos) in enumerate(ops):
@@ -115,6 +137,9 @@ def rewrite_locations(data: bytes, new_location: Callable[[str], str]) -> Tuple[
             item = _Str(arg if isinstance(arg, str) else str(arg), i)
             stack.append(item)
             events.append(("def", i, None, item))
+        elif name == "GLOBAL":
+            globals_at[i] = str(arg)
+            stack.append(_Item(i))
         elif name in _GET_OPS:
             src = memo.get(arg, _OTHER)
             item = _Str(src.value, i) if isinstance(src, _Str) else src
@@ -138,7 +163,7 @@ def rewrite_locations(data: bytes, new_location: Callable[[str], str]) -> Tuple[
                 n = {"EMPTY_TUPLE": 0, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}[name]
                 items = stack[len(stack) - n:] if n else []
                 del stack[len(stack) - n:]
-            stack.append(_Tup(items))
+            stack.append(_Tup(items, i if name == "TUPLE" else -1))
         elif name == "BINPERSID":
             pid = stack.pop()
             if isinstance(pid, _Tup) and len(pid.items) >= 5 and isinstance(pid.items[3], _Str) and \
@@ -148,6 +173,8 @@ def rewrite_locations(data: bytes, new_location: Callable[[str], str]) -> Tuple[
                 counts[(loc.value, new)] += 1
                 uses[loc.via] = loc
                 loc.after = new
+                if arity is not None or seen is not None:
+                    _reshape_pid(pid, arity, ops, inserts, replace_early, globals_at, seen, new)
             stack.append(_OTHER)
         elif name == "STOP":
             stop = i
@@ -165,10 +192,10 @@ def rewrite_locations(data: bytes, new_location: Callable[[str], str]) -> Tuple[
                 drop = len(before)
             if drop:
                 del stack[len(stack) - drop:]
-            stack.extend(_OTHER for _ in after)
+            stack.extend(_Item(i) for _ in after)
 
     # Pass 2: what each memo slot holds after the rewrite, and which GETs must become literals.
-    replace: Dict[int, bytes] = {}
+    replace: Dict[int, bytes] = dict(replace_early)
     memo_after: Dict[int, str] = {}
     for kind, i, idx, item in events:
         if kind == "def":
@@ -184,17 +211,38 @@ def rewrite_locations(data: bytes, new_location: Callable[[str], str]) -> Tuple[
             item.after = wanted
             if memo_after.get(idx, item.value) != wanted:
                 replace[i] = _string_op(wanted)
-    if not replace and not any(op.name == "FRAME" for op, _, _ in ops[:stop]):
+    if not replace and not inserts and not any(op.name == "FRAME" for op, _, _ in ops[:stop]):
         return data, counts
     out = bytearray()
     for i, (op, arg, pos) in enumerate(ops[:stop + 1]):
         end = ops[i + 1][2] if i + 1 < len(ops) else len(data)
         if op.name == "FRAME":  # frames hold byte counts the rewrite changes: drop them (they are optional)
             continue
-        out += replace.get(i, data[pos:end])
-    if stop + 1 >= len(ops):
-        pass
+        out += inserts.get(i, b"") + replace.get(i, data[pos:end])
     return bytes(out), counts
+
+
+def _reshape_pid(pid: _Tup, arity: Optional[int], ops, inserts: Dict[int, bytes], replace: Dict[int, bytes],
+                 globals_at: Dict[int, str], seen: Optional[Dict[str, "StorageSeen"]], location: str) -> None:
+    items = pid.items
+    if seen is not None:
+        key = items[2].value if isinstance(items[2], _Str) else None
+        stype_op = items[1].op if isinstance(items[1], _Item) else -1
+        numel_op = items[4].op if isinstance(items[4], _Item) else -1
+        stype = globals_at.get(stype_op, "")
+        numel = ops[numel_op][1] if numel_op >= 0 and isinstance(ops[numel_op][1], int) else None
+        if key is None or not stype or numel is None:
+            raise FormatError("a storage id the rewrite cannot follow (built through the memo)")
+        seen.setdefault(key, StorageSeen(key, stype.replace(" ", "."), numel, location))
+    if arity == 5 and len(items) == 6:
+        view = items[5]
+        if not (isinstance(view, _Item) and view.op >= 0 and ops[view.op][0].name == "NONE"):
+            raise UsageError("this legacy file holds storage views (torch < 1.0); they have no zip-format form")
+        replace[view.op] = b""
+    elif arity == 6 and len(items) == 5:
+        if pid.close < 0:
+            raise FormatError("a storage id the rewrite cannot follow")
+        inserts[pid.close] = inserts.get(pid.close, b"") + b"N"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,13 +315,89 @@ def _remap_legacy(path: str, tmp: str, new_location: Callable[[str], str]) -> Co
     return counts
 
 
+def _main_pickle_span(f, path: str) -> Tuple[int, int]:
+    for _ in range(3):  # magic number, protocol version, sys_info
+        _pickle_end(f, path)
+    start = f.tell()
+    return start, _pickle_end(f, path)
+
+
+def _file_chunks(path: str, offset: int, size: int, chunk: int = 1 << 24) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        done = 0
+        while done < size:
+            block = os.pread(f.fileno(), min(chunk, size - done), offset + done)
+            if not block:
+                raise FormatError("file is truncated", path)
+            yield block
+            done += len(block)
+
+
+def _legacy_to_zip(src: Checkpoint, tmp: str, new_location: Callable[[str], str]) -> Counter:
+    from .formats.torch_writer import _AlignedZip
+    if src.metadata.get("little_endian") is False:
+        raise UsageError("a big-endian legacy file cannot be written in the zip format", src.path)
+    with open(src.path, "rb") as f:
+        start, end = _main_pickle_span(f, src.path)
+        f.seek(start)
+        main = f.read(end - start)
+    data, counts = rewrite_locations(main, new_location, arity=5)
+    z = _AlignedZip(tmp, "archive")
+    try:
+        z.add("data.pkl", [data], len(data))
+        for name, value in ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little")):
+            z.add(name, [value], len(value))
+        for key, (offset, nbytes) in src.metadata["_storages"].items():
+            z.add(f"data/{key}", _file_chunks(src.path, offset, nbytes), nbytes)
+        z.add("version", [b"3\n"], 2)
+    finally:
+        z.close()
+    return counts
+
+
+def _zip_to_legacy(src: Checkpoint, tmp: str, new_location: Callable[[str], str]) -> Counter:
+    from .dtypes import STORAGE_CLASS_DTYPE, itemsize
+    from .formats.torch_legacy import MAGIC_NUMBER, PROTOCOL_VERSION
+    from .formats.torch_writer import pickle_tree
+    zin = open_zip(src.path)
+    with zin:
+        folder = find_record_folder(zin, src.path)
+        seen: Dict[str, StorageSeen] = {}
+        data, counts = rewrite_locations(zin.read(folder + "data.pkl"), new_location, arity=6, seen=seen)
+        sys_info = {"protocol_version": PROTOCOL_VERSION, "little_endian": True,
+                    "type_sizes": {"short": 2, "int": 4, "long": 4}}
+        with open(tmp, "wb") as out:
+            for obj in (MAGIC_NUMBER, PROTOCOL_VERSION, sys_info):
+                out.write(pickle_tree(obj))
+            out.write(data)
+            keys = sorted(seen)
+            out.write(pickle_tree(keys))
+            for key in keys:
+                s = seen[key]
+                cls = s.stype.rpartition(".")[2]
+                if cls == "UntypedStorage":
+                    raise UsageError("this file holds tensors of dtypes the legacy format has no storage class for "
+                                     "(float8, uint16/32/64, complex32...); keep the zip format", src.path)
+                elem = itemsize(STORAGE_CLASS_DTYPE.get(cls, ""))
+                info = zin.getinfo(f"{folder}data/{key}")
+                if not elem or info.file_size < s.numel * elem:
+                    raise FormatError(f"storage {key!r} is shorter than its record says", src.path)
+                out.write(struct.pack("<q", s.numel))
+                left = s.numel * elem
+                for block in _copy_member(zin, info):
+                    out.write(block[:left])
+                    left -= min(left, len(block))
+    return counts
+
+
 def remap(path: str, out: str, maps: Union[Sequence[str], Mapping_], force: bool = False,
-          check: bool = False) -> RemapResult:
+          check: bool = False, to: Optional[str] = None) -> RemapResult:
     """Write ``path`` to ``out`` with its storage location tags mapped by ``maps``.
 
     ``maps``: ``["cuda=cpu"]`` or ``[("cuda:1", "cuda:0")]``; the first matching rule
-    wins. The output keeps the input's format (zip, legacy, TorchScript); tensor
-    bytes are copied as they are. It is read back through the readers: the same
+    wins. The output keeps the input's format (zip, legacy, TorchScript) unless ``to``
+    (``zip`` or ``legacy``) names the other torch.save format; tensor bytes are copied as
+    they are. It is read back through the readers: the same
     tensors, each on its mapped device (``check``: and the same bytes).
 
     >>> r = remap("gpu.pt", "cpu.pt", ["cuda=cpu"])   # doctest: +SKIP
@@ -293,13 +417,25 @@ def remap(path: str, out: str, maps: Union[Sequence[str], Mapping_], force: bool
     def new_location(loc: str) -> str:
         return map_location(loc, rules)
 
+    target = {None: fmt, "zip": "torch_zip", "torch_zip": "torch_zip", "legacy": "torch_legacy",
+              "torch_legacy": "torch_legacy"}.get(to)
+    if target is None:
+        raise UsageError(f"--to {to!r}: use zip or legacy")
+    if fmt == "torchscript" and target != "torchscript" and to is not None:
+        raise UsageError("a TorchScript archive stays a TorchScript archive; --to is for torch.save files", path)
     with atomic_output(out) as tmp:
-        counts = _remap_zip(path, tmp, new_location) if fmt != "torch_legacy" else \
-            _remap_legacy(path, tmp, new_location)
+        if target == fmt or fmt == "torchscript":
+            counts = _remap_zip(path, tmp, new_location) if fmt != "torch_legacy" else \
+                _remap_legacy(path, tmp, new_location)
+        elif target == "torch_zip":
+            counts = _legacy_to_zip(src, tmp, new_location)
+        else:
+            counts = _zip_to_legacy(src, tmp, new_location)
         checked = _check(src, tmp, rules, check)
+    fmt = target if fmt != "torchscript" else fmt
     mapped = {f"{a} -> {b}": n for (a, b), n in sorted(counts.items()) if a != b}
     kept = {a: n for (a, b), n in sorted(counts.items()) if a == b}
-    return RemapResult(source=src.path, output=out, format=src.format, storages=sum(counts.values()),
+    return RemapResult(source=src.path, output=out, format=fmt, storages=sum(counts.values()),
                        tensors=checked["tensors"], mapped=mapped, unchanged=kept, checked=checked)
 
 

@@ -113,7 +113,8 @@ def read(path: str) -> Checkpoint:
     missing = [k for k in roots if k not in offsets]
     if missing:
         raise FormatError(f"storage {missing[0]!r} is used but not stored in the file", path)
-    meta = {"legacy_protocol": version}
+    # where each storage's bytes are (after its 8-byte element count), in file order: for rewriting tools
+    meta = {"legacy_protocol": version, "_storages": {k: (offsets[k], roots[k][0].nbytes) for k in keys}}
     little = sys_info.get("little_endian") if isinstance(sys_info, dict) else None
     if isinstance(little, bool):  # anything else in sys_info is the file's to choose: not kept
         meta["little_endian"] = little
