@@ -25,7 +25,7 @@ from .formats.safetensors_writer import (EntryOut, index_json, parse_size, plan_
 from .formats.torch_writer import StorageOut, TensorOut, write_torch_zip
 from .records import Checkpoint, ConvertResult, TensorRef
 from .tree import StateDict, find_state_dict
-from .writing import atomic_output, check_output
+from .writing import atomic_output, check_output, default_mode
 
 Progress = Optional[Callable[[int, int], None]]
 CHUNK = 1 << 24  # 16 MiB of source bytes per read
@@ -280,12 +280,15 @@ def _write_shards(out: str, entries: List[EntryOut], meta: Dict[str, str], max_b
             write_safetensors(p, shard, meta, progress=tick)
             with open(p, "rb+") as f:
                 os.fsync(f.fileno())
+            os.chmod(p, default_mode())
         index = os.path.join(tmpdir, "model.safetensors.index.json")
         with open(index, "wb") as f:
             f.write(index_json(shards, names, {k: v for k, v in meta.items() if k == "format"}))
             f.flush()
             os.fsync(f.fileno())
         checked = _check(tmpdir, sd, {e.name: e for e in entries}, cast, check, dropped)
+        os.chmod(index, default_mode())
+        os.chmod(tmpdir, default_mode(folder=True))  # mkdtemp makes 0700 folders
         old = None
         if os.path.lexists(out):
             old = out + f".old-{os.getpid()}"

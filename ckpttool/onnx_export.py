@@ -22,7 +22,7 @@ from .errors import CheckFailedError, CkptError, MissingDependencyError, TrustRe
 from .formats import open as open_checkpoint
 from .records import Checkpoint, ConvertResult
 from .tree import find_state_dict, module_kind
-from .writing import check_output
+from .writing import check_output, default_mode
 
 # onnxruntime vs torch on the same input: generous enough for kernel differences, tight enough for a wrong graph.
 TOLERANCE = {"float32": (1e-4, 1e-3), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2), "float64": (1e-6, 1e-5)}
@@ -134,7 +134,9 @@ def export_onnx(source: Union[str, Checkpoint], out: str, key: Optional[str] = N
     else:
         raise UsageError("ONNX export needs a model to run this state_dict: pass --model SPEC (--arg k=v)",
                          ckpt.path)
-    out = check_output(os.fspath(out), list(ckpt.files or (ckpt.path,)) + [ckpt.path], force)
+    inputs = list(ckpt.files or (ckpt.path,)) + [ckpt.path]
+    out = check_output(os.fspath(out), inputs, force)
+    check_output(out + ".data", inputs, force)  # where external data goes when the model passes 2 GB
     return _export(net, ckpt, sd.entry, sd.source, out, shapes, dtype, opset, dynamic_batch, details)
 
 
@@ -175,6 +177,8 @@ def _export(net: Any, ckpt: Checkpoint, entry: Optional[str], entry_source: str,
             except Exception as e:  # the exporter's many failure types: unsupported op, opset...
                 raise UsageError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0]}",
                                  ckpt.path) from None
+        if len(os.listdir(tmpdir)) > 1:  # over 2 GB: one external data file beside OUT, not one per tensor
+            _consolidate(tmp, os.path.basename(out) + ".data")
         try:
             onnx.checker.check_model(tmp)
         except Exception as e:
@@ -212,11 +216,24 @@ def _export(net: Any, ckpt: Checkpoint, entry: Optional[str], entry_source: str,
                          checked={"ok": True, "onnx_checker": True, "onnxruntime_vs_torch": True}, details=details)
 
 
+def _consolidate(path: str, data_name: str) -> None:
+    import onnx
+    folder = os.path.dirname(path)
+    before = set(os.listdir(folder))
+    model = onnx.load(path)  # with its external data
+    os.unlink(path)
+    for f in before - {os.path.basename(path)}:
+        os.unlink(os.path.join(folder, f))
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
+                    size_threshold=1024)
+
+
 def _move_into_place(tmpdir: str, files: List[str], folder: str) -> None:
     for f in files:
         src = os.path.join(tmpdir, f)
         with open(src, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(src, default_mode())
         os.replace(src, os.path.join(folder, f))
 
 

@@ -57,6 +57,7 @@ def atomic_output(out: str) -> Iterator[str]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, default_mode())  # mkstemp makes 0600 files; an output is an ordinary file
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -68,3 +69,10 @@ def atomic_output(out: str) -> Iterator[str]:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def default_mode(folder: bool = False) -> int:
+    """The mode a new file (or folder) gets under this process's umask (0644 / 0755 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
