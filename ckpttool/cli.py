@@ -243,7 +243,7 @@ def convert(source: str, out: str, to: Optional[str], key: Optional[str], dtype:
       ckpttool convert big.pt -o big_hf/ --to safetensors --max-shard-size 5GB
       ckpttool convert resnet.pt -o resnet.onnx --model torchvision.models:resnet50 --input-shape 1x3x224x224
     """
-    from .convert import convert as run_convert
+    from .converting import convert as run_convert
     from .render import convert_text
     with _progress(quiet, "converting") as progress:
         result = run_convert(source, out, to=to, key=key, dtype=dtype, metadata=metadata,
@@ -282,7 +282,7 @@ def remap(path: str, out: str, maps, to: Optional[str], check: bool, force: bool
       ckpttool remap cpu.pt -o gpu.pt --map cpu=cuda
       ckpttool remap old_gpu.pt -o new_cpu.pt --map cuda=cpu --to zip   # legacy file -> zip format
     """
-    from .remap import remap as run_remap
+    from .remapping import remap as run_remap
     from .render import remap_text
     result = run_remap(path, out, list(maps), force=force, check=check, to=to)
     _emit(result, as_json, remap_text)

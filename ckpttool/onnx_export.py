@@ -90,15 +90,19 @@ def _trusted_module(ckpt: Checkpoint, key: Optional[str], import_path: Sequence[
 
 
 def _model_from_spec(ckpt: Checkpoint, key: Optional[str], spec: str, args: Sequence[str]) -> Tuple[Any, Dict[str, Any]]:
-    from .filtering import load_into
+    from .filtering import _tied_groups, filter_state_dict, load_into, tied_through
     from .modelspec import build_model
     model, device = build_model(spec, args)
+    plan = filter_state_dict(ckpt, model, key=key)  # reads no data: refuse before loading anything
+    through = set(tied_through(plan, _tied_groups(model)))
+    # a BatchNorm counter the file lacks is filled by the model itself; a tied twin by its kept twin
+    missing = [n for n in plan.missing if n not in through and not n.endswith("num_batches_tracked")]
+    if missing or plan.dropped_shape_mismatch:
+        first = plan.dropped_shape_mismatch[0].name if plan.dropped_shape_mismatch else missing[0]
+        raise UsageError(f"the state_dict does not fit --model {spec}: {len(missing) + len(plan.dropped_shape_mismatch)}"
+                         f" of the model's tensors would keep their random initialization (first: {first})",
+                         ckpt.path, hint="check with `ckpttool filter SOURCE --model SPEC -o x.pt --json`")
     report = load_into(model, ckpt, key=key)
-    if report.missing or report.dropped_shape_mismatch:
-        first = (report.dropped_shape_mismatch[0].name if report.dropped_shape_mismatch else report.missing[0])
-        raise UsageError(f"the state_dict does not fit --model {spec}: {len(report.missing)} of the model's tensors "
-                         f"would keep their random initialization (first: {first})", ckpt.path,
-                         hint="check with `ckpttool filter SOURCE --model SPEC -o x.pt --json`")
     note = {"loaded_into": f"{spec} ({len(report.kept)} tensors)"}
     if report.dropped_unexpected:
         note["unused_keys"] = len(report.dropped_unexpected)
@@ -149,7 +153,7 @@ def _export(net: Any, ckpt: Checkpoint, entry: Optional[str], entry_source: str,
         import onnxruntime as ort
     except ImportError as e:
         raise MissingDependencyError(f"ONNX export needs onnx and onnxruntime: {e}") from None
-    from .convert import DTYPES
+    from .converting import DTYPES
     cast = DTYPES.get(str(dtype).lower()) if dtype else None
     tdt = getattr(torch, cast) if cast else torch.float32
     net = net.eval()
@@ -159,7 +163,12 @@ def _export(net: Any, ckpt: Checkpoint, entry: Optional[str], entry_source: str,
     inputs = tuple(torch.randn(s, generator=gen).to(tdt) for s in shapes)
     in_names = [f"input{i}" for i in range(len(inputs))]
     with torch.no_grad():
-        expected = net(*inputs)
+        try:
+            expected = net(*inputs)
+        except Exception as e:  # the model's own forward: a shape it cannot take, mostly
+            shown = ", ".join("x".join(map(str, s)) for s in shapes)
+            raise UsageError(f"the model cannot run on inputs of shape {shown}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}", ckpt.path) from None
     outs = list(expected) if isinstance(expected, (list, tuple)) else [expected]
     if not all(isinstance(o, torch.Tensor) for o in outs):
         raise UsageError("the model's forward returns something other than tensors; ONNX export needs tensors")

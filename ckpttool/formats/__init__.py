@@ -85,7 +85,7 @@ def detect(path: str) -> str:
         if any(n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1) for n in names):
             return "torch_zip"
         raise FormatError("zip archive is not a PyTorch checkpoint (it has no data.pkl)", path)
-    if head.startswith(torch_legacy.MAGIC_PREFIX):
+    if torch_legacy.has_magic(head):
         return "torch_legacy"
     if safetensors.looks_like(head, st.st_size):
         return "safetensors"

@@ -22,6 +22,20 @@ MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
 # protocol-2 pickle of the magic number: PROTO 2, LONG1 10 bytes
 MAGIC_PREFIX = b"\x80\x02\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little")
+_MAGIC_LONG = b"\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little")
+
+
+def has_magic(head: bytes) -> bool:
+    """Does ``head`` start with the legacy magic number, pickled with any protocol >= 2?
+
+    torch.save(..., pickle_protocol=4) frames it: PROTO 4, FRAME <8 bytes>, LONG1 10 <magic>.
+    """
+    if len(head) < 2 or head[0] != 0x80 or not 2 <= head[1] <= 5:
+        return False
+    body = head[2:]
+    if body[:1] == b"\x95":
+        body = body[9:]
+    return body.startswith(_MAGIC_LONG)
 
 
 class _OffsetSpan:
@@ -80,9 +94,9 @@ def read(path: str) -> Checkpoint:
         return offsets[key]
 
     with open(path, "rb") as f:
-        head = f.read(len(MAGIC_PREFIX))
+        head = f.read(32)
         f.seek(0)
-        if head != MAGIC_PREFIX:
+        if not has_magic(head):
             raise FormatError("not a legacy PyTorch file (no magic number)", path)
         magic, _ = load_stream(f, None, path)
         version, _ = load_stream(f, None, path)

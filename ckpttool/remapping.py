@@ -27,6 +27,7 @@ from .formats import detect, open as open_checkpoint
 from .formats.torch_zip import find_record_folder, open_zip
 from .records import Checkpoint, RemapResult
 from .tree import all_tensors
+from .converting import _writing
 from .writing import atomic_output, check_output
 
 _DEVICE = re.compile(r"^[a-z_]+(?::\d+)?$")
@@ -423,7 +424,7 @@ def remap(path: str, out: str, maps: Union[Sequence[str], Mapping_], force: bool
         raise UsageError(f"--to {to!r}: use zip or legacy")
     if fmt == "torchscript" and target != "torchscript" and to is not None:
         raise UsageError("a TorchScript archive stays a TorchScript archive; --to is for torch.save files", path)
-    with atomic_output(out) as tmp:
+    with _writing(out), atomic_output(out) as tmp:
         if target == fmt or fmt == "torchscript":
             counts = _remap_zip(path, tmp, new_location) if fmt != "torch_legacy" else \
                 _remap_legacy(path, tmp, new_location)

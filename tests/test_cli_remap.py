@@ -1,0 +1,194 @@
+"""`ckpttool remap` as a user runs it: JSON fields, exit codes, the exact error lines, nothing left behind."""
+from __future__ import annotations
+
+import errno
+import importlib
+import json
+import os
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import ckpttool
+from ckpttool.cli import cli
+from ckpttool.tree import all_tensors
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def js(*args):
+    r = run(*args, "--json")
+    assert r.exit_code == 0, (r.output, r.exception)
+    return json.loads(r.stdout)
+
+
+def assert_error(r, first_line: str, hint: str = None) -> None:
+    assert r.exit_code == 2, (r.output, r.exception)
+    lines = r.stderr.splitlines()
+    assert lines[0] == first_line, lines
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert lines[1:] == ([f"hint: {hint}"] if hint else []), lines
+
+
+def files_in(folder) -> set:
+    return set(os.listdir(folder))
+
+
+def devices(path) -> set:
+    return {t.device for _, t in all_tensors(ckpttool.open(str(path)).root)}
+
+
+@pytest.mark.parametrize("fixture, fmt", [("gpu_tagged.pt", "torch_zip"), ("gpu_tagged_legacy.pt", "torch_legacy")])
+def test_json_fields(make, tmp_path, fixture, fmt):
+    src = make(fixture)
+    out = tmp_path / "cpu.pt"
+    d = js("remap", src, "-o", out, "--map", "cuda=cpu")
+    assert d["output"] == str(out) and d["format"] == fmt and d["tensors"] == 19
+    assert d["mapped"] == {"cuda:0 -> cpu": 17, "cuda:1 -> cpu": 2}
+    assert d["unchanged"] == {}
+    got = torch.load(out, weights_only=True)  # plain load on this machine
+    want = torch.load(src, map_location="cpu", weights_only=True)
+    for k, v in want["model_state_dict"].items():
+        assert got["model_state_dict"][k].device.type == "cpu" and torch.equal(got["model_state_dict"][k], v), k
+
+
+def test_rule_order_on_the_command_line(make, tmp_path):
+    d = js("remap", make("gpu_tagged.pt"), "-o", tmp_path / "o.pt", "--map", "cuda:1=cuda:0", "--map", "cuda=cpu")
+    assert d["mapped"] == {"cuda:0 -> cpu": 17, "cuda:1 -> cuda:0": 2}
+    assert devices(tmp_path / "o.pt") == {"cpu", "cuda:0"}
+
+
+def test_nothing_matched_is_reported_unchanged(make, tmp_path):
+    d = js("remap", make("gpu_tagged.pt"), "-o", tmp_path / "o.pt", "--map", "mps=cpu")
+    assert d["mapped"] == {} and d["unchanged"] == {"cuda:0": 17, "cuda:1": 2}
+    r = run("remap", make("gpu_tagged.pt"), "-o", tmp_path / "t.pt", "--map", "mps=cpu")
+    assert r.exit_code == 0 and "nothing matched" in r.stdout and "unchanged" in r.stdout
+
+
+def test_table_output(make, tmp_path):
+    r = run("remap", make("gpu_tagged.pt"), "-o", tmp_path / "o.pt", "--map", "cuda=cpu", "--check")
+    assert r.exit_code == 0
+    assert "cuda:0 -> cpu: 17 storages" in r.stdout and "every byte" in r.stdout
+
+
+def test_check(make, tmp_path):
+    d = js("remap", make("gpu_tagged_legacy.pt"), "-o", tmp_path / "o.pt", "--map", "cuda=cpu", "--check")
+    assert d["checked"]["ok"] and d["checked"]["bytes_compared"] == 19
+
+
+def test_torchscript_keeps_its_format(make, tmp_path):
+    d = js("remap", make("torchscript.pt"), "-o", tmp_path / "g.pt", "--map", "cpu=cuda:0")
+    assert d["format"] == "torchscript" and d["tensors"] == 19
+    assert devices(tmp_path / "g.pt") == {"cuda:0"}
+    d = js("remap", tmp_path / "g.pt", "-o", tmp_path / "c.pt", "--map", "cuda=cpu")
+    m = torch.jit.load(str(tmp_path / "c.pt"))
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.equal(m(x), torch.jit.load(make("torchscript.pt"))(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+def test_safetensors_refused(make, tmp_path):
+    src = make("model.safetensors")
+    r = run("remap", src, "-o", tmp_path / "o.safetensors", "--map", "cuda=cpu")
+    assert_error(r, "ckpttool: error: remap rewrites torch.save and TorchScript files; this is safetensors, "
+                    f"which carries no device tags ({src})")
+    assert files_in(tmp_path) == set()
+
+
+@pytest.mark.parametrize("bad", ["cuda->cpu", "cuda", "=cpu", "cuda:one=cpu"])
+def test_bad_map(make, tmp_path, bad):
+    r = run("remap", make("gpu_tagged.pt"), "-o", tmp_path / "o.pt", "--map", bad)
+    assert_error(r, f"ckpttool: error: --map {bad!r} is not SRC=DST with devices like cpu, cuda, cuda:1, mps")
+    assert files_in(tmp_path) == set()
+
+
+def test_map_is_required(make, tmp_path):
+    r = run("remap", make("gpu_tagged.pt"), "-o", tmp_path / "o.pt")
+    assert r.exit_code == 2 and "--map" in r.stderr
+    assert files_in(tmp_path) == set()
+
+
+def test_output_is_the_input(make, tmp_path):
+    src = make("gpu_tagged.pt")
+    r = run("remap", src, "-o", src, "--map", "cuda=cpu", "--force")
+    assert_error(r, f"ckpttool: error: output is one of the inputs; refusing to write over it ({src})")
+    link = tmp_path / "l.pt"
+    os.symlink(src, link)
+    r = run("remap", src, "-o", link, "--map", "cuda=cpu", "--force")
+    assert_error(r, f"ckpttool: error: output is one of the inputs; refusing to write over it ({link})")
+    assert devices(src) == {"cuda:0", "cuda:1"}
+
+
+def test_existing_output_needs_force(make, tmp_path):
+    out = tmp_path / "o.pt"
+    out.write_bytes(b"old")
+    r = run("remap", make("gpu_tagged.pt"), "-o", out, "--map", "cuda=cpu")
+    assert_error(r, f"ckpttool: error: output exists ({out})", "pass --force to replace it")
+    assert out.read_bytes() == b"old"
+    assert run("remap", make("gpu_tagged.pt"), "-o", out, "--map", "cuda=cpu", "--force").exit_code == 0
+    assert devices(out) == {"cpu"}
+
+
+def test_missing_input(tmp_path):
+    r = run("remap", tmp_path / "nope.pt", "-o", tmp_path / "o.pt", "--map", "cuda=cpu")
+    assert r.exit_code == 2 and r.stderr.startswith("ckpttool: error: ") and "Traceback" not in r.stderr
+    assert files_in(tmp_path) == set()
+
+
+class _FullDisk:
+    def __init__(self, f, room):
+        self._f, self._room = f, room
+
+    def write(self, data):
+        if len(data) > self._room[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._room[0] -= len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+@pytest.mark.parametrize("fixture", ["gpu_tagged.pt", "gpu_tagged_legacy.pt"])
+def test_full_disk(monkeypatch, make, tmp_path, fixture):
+    """The disk under OUT has 3000 bytes left: exit 2, the one line, no OUT and no temporary file."""
+    import builtins
+    import zipfile
+    rm = importlib.import_module("ckpttool.remapping")
+    room, opened = [3000], []
+
+    class FullZip(zipfile.ZipFile):
+        def __init__(self, file, mode="r", *args, **kwargs):
+            if mode == "w" and isinstance(file, (str, os.PathLike)):
+                file = _FullDisk(builtins.open(file, "w+b"), room)
+                opened.append(file)
+            super().__init__(file, mode, *args, **kwargs)
+
+    def rm_open(path, mode="r", *args, **kwargs):
+        f = builtins.open(path, mode, *args, **kwargs)
+        if "w" in mode:
+            f = _FullDisk(f, room)
+            opened.append(f)
+        return f
+    monkeypatch.setattr(zipfile, "ZipFile", FullZip)
+    monkeypatch.setattr(rm, "open", rm_open, raising=False)
+    out = tmp_path / "o.pt"
+    try:
+        r = run("remap", make(fixture), "-o", out, "--map", "cuda=cpu")
+    finally:
+        for f in opened:
+            f._f.close()
+    assert_error(r, f"ckpttool: error: cannot write the output: No space left on device ({out})")
+    assert files_in(tmp_path) == set()
