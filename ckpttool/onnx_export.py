@@ -130,7 +130,10 @@ def export_onnx(source: Union[str, Checkpoint], out: str, key: Optional[str] = N
         if not trust:
             classes = _stub_classes(ckpt)
             shown = ", ".join(classes[:6]) + (" ..." if len(classes) > 6 else "")
-            raise TrustRequiredError(f"exporting this file runs its code: it would import {shown}", ckpt.path,
+            what = (f"exporting runs the TorchScript code this archive carries ({sd.module_class} and "
+                    f"{max(len(classes) - 1, 0)} other classes)" if ckpt.format == "torchscript"
+                    else f"exporting this file runs its code: it would import {shown}")
+            raise TrustRequiredError(what, ckpt.path,
                                      hint="if you trust the file, pass --trust (and --import-path DIR for its code); "
                                           "or pass --model SPEC to load its state_dict into your own code")
         net = _trusted_module(ckpt, key, import_path)
