@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__", "open", "detect", "inspect", "find_state_dict", "tensor_stats",
-    "diff", "filter_state_dict", "load_into", "convert", "remap",
+    "diff", "filter_state_dict", "load_into", "convert", "remap", "verify",
     "Checkpoint", "TensorRef", "StorageRef", "InspectResult", "TensorInfo", "DiffResult", "FilterResult",
-    "ConvertResult", "RemapResult",
+    "ConvertResult", "RemapResult", "VerifyReport",
     "CkptError", "FormatError", "FileAccessError", "KeyNotFoundError", "UsageError",
     "TrustRequiredError", "MissingDependencyError", "CheckFailedError",
 ]
@@ -31,6 +31,8 @@ _LAZY = {
     "DiffResult": ("ckpttool.records", "DiffResult"),
     "convert": ("ckpttool.converting", "convert"),
     "remap": ("ckpttool.remapping", "remap"),
+    "verify": ("ckpttool.verifying", "verify"),
+    "VerifyReport": ("ckpttool.records", "VerifyReport"),
     "ConvertResult": ("ckpttool.records", "ConvertResult"),
     "RemapResult": ("ckpttool.records", "RemapResult"),
     "FilterResult": ("ckpttool.records", "FilterResult"),

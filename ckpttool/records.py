@@ -540,3 +540,47 @@ class RemapResult:
         return {"output": self.output, "format": self.format, "tensors": self.tensors, "storages": self.storages,
                 "source": self.source, "mapped": dict(self.mapped), "unchanged": dict(self.unchanged),
                 "checked": self.checked}
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check of ``verify``: pass, fail or skip, with the reason and the first culprit."""
+
+    name: str
+    device: Optional[str]
+    status: str                     # pass | fail | skip
+    detail: str
+    culprit: Optional[str] = None   # the first failing tensor or output
+    max_abs: Optional[float] = None
+    max_rel: Optional[float] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"name": self.name, "device": self.device, "status": self.status, "detail": self.detail}
+        if self.culprit is not None:
+            d["culprit"] = self.culprit
+        if self.max_abs is not None:
+            d.update(max_abs=_num(self.max_abs), max_rel=_num(self.max_rel))
+        return d
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The result of ``verify``: the environment, and every check that applied."""
+
+    path: str
+    format: str
+    entry: Optional[str]
+    environment: Dict[str, Any]
+    devices: Tuple[str, ...]
+    checks: Tuple[CheckResult, ...]
+    ok: bool
+    exit_code: int = 0
+
+    @property
+    def first_failure(self) -> Optional[CheckResult]:
+        return next((c for c in self.checks if c.status == "fail"), None)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"ok": self.ok, "path": self.path, "format": self.format, "entry": self.entry,
+                "environment": _jsonable(self.environment), "devices": list(self.devices),
+                "checks": [c.to_dict() for c in self.checks]}

@@ -5,7 +5,7 @@ import json
 import os
 from typing import Any, Dict, List
 
-from .records import ConvertResult, DiffResult, FilterResult, InspectResult, RemapResult
+from .records import ConvertResult, DiffResult, FilterResult, InspectResult, RemapResult, VerifyReport
 from .text import printable
 
 
@@ -249,3 +249,31 @@ def remap_text(r: RemapResult) -> str:
         rows.append(["checked", "ok: read back, every tensor on its mapped device"
                      + (", every byte" if "bytes_compared" in c else "")])
     return tabulate(_clean(rows), tablefmt="plain")
+
+
+def verify_text(r: VerifyReport) -> str:
+    """The human view of a VerifyReport: the environment, each check, the verdict naming the first failure."""
+    from tabulate import tabulate
+    env = r.environment
+    rows = [["file", f"{r.path}  ({r.format}, state_dict: {r.entry or 'top level'})"],
+            ["torch", f"{env.get('torch')} (CUDA build {env.get('cuda_build') or 'none'}), python {env.get('python')}"],
+            ["cuda", f"available: {env.get('cuda_available')}, devices: {env.get('device_count')}"]]
+    for d in env.get("devices", []):
+        mem = f", {human_bytes(d['memory'])}" if d.get("memory") else ""
+        rows.append(["", f"{d['device']}: {d.get('name') or '?'}{mem}"])
+    if env.get("onnxruntime"):
+        rows.append(["onnxruntime", env["onnxruntime"]])
+    out = [tabulate(_clean(rows), tablefmt="plain"), ""]
+    table = [[c.name, c.device or "", c.status.upper() if c.status == "fail" else c.status, c.detail]
+             for c in r.checks]
+    out.append(tabulate(_clean(table), headers=["check", "device", "status", "detail"], tablefmt="simple",
+                        maxcolwidths=[None, None, None, 90]))
+    out.append("")
+    first = r.first_failure
+    if first is None:
+        out.append("result: PASS")
+    else:
+        where = f" on {first.device}" if first.device else ""
+        culprit = f" ({first.culprit})" if first.culprit else ""
+        out.append(printable(f"result: FAIL: {first.name}{where}{culprit}"))
+    return "\n".join(out)

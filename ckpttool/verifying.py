@@ -1,0 +1,541 @@
+"""``verify``: the pre-deployment gate. Does the checkpoint load, round-trip and compute the same everywhere?
+
+Checks, each pass / fail / skip with the reason:
+
+1. ``readable``: the file opens through the safe readers (no code runs); what --trust would import is named.
+2. ``format round trip``: the state_dict written as a torch zip and as safetensors (streamed, in a
+   temporary folder), read back through the readers, every tensor compared bit for bit, shared
+   storages kept.
+3. ``device round trip``: on each device, every tensor moved there the way ``torch.load(map_location=)``
+   would, brought back and compared bit for bit, one tensor at a time; device tags the machine lacks
+   are reported with the ``ckpttool remap`` command that fixes the file.
+4. ``loads into model``: ``load_state_dict(strict=True)`` on each device (``--model SPEC``, or the
+   file's own pickled model with ``--trust``).
+5. ``computes the same``: a seeded forward pass in eval mode, TF32 off, on each device, compared with
+   the CPU's; with ``--against ORIGINAL``, compared with the original's outputs on the same input.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import tempfile
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from .errors import CkptError, UsageError
+from .formats import open as open_checkpoint
+from .records import Checkpoint, CheckResult, TensorRef, VerifyReport
+from .tree import StateDict, find_state_dict
+
+# Outputs across devices / runtimes: kernels differ in summation order, so fp32 gets a little room.
+OUTPUT_TOLERANCE = {"float32": (1e-4, 1e-4), "float64": (1e-7, 1e-7), "float16": (1e-2, 1e-2),
+                    "bfloat16": (5e-2, 5e-2)}
+
+
+def environment() -> Dict[str, Any]:
+    """torch, CUDA and device facts, as torch reports them."""
+    import torch
+    env: Dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "cuda_build": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+                           "device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                           "devices": [{"device": "cpu", "name": platform.processor() or platform.machine()}]}
+    for i in range(env["device_count"]):
+        props = torch.cuda.get_device_properties(i)
+        env["devices"].append({"device": f"cuda:{i}", "name": torch.cuda.get_device_name(i),
+                               "memory": int(props.total_memory)})
+    with contextlib.suppress(ImportError):
+        import onnxruntime
+        env["onnxruntime"] = onnxruntime.__version__
+    return env
+
+
+def resolve_devices(devices: Sequence[str]) -> Tuple[List[str], Optional[str]]:
+    """The devices to check and a note on what the default skipped. Unavailable named devices: UsageError."""
+    import torch
+    if not devices:
+        if torch.cuda.is_available():
+            return ["cpu", "cuda:0"], None
+        return ["cpu"], "no CUDA device on this machine: cuda skipped"
+    out = []
+    for d in devices:
+        try:
+            dev = torch.device(d)
+        except (RuntimeError, ValueError):
+            raise UsageError(f"--device {d!r} is not a device (cpu, cuda, cuda:1, mps)") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UsageError(f"--device {d}: CUDA is not available on this machine "
+                                 f"(torch {torch.__version__}, built for CUDA {torch.version.cuda})")
+            index = dev.index or 0
+            if index >= torch.cuda.device_count():
+                raise UsageError(f"--device {d}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            out.append(f"cuda:{index}")
+        elif dev.type == "mps":
+            if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+                raise UsageError(f"--device {d}: MPS is not available on this machine")
+            out.append("mps")
+        elif dev.type == "cpu":
+            out.append("cpu")
+        else:
+            raise UsageError(f"--device {d}: only cpu, cuda and mps are checked")
+    if "cpu" not in out:
+        out.insert(0, "cpu")  # the reference every other device is compared with
+    return list(dict.fromkeys(out)), None
+
+
+def verify(path: str, model: Optional[str] = None, model_args: Sequence[str] = (), against: Optional[str] = None,
+           devices: Sequence[str] = (), input_shapes: Sequence[str] = (), atol: Optional[float] = None,
+           rtol: Optional[float] = None, key: Optional[str] = None, trust: bool = False,
+           import_path: Sequence[str] = (), progress: Optional[Callable[[int, int], None]] = None) -> VerifyReport:
+    """Run every check that applies to ``path``; see the module doc.
+
+    >>> r = verify("model.safetensors", model="torchvision.models:resnet18", input_shapes=["1x3x224x224"])  # doctest: +SKIP
+    >>> r.ok, [(c.name, c.device, c.status) for c in r.checks][:2]  # doctest: +SKIP
+    (True, [('readable', None, 'pass'), ('format round trip', 'torch_zip', 'pass')])
+    """
+    import torch
+    for name, v in (("--atol", atol), ("--rtol", rtol)):
+        if v is not None and not v >= 0:
+            raise UsageError(f"{name} must be >= 0")
+    from .onnx_export import parse_shape
+    shapes = [parse_shape(s) for s in input_shapes]
+    devs, skipped_note = resolve_devices(devices)
+    env = environment()
+    checks: List[CheckResult] = []
+
+    ckpt = open_checkpoint(path)
+    try:
+        sd = find_state_dict(ckpt, key)
+    except CkptError as e:
+        e.path = e.path or ckpt.path
+        raise
+    checks.append(_readable(ckpt, sd))
+    if skipped_note:
+        checks.append(CheckResult("devices", "cuda", "skip", skipped_note))
+    checks.append(_integrity(ckpt, sd))
+    checks += _format_round_trip(ckpt, sd, progress)
+    checks += _device_round_trip(ckpt, sd, devs)
+
+    runner = _Runner.for_path(ckpt, sd, model, model_args, trust, import_path, key)
+    orig = None
+    if against:
+        orig_ckpt = open_checkpoint(against)
+        try:
+            orig_sd = find_state_dict(orig_ckpt, None)
+        except CkptError as e:
+            e.path = e.path or orig_ckpt.path
+            raise
+        orig = _Runner.for_path(orig_ckpt, orig_sd, model, model_args, trust, import_path, None)
+        checks.append(_same_tensors(ckpt, orig_ckpt, against, atol, rtol))
+        if runner.module_factory is None and runner.onnx_path is None and orig.module_factory is not None:
+            runner.borrow(orig, against)  # a migrated state_dict runs in the original's model
+    loads = True
+    if runner.module_factory is None:
+        checks.append(CheckResult("loads into model", None, "skip", runner.why_not))
+    else:
+        for dev in devs:
+            checks.append(runner.load_check(dev))
+            loads = loads and checks[-1].status != "fail"
+    if not loads:
+        checks.append(CheckResult("computes the same", None, "skip",
+                                  "the state_dict does not load into the model (above): outputs would mean nothing"))
+    elif not shapes:
+        checks.append(CheckResult("computes the same", None, "skip", "no --input-shape given"))
+    elif not runner.can_run:
+        checks.append(CheckResult("computes the same", None, "skip", runner.why_not))
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        checks += runner.compute_checks(devs, shapes, atol, rtol)
+        if orig is not None:
+            if not orig.can_run:
+                checks.append(CheckResult("matches original", None, "skip", f"{against}: {orig.why_not}"))
+            else:
+                checks.append(runner.against(orig, shapes, atol, rtol, against))
+    ok = not any(c.status == "fail" for c in checks)
+    return VerifyReport(path=ckpt.path, format=ckpt.format, entry=sd.entry, environment=env, devices=tuple(devs),
+                        checks=tuple(checks), ok=ok, exit_code=0 if ok else 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1-3: from the bytes
+
+
+def _readable(ckpt: Checkpoint, sd: StateDict) -> CheckResult:
+    stubs = sorted({g.qualname for g in ckpt.globals if g.handling == "stub"},
+                   key=lambda n: (n.startswith("torch."), n))
+    detail = f"{ckpt.format}, {len(sd.tensors)} tensors in {sd.entry or 'the top level'}, no code run"
+    if stubs:
+        detail += f"; running its pickled objects needs --trust (imports {', '.join(stubs[:4])}" \
+                  f"{' ...' if len(stubs) > 4 else ''})"
+    return CheckResult("readable", None, "pass", detail)
+
+
+def _integrity(ckpt: Checkpoint, sd: StateDict) -> CheckResult:
+    """Zip archives carry a CRC-32 per record: recompute each storage's, streamed, and name what fails."""
+    import zipfile
+    import zlib
+    if ckpt.format not in ("torch_zip", "torchscript"):
+        return CheckResult("integrity", None, "skip", f"{ckpt.format} files carry no checksums")
+    users: Dict[str, List[str]] = {}
+    for name, t in sd.tensors.items():
+        if t.storage is not None:
+            users.setdefault(t.storage.key, []).append(name)
+    checked = 0
+    with zipfile.ZipFile(ckpt.path) as zf:
+        for info in zf.infolist():
+            crc = 0
+            try:
+                with zf.open(info) as f:
+                    f._expected_crc = None  # compute it ourselves, to name the record instead of raising
+                    while True:
+                        block = f.read(1 << 24)
+                        if not block:
+                            break
+                        crc = zlib.crc32(block, crc)
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
+                return CheckResult("integrity", None, "fail", f"record {info.filename} unreadable: {e}",
+                                   culprit=info.filename)
+            if crc != info.CRC:
+                key = info.filename.rpartition("/")[2]
+                names = users.get(key, []) if "/data/" in info.filename else []
+                what = f"tensor {names[0]}" if names else f"record {info.filename}"
+                return CheckResult("integrity", None, "fail", f"{what}: CRC-32 mismatch (the bytes changed after "
+                                                              f"writing)", culprit=names[0] if names else info.filename)
+            checked += 1
+    return CheckResult("integrity", None, "pass", f"CRC-32 of {checked} zip records match")
+
+
+def _same_tensors(ckpt: Checkpoint, orig: Checkpoint, label: str, atol: Optional[float] = None,
+                  rtol: Optional[float] = None) -> CheckResult:
+    """With --against: the state_dicts themselves, tensor by tensor (ONNX initializers have other names).
+
+    Bit-exact unless --atol/--rtol allow more: a migration must not change a bit.
+    """
+    if "onnx" in (ckpt.format, orig.format):
+        return CheckResult("same tensors as original", None, "skip",
+                           "ONNX initializers are named by the exporter, not by the state_dict")
+    from .diffing import diff
+    tolerant = atol is not None or rtol is not None
+    r = diff(ckpt, orig, atol=atol, rtol=rtol)
+    if r.equal and r.value_close and not tolerant:
+        d = r.value_close[0]
+        return CheckResult("same tensors as original", None, "fail",
+                           f"{len(r.value_close)} tensor(s) not bit-exact vs {label}; first: {d.name} (max abs diff "
+                           f"{d.max_abs:.3g}; pass --atol/--rtol to allow it)", culprit=d.name)
+    if r.equal:
+        return CheckResult("same tensors as original", None, "pass",
+                           f"{r.exact} bit-exact, {len(r.value_close)} within tolerance vs {label}"
+                           + (f" ({r.prefix_alignment.describe('this file', 'the original')})"
+                              if r.prefix_alignment.active else ""))
+    for kind, items in (("differs in value", r.value_mismatch), ("differs in shape", r.shape_mismatch),
+                        ("differs in dtype", r.dtype_mismatch)):
+        if items:
+            d = items[0]
+            extra = f" (max abs diff {d.max_abs:.3g})" if d.max_abs is not None else ""
+            return CheckResult("same tensors as original", None, "fail",
+                               f"{len(items)} tensor(s) {kind} vs {label}; first: {d.name}{extra}", culprit=d.name)
+    missing = r.only_in_b or r.only_in_a
+    side = "missing here" if r.only_in_b else "not in the original"
+    return CheckResult("same tensors as original", None, "fail", f"{len(missing)} tensor(s) {side}; first: "
+                                                                 f"{missing[0]}", culprit=missing[0])
+
+
+def _format_round_trip(ckpt: Checkpoint, sd: StateDict, progress) -> List[CheckResult]:
+    from .converting import safetensors_entries, torch_tree
+    from .formats.safetensors_writer import write_safetensors
+    from .formats.torch_writer import write_torch_zip
+    out: List[CheckResult] = []
+    with_data = {n: t for n, t in sd.tensors.items() if t.has_data and t.kind == "dense"}
+    if not with_data:
+        return [CheckResult("format round trip", None, "skip", "no tensor with data")]
+    tmpdir = tempfile.mkdtemp(prefix="ckpttool-verify-")
+    try:
+        # torch zip: everything, views and shared storages as they are
+        p = os.path.join(tmpdir, "rt.pt")
+        try:
+            write_torch_zip(p, torch_tree(with_data, None, ckpt.path))
+            out.append(_compare_back("format round trip", "torch_zip", with_data, p, shared=True))
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+        # safetensors: the dtypes it can hold; tied twins stored once
+        p = os.path.join(tmpdir, "rt.safetensors")
+        try:
+            entries, dropped = safetensors_entries(with_data, None, ckpt.path)
+            write_safetensors(p, entries, {"format": "pt", **dropped})
+        except UsageError as e:
+            out.append(CheckResult("format round trip", "safetensors", "skip", e.message))
+        else:
+            out.append(_compare_back("format round trip", "safetensors", with_data, p, shared=False,
+                                     dropped=dropped))
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return out
+
+
+def _storage_groups(tensors: Dict[str, TensorRef]) -> List[Tuple[str, ...]]:
+    groups: Dict[int, List[str]] = {}
+    for n, t in tensors.items():
+        groups.setdefault(id(t.storage), []).append(n)
+    return sorted(tuple(sorted(g)) for g in groups.values() if len(g) > 1)
+
+
+def _compare_back(name: str, fmt: str, src: Dict[str, TensorRef], path: str, shared: bool,
+                  dropped: Optional[Dict[str, str]] = None) -> CheckResult:
+    from .diffing import _pieces, _same_bits
+    back = find_state_dict(open_checkpoint(path)).tensors
+    expected = [n for n in src if n not in (dropped or {})]
+    missing = [n for n in expected if n not in back]
+    if missing or len(back) != len(expected):
+        return CheckResult(name, fmt, "fail", f"{len(missing)} tensors missing after the round trip",
+                           culprit=missing[0] if missing else None)
+    for n in expected:
+        a, b = src[n], back[n]
+        if (a.shape, a.dtype) != (b.shape, b.dtype):
+            return CheckResult(name, fmt, "fail", f"{n} reads back as {b.dtype} {list(b.shape)}, was {a.dtype} "
+                                                  f"{list(a.shape)}", culprit=n)
+        for pa, pb in zip(_pieces(a, 1 << 22), _pieces(b, 1 << 22)):
+            if not _same_bits(pa, pb):
+                return CheckResult(name, fmt, "fail", f"{n}: values differ after the round trip", culprit=n)
+    detail = f"{len(expected)} tensors bit-equal"
+    if shared:
+        want, got = _storage_groups(src), _storage_groups(back)
+        if want != got:
+            first = next(iter(set(want) ^ set(got)))
+            return CheckResult(name, fmt, "fail", f"shared storages not preserved: {', '.join(first)}",
+                               culprit=first[0])
+        if want:
+            detail += f", {len(want)} shared storages kept"
+    if dropped:
+        detail += f", {len(dropped)} tied tensors stored once (recorded in the header)"
+    return CheckResult(name, fmt, "pass", detail)
+
+
+def _device_round_trip(ckpt: Checkpoint, sd: StateDict, devs: List[str]) -> List[CheckResult]:
+    import torch
+    out = []
+    tags = sorted({t.device for t in sd.tensors.values() if t.has_data})
+    missing = [d for d in tags if not _device_present(d)]
+    if missing:
+        fix = " ".join(f"--map {d}=cpu" for d in missing)
+        out.append(CheckResult("device tags", None, "skip",
+                               f"the file's storages say {', '.join(missing)}, which this machine lacks: a plain "
+                               f"torch.load fails here (map_location works, checked below); to fix the file: "
+                               f"ckpttool remap {ckpt.path} -o FIXED.pt {fix}"))
+    else:
+        out.append(CheckResult("device tags", None, "pass", f"storages tagged {', '.join(tags) or 'nothing'}, "
+                                                            f"all present here"))
+    from .diffing import _pieces
+    for dev in devs:
+        bad = None
+        count = 0
+        for name, t in sd.tensors.items():
+            if not t.has_data or t.kind != "dense":
+                continue
+            x = t.to_torch()
+            try:
+                y = x.to(dev).cpu()
+            except (RuntimeError, TypeError) as e:  # a dtype the device has no kernels for
+                out.append(CheckResult("device round trip", dev, "skip", f"{name}: {type(e).__name__}: "
+                                                                         f"{str(e).splitlines()[0]}"))
+                bad = "skip"
+                break
+            if x.dtype != y.dtype or x.shape != y.shape or not _bits(x).equal(_bits(y)):
+                bad = name
+                break
+            count += 1
+        if bad == "skip":
+            continue
+        if bad:
+            out.append(CheckResult("device round trip", dev, "fail", f"{bad} comes back different from {dev}",
+                                   culprit=bad))
+        else:
+            out.append(CheckResult("device round trip", dev, "pass", f"{count} tensors to {dev} and back, bit-equal"))
+    return out
+
+
+def _bits(x: Any) -> Any:
+    import torch
+    return x.contiguous().view(-1).view(torch.uint8) if x.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+def _device_present(tag: str) -> bool:
+    import torch
+    kind, _, index = tag.partition(":")
+    if kind == "cpu":
+        return True
+    if kind == "cuda":
+        return torch.cuda.is_available() and (not index or int(index) < torch.cuda.device_count())
+    if kind == "mps":
+        return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# 4-5: with code
+
+
+class _Runner:
+    """Something that runs: a model (SPEC + the state_dict, or the file's own with --trust) or an ONNX graph."""
+
+    def __init__(self, ckpt: Checkpoint, sd: StateDict):
+        self.ckpt, self.sd = ckpt, sd
+        self.module_factory: Optional[Callable[[], Any]] = None  # () -> (module on cpu, strict state_dict or None)
+        self.onnx_path: Optional[str] = None
+        self.why_not = ""
+        self.label = ""
+
+    @property
+    def can_run(self) -> bool:
+        return self.module_factory is not None or self.onnx_path is not None
+
+    @classmethod
+    def for_path(cls, ckpt: Checkpoint, sd: StateDict, model: Optional[str], model_args: Sequence[str],
+                 trust: bool, import_path: Sequence[str], key: Optional[str]) -> "_Runner":
+        r = cls(ckpt, sd)
+        if ckpt.format == "onnx":
+            r.onnx_path = ckpt.path
+            r.label = "onnxruntime"
+            r.why_not = "an ONNX graph has no load_state_dict; it is run by onnxruntime"
+            return r
+        if model:
+            def build():
+                from .modelspec import build_model
+                net, _ = build_model(model, model_args, device="cpu")
+                return net, {n: t.to_torch() for n, t in sd.tensors.items()}
+            r.module_factory, r.label = build, model
+            return r
+        if sd.source in ("pickled_module", "script_module") or ckpt.format == "torchscript":
+            if not trust:
+                r.why_not = "the file's model runs only with --trust (or pass --model SPEC)"
+                return r
+
+            def own():
+                from .onnx_export import _trusted_module
+                net = _trusted_module(ckpt, key, import_path)
+                return net, None
+            r.module_factory, r.label = own, "its own code (--trust)"
+            return r
+        r.why_not = "a state_dict alone does not run: pass --model SPEC"
+        return r
+
+    def borrow(self, other: "_Runner", where: str) -> None:
+        """Run this state_dict in ``other``'s model (the original a safetensors file was migrated from)."""
+        sd = self.sd
+
+        def build():
+            net, _ = other.module_factory()
+            return net, {n: t.to_torch() for n, t in sd.tensors.items()}
+        self.module_factory, self.label = build, f"the model of {where}"
+
+    def _module_on(self, dev: str) -> Tuple[Any, Optional[Dict[str, Any]]]:
+        net, sd = self.module_factory()
+        return net.to(dev).eval(), sd
+
+    def load_check(self, dev: str) -> CheckResult:
+        import torch
+        try:
+            net, sd = self._module_on(dev)
+        except CkptError as e:
+            return CheckResult("loads into model", dev, "fail", e.message)
+        if sd is None:  # the file's own module: its state_dict, from our reader, loaded back strictly
+            sd = {n: t.to_torch() for n, t in self.sd.tensors.items()}
+        sd = {n: t.to(dev) for n, t in sd.items()}
+        try:
+            result = net.load_state_dict(sd, strict=False)
+        except RuntimeError as e:
+            line = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+            culprit = line.split("for ", 1)[1].split(":", 1)[0] if "size mismatch for " in line else None
+            return CheckResult("loads into model", dev, "fail", line, culprit=culprit)
+        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}"
+                             f"{' ...' if len(unexpected) > 3 else ''})")
+            return CheckResult("loads into model", dev, "fail", "strict load: " + "; ".join(parts),
+                               culprit=(missing or unexpected)[0])
+        return CheckResult("loads into model", dev, "pass", f"load_state_dict(strict=True) into {self.label}: "
+                                                            f"{len(sd)} tensors")
+
+    def outputs(self, dev: str, inputs: List[Any]) -> List[Any]:
+        """Outputs on ``dev`` as CPU tensors."""
+        import torch
+        if self.onnx_path is not None:
+            import onnxruntime as ort
+            sess = ort.InferenceSession(self.onnx_path, providers=["CPUExecutionProvider"])
+            names = [i.name for i in sess.get_inputs()]
+            if len(names) != len(inputs):
+                raise UsageError(f"the ONNX model takes {len(names)} inputs, --input-shape gave {len(inputs)}",
+                                 self.ckpt.path)
+            got = sess.run(None, {n: x.numpy() for n, x in zip(names, inputs)})
+            return [torch.from_numpy(g) for g in got]
+        net, sd = self._module_on(dev)
+        if sd is not None:
+            net.load_state_dict({n: t.to(dev) for n, t in sd.items()}, strict=False)
+        with torch.no_grad():
+            try:
+                y = net(*[x.to(dev) for x in inputs])
+            except Exception as e:  # the model's forward on these shapes
+                raise UsageError(f"the model cannot run on these inputs: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''}", self.ckpt.path) from None
+        ys = list(y) if isinstance(y, (list, tuple)) else [y]
+        return [t.detach().cpu() for t in ys]
+
+    def compute_checks(self, devs: List[str], shapes, atol, rtol) -> List[CheckResult]:
+        inputs = _inputs(shapes)
+        ref = self.outputs("cpu", inputs)
+        out = [CheckResult("computes the same", "cpu", "pass",
+                           f"reference: {len(ref)} output(s) {', '.join(str(list(r.shape)) for r in ref)} "
+                           f"via {self.label}")]
+        for dev in devs:
+            if dev == "cpu":
+                continue
+            if self.onnx_path is not None:
+                out.append(CheckResult("computes the same", dev, "skip", "ONNX files are run on the CPU here"))
+                continue
+            out.append(_compare_outputs("computes the same", dev, self.outputs(dev, inputs), ref, atol, rtol,
+                                        "vs cpu"))
+        return out
+
+    def against(self, orig: "_Runner", shapes, atol, rtol, label: str) -> CheckResult:
+        inputs = _inputs(shapes)
+        return _compare_outputs("matches original", "cpu", self.outputs("cpu", inputs),
+                                orig.outputs("cpu", inputs), atol, rtol, f"vs {label} via {orig.label}")
+
+
+def _inputs(shapes) -> List[Any]:
+    import torch
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=gen) for s in shapes]
+
+
+def _compare_outputs(name: str, dev: str, got: List[Any], ref: List[Any], atol, rtol, what: str) -> CheckResult:
+    import torch
+    if len(got) != len(ref):
+        return CheckResult(name, dev, "fail", f"{len(got)} outputs {what}, expected {len(ref)}")
+    worst_abs = worst_rel = 0.0
+    for i, (g, r) in enumerate(zip(got, ref)):
+        if tuple(g.shape) != tuple(r.shape):
+            return CheckResult(name, dev, "fail", f"output{i}: shape {list(g.shape)} {what}, expected "
+                                                  f"{list(r.shape)}", culprit=f"output{i}")
+        dt = str(r.dtype).replace("torch.", "")
+        a_def, r_def = OUTPUT_TOLERANCE.get(dt, (0.0, 0.0))
+        at = a_def if atol is None else atol
+        rt = r_def if rtol is None else rtol
+        g64, r64 = g.to(torch.float64), r.to(torch.float64)
+        diff = (g64 - r64).abs()
+        max_abs = float(diff.max()) if diff.numel() else 0.0
+        rel = diff / r64.abs().clamp_min(1e-12)
+        max_rel = float(rel.max()) if rel.numel() else 0.0
+        worst_abs, worst_rel = max(worst_abs, max_abs), max(worst_rel, max_rel)
+        if not torch.allclose(g64, r64, atol=at, rtol=rt, equal_nan=True):
+            return CheckResult(name, dev, "fail", f"output{i} {what}: max abs diff {max_abs:.3g}, max rel "
+                                                  f"{max_rel:.3g} (atol {at}, rtol {rt})", culprit=f"output{i}",
+                               max_abs=max_abs, max_rel=max_rel)
+    return CheckResult(name, dev, "pass", f"{len(got)} output(s) {what}: max abs diff {worst_abs:.3g}, "
+                                          f"max rel {worst_rel:.3g}", max_abs=worst_abs, max_rel=worst_rel)
