@@ -1,0 +1,68 @@
+"""Does `ckpttool verify` (round trips, no model) keep memory near the largest tensor?
+
+    python bench/verify_memory.py [--tensor-mib 64] [--tensors 16] [--runs 1]
+
+Makes, in a temporary folder, a torch zip checkpoint of --tensors float32 tensors of
+--tensor-mib each, then times, as separate processes (files in page cache):
+  - `ckpttool verify A`                 (ours: CRC, zip + safetensors round trips, cpu round trip)
+  - torch.load, torch.save + safetensors save_file, load both back, torch.equal each (the naive way)
+  - `python -c "import torch"`          (the floor any process that handles tensors pays)
+and prints wall time, peak RSS (MB, that process alone), and ours minus the torch floor in units of
+the largest tensor. Not part of the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from inspect_size import measure  # noqa: E402  (same folder; the one timing helper)
+
+NAIVE = """
+import os, sys, tempfile, torch
+from safetensors.torch import save_file, load_file
+sd = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+d = tempfile.mkdtemp(dir=os.path.dirname(sys.argv[1]))
+torch.save(sd, os.path.join(d, "a.pt")); save_file(sd, os.path.join(d, "a.safetensors"))
+for back in (torch.load(os.path.join(d, "a.pt"), weights_only=True), load_file(os.path.join(d, "a.safetensors"))):
+    assert all(torch.equal(sd[k], back[k]) for k in sd)
+"""
+
+
+def make(path: str, mib: int, n: int) -> None:
+    import torch
+    per = (mib << 20) // 4
+    g = torch.Generator().manual_seed(0)
+    torch.save({f"layer{i}.weight": torch.randn(per, generator=g) for i in range(n)}, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tensor-mib", type=int, default=64)
+    ap.add_argument("--tensors", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--make", nargs=3, metavar=("PATH", "MIB", "N"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.make:  # in a child: this process never imports torch
+        make(a.make[0], int(a.make[1]), int(a.make[2]))
+        return
+    py = sys.executable
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "a.pt")
+        subprocess.run([py, __file__, "--make", src, str(a.tensor_mib), str(a.tensors)], check=True)
+        print(f"checkpoint: {os.path.getsize(src) >> 20} MiB, {a.tensors} tensors of {a.tensor_mib} MiB")
+        floor = measure([py, "-c", "import torch"], a.runs)
+        ours = measure([py, "-m", "ckpttool", "verify", src, "--json"], a.runs)
+        naive = measure([py, "-c", NAIVE, src], a.runs)
+        print(f"floor: import torch {floor[0]:.2f} s, {floor[1]:.0f} MB")
+        print(f"ours:  {ours[0]:.2f} s, {ours[1]:.0f} MB  ((ours - floor) / largest tensor = "
+              f"{max(ours[1] - floor[1], 0) / a.tensor_mib:.2f})")
+        print(f"naive: {naive[0]:.2f} s, {naive[1]:.0f} MB  (ours/naive time {ours[0] / naive[0]:.2f}, "
+              f"RSS {ours[1] / naive[1]:.2f})")
+
+
+if __name__ == "__main__":
+    main()
