@@ -12,14 +12,12 @@ and prints wall time, peak RSS (MB, that process alone), and the ratios. Not par
 """
 from __future__ import annotations
 
-import argparse
 import os
-import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from inspect_size import measure  # noqa: E402  (same folder; the one timing helper)
+from common import make_in_child, measure, sized_parser  # noqa: E402  (same folder)
 
 COPY = """
 import os, sys
@@ -50,19 +48,14 @@ def make(path: str, mib: int, n: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tensor-mib", type=int, default=128)
-    ap.add_argument("--tensors", type=int, default=16)
-    ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--make", nargs=3, metavar=("PATH", "MIB", "N"), help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    a = sized_parser(__doc__, 128, 16).parse_args()
     if a.make:  # in a child: this process never imports torch
         make(a.make[0], int(a.make[1]), int(a.make[2]))
         return
     py = sys.executable
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "a.pt")
-        subprocess.run([py, __file__, "--make", src, str(a.tensor_mib), str(a.tensors)], check=True)
+        make_in_child(__file__, src, a.tensor_mib, a.tensors)
         st, pt, rm = (os.path.join(d, n) for n in ("b.safetensors", "c.pt", "d.pt"))
         size = os.path.getsize(src) >> 20
         print(f"checkpoint: {size} MiB, {a.tensors} tensors of {a.tensor_mib} MiB")

@@ -14,15 +14,13 @@ ours RSS / largest tensor. Not part of the tests.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from inspect_size import measure  # noqa: E402  (same folder; the one timing helper)
+from common import make_in_child, measure, sized_parser  # noqa: E402  (same folder)
 
 NAIVE = """
 import sys, torch
@@ -43,18 +41,13 @@ def make(folder: str, mib: int, n: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tensor-mib", type=int, default=64)
-    ap.add_argument("--tensors", type=int, default=16)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--make", nargs=3, metavar=("DIR", "MIB", "N"), help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    a = sized_parser(__doc__, 64, 16, runs=3).parse_args()
     if a.make:  # in a child: this process never imports torch
         make(a.make[0], int(a.make[1]), int(a.make[2]))
         return
     py = sys.executable
     with tempfile.TemporaryDirectory() as d:
-        subprocess.run([py, __file__, "--make", d, str(a.tensor_mib), str(a.tensors)], check=True)
+        make_in_child(__file__, d, a.tensor_mib, a.tensors)
         pa, pb, pa2 = (os.path.join(d, n) for n in ("a.pt", "b.pt", "a2.pt"))
         shutil.copyfile(pa, pa2)
         size = os.path.getsize(pa) >> 20

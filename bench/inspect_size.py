@@ -14,29 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
-
-def measure(cmd, runs, ok=(0,)):
-    """Median wall time and peak RSS (MB, this child alone, via wait4) of ``runs`` runs.
-
-    ``ok``: the exit codes that mean the command worked (diff exits 1 when files differ).
-    """
-    times, rss = [], []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
-        times.append(time.perf_counter() - t0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode not in ok:
-            raise SystemExit(f"{cmd} failed with {proc.returncode}")
-        rss.append(usage.ru_maxrss / 1024)
-    return statistics.median(times), max(rss)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import measure  # noqa: E402  (same folder)
 
 
 def make(folder, mib, n):

@@ -12,14 +12,12 @@ the largest tensor. Not part of the tests.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from inspect_size import measure  # noqa: E402  (same folder; the one timing helper)
+from common import make_in_child, measure, sized_parser  # noqa: E402  (same folder)
 
 NAIVE = """
 import os, sys, tempfile, torch
@@ -40,19 +38,14 @@ def make(path: str, mib: int, n: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tensor-mib", type=int, default=64)
-    ap.add_argument("--tensors", type=int, default=16)
-    ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--make", nargs=3, metavar=("PATH", "MIB", "N"), help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    a = sized_parser(__doc__, 64, 16).parse_args()
     if a.make:  # in a child: this process never imports torch
         make(a.make[0], int(a.make[1]), int(a.make[2]))
         return
     py = sys.executable
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "a.pt")
-        subprocess.run([py, __file__, "--make", src, str(a.tensor_mib), str(a.tensors)], check=True)
+        make_in_child(__file__, src, a.tensor_mib, a.tensors)
         print(f"checkpoint: {os.path.getsize(src) >> 20} MiB, {a.tensors} tensors of {a.tensor_mib} MiB")
         floor = measure([py, "-c", "import torch"], a.runs)
         ours = measure([py, "-m", "ckpttool", "verify", src, "--json"], a.runs)

@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import os
 import shutil
 import tempfile
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .dtypes import itemsize
-from .errors import CheckFailedError, CkptError, FileAccessError, UsageError
+from .errors import CheckFailedError, FileAccessError, UsageError
 from .formats import open as open_checkpoint
 from .formats.safetensors_writer import (EntryOut, index_json, parse_size, plan_shards, shard_names,
                                          write_safetensors)
 from .formats.torch_writer import StorageOut, TensorOut, write_torch_zip
+from .formats.write import target_format
 from .records import Checkpoint, ConvertResult, TensorRef
-from .tree import StateDict, find_state_dict
+from .tree import StateDict, find_state_dict, open_state_dict
 from .writing import atomic_output, check_output, default_mode
 
 Progress = Optional[Callable[[int, int], None]]
@@ -32,32 +32,6 @@ CHUNK = 1 << 24  # 16 MiB of source bytes per read
 FLOATING = ("float64", "float32", "float16", "bfloat16")
 DTYPES = {"fp16": "float16", "float16": "float16", "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp32": "float32", "float32": "float32", "float": "float32", "fp64": "float64", "float64": "float64"}
-TARGETS = {"state_dict": "state_dict", "pt": "state_dict", "torch": "state_dict", "safetensors": "safetensors",
-           "onnx": "onnx", "dcp": "dcp"}
-TORCH_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".tar")
-
-
-def target_format(out: str, to: Optional[str]) -> str:
-    """``state_dict`` | ``safetensors`` | ``onnx`` | ``dcp`` from ``--to`` or OUT's extension.
-
-    >>> target_format("m.safetensors", None), target_format("m.pth", None), target_format("dir", "safetensors")
-    ('safetensors', 'state_dict', 'safetensors')
-    """
-    if to:
-        if to not in TARGETS:
-            raise UsageError(f"unknown target format {to!r} (state_dict, pt, safetensors, onnx)")
-        return TARGETS[to]
-    ext = os.path.splitext(out)[1].lower()
-    if ext == ".safetensors":
-        return "safetensors"
-    if ext in TORCH_EXTENSIONS:
-        return "state_dict"
-    if ext == ".onnx":
-        return "onnx"
-    raise UsageError(f"cannot tell the target format from {os.path.basename(out)!r}",
-                     hint="name it .pt/.pth/.bin, .safetensors or .onnx, or pass --to")
-
-
 def parse_metadata(items: Sequence[str]) -> Dict[str, str]:
     """``["k=v", ...]`` -> dict (values are kept as text, as safetensors stores them)."""
     out = {}
@@ -213,13 +187,7 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
     if shard and fmt != "safetensors":
         raise UsageError("--max-shard-size is only for safetensors output")
 
-    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(os.fspath(source))
-    try:
-        sd = find_state_dict(ckpt, key)
-    except CkptError as e:
-        if e.path is None:
-            e.path = ckpt.path
-        raise
+    ckpt, sd = open_state_dict(source if isinstance(source, Checkpoint) else os.fspath(source), key)
     if not sd.tensors:
         raise UsageError("the checkpoint holds no tensors to convert", ckpt.path)
     out = check_output(os.fspath(out), list(ckpt.files or (ckpt.path,)) + [ckpt.path], force, folder=bool(shard))

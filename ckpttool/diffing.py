@@ -12,9 +12,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from .align import Alignment, align as find_alignment, pair_names
 from .errors import CkptError, UsageError
-from .formats import open as open_checkpoint
 from .records import Checkpoint, DiffResult, TensorDiff, TensorRef
-from .tree import StateDict, find_state_dict
+from .tree import open_state_dict
 
 Progress = Optional[Any]
 
@@ -73,8 +72,8 @@ def diff(a: Union[str, Checkpoint], b: Union[str, Checkpoint], key_a: Optional[s
     for name, v in (("--atol", atol), ("--rtol", rtol)):
         if v is not None and not (v >= 0 and math.isfinite(v)):
             raise UsageError(f"{name} must be a finite number >= 0, not {v}")
-    ca, sa = _open(a, key_a)
-    cb, sb = _open(b, key_b)
+    ca, sa = open_state_dict(a, key_a)
+    cb, sb = open_state_dict(b, key_b)
     names_a, names_b = list(sa.tensors), list(sb.tensors)
     alignment = find_alignment(names_a, names_b) if align else Alignment()
     pairs, only_a, only_b = pair_names(names_a, names_b, alignment)
@@ -121,16 +120,6 @@ def diff(a: Union[str, Checkpoint], b: Union[str, Checkpoint], key_a: Optional[s
         not_compared=tuple(d for d in compared if d.status in ("not_compared", "no_data")),
         values_compared=values, atol=atol, rtol=rtol, prefix_alignment=alignment, equal=equal,
         exit_code=0 if equal else 1)
-
-
-def _open(src: Union[str, Checkpoint], key: Optional[str]) -> Tuple[Checkpoint, StateDict]:
-    ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
-    try:
-        return ckpt, find_state_dict(ckpt, key)
-    except CkptError as e:
-        if e.path is None:
-            e.path = ckpt.path
-        raise
 
 
 def _pieces(t: TensorRef, n: int) -> Iterator[Any]:

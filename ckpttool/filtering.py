@@ -20,9 +20,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .align import Alignment, Rename, align as find_alignment, pair_names
 from .errors import CheckFailedError, CkptError, UsageError
-from .formats import open as open_checkpoint
 from .records import Checkpoint, FilterResult, KeptTensor, ShapeDrop, TensorRef
-from .tree import StateDict, find_state_dict
+from .tree import StateDict, open_state_dict
 
 TargetShapes = Dict[str, Tuple[Tuple[int, ...], str]]  # name -> (shape, dtype name)
 Progress = Optional[Callable[[int, int], None]]
@@ -40,8 +39,7 @@ def target_shapes(target: Any, key: Optional[str] = None) -> Tuple[TargetShapes,
     or the entry ``key``).
     """
     if isinstance(target, (str, os.PathLike)):
-        ckpt = open_checkpoint(os.fspath(target))
-        sd = _state_dict(ckpt, key)
+        ckpt, sd = open_state_dict(os.fspath(target), key)
         shapes = {n: (t.shape, t.dtype) for n, t in sd.tensors.items()}
         return shapes, ckpt.path, list(ckpt.files or (ckpt.path,))
     if hasattr(target, "state_dict") and callable(target.state_dict):
@@ -59,20 +57,10 @@ def target_shapes(target: Any, key: Optional[str] = None) -> Tuple[TargetShapes,
     raise UsageError(f"cannot use a {type(target).__name__} as a filter target")
 
 
-def _state_dict(ckpt: Checkpoint, key: Optional[str]) -> StateDict:
-    try:
-        return find_state_dict(ckpt, key)
-    except CkptError as e:
-        if e.path is None:
-            e.path = ckpt.path
-        raise
-
-
 def _plan(source: Union[str, Checkpoint], target: Any, key: Optional[str], target_key: Optional[str],
           renames: Sequence[Union[str, Rename]], align: bool) -> Tuple[FilterResult, StateDict, List[str]]:
     rules = [r if isinstance(r, Rename) else Rename.parse(r) for r in renames]
-    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(os.fspath(source))
-    src = _state_dict(ckpt, key)
+    ckpt, src = open_state_dict(source if isinstance(source, Checkpoint) else os.fspath(source), key)
     shapes, description, target_files = target_shapes(target, target_key)
     if not shapes:
         raise UsageError(f"the target {description} has no tensors")

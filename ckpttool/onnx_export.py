@@ -18,10 +18,9 @@ import tempfile
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from .errors import CheckFailedError, CkptError, MissingDependencyError, TrustRequiredError, UsageError
-from .formats import open as open_checkpoint
+from .errors import CheckFailedError, MissingDependencyError, TrustRequiredError, UsageError
 from .records import Checkpoint, ConvertResult
-from .tree import find_state_dict, module_kind
+from .tree import open_state_dict
 from .writing import check_output, default_mode
 
 # onnxruntime vs torch on the same input: generous enough for kernel differences, tight enough for a wrong graph.
@@ -114,15 +113,10 @@ def export_onnx(source: Union[str, Checkpoint], out: str, key: Optional[str] = N
                 model: Optional[str] = None, model_args: Sequence[str] = (), input_shapes: Sequence[str] = (),
                 opset: Optional[int] = None, dynamic_batch: bool = False) -> ConvertResult:
     """Export the model of ``source`` to ONNX at ``out``; check it and compare onnxruntime with torch."""
-    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(os.fspath(source))
     shapes = [parse_shape(s) for s in input_shapes]
     if not shapes:
         raise UsageError("ONNX export needs the model's input shape: --input-shape 1x3x224x224 (one per input)")
-    try:
-        sd = find_state_dict(ckpt, key)
-    except CkptError as e:
-        e.path = e.path or ckpt.path
-        raise
+    ckpt, sd = open_state_dict(source if isinstance(source, Checkpoint) else os.fspath(source), key)
     details: Dict[str, Any] = {}
     if model:
         net, details = _model_from_spec(ckpt, key, model, model_args)

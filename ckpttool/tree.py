@@ -233,3 +233,17 @@ def find_state_dict(ckpt: Checkpoint, key: Optional[str] = None) -> StateDict:
             if isinstance(ckpt.root.get(k), dict) and not ckpt.root[k]:
                 return StateDict(k, "state_dict", collections.OrderedDict())
     return StateDict(None, "all_tensors", collections.OrderedDict(all_tensors(ckpt.root)))
+
+
+def open_state_dict(src: Any, key: Optional[str] = None) -> Tuple[Checkpoint, "StateDict"]:
+    """``(checkpoint, its state_dict)`` for a path or an opened Checkpoint; errors name the file."""
+    from .formats import open as open_checkpoint
+    ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
+    try:
+        return ckpt, find_state_dict(ckpt, key)
+    except FormatError as e:
+        e.path = e.path or ckpt.path
+        raise
+    except KeyNotFoundError as e:
+        e.path = e.path or ckpt.path
+        raise

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from .errors import CkptError, UsageError
 from .formats import open as open_checkpoint
 from .records import Checkpoint, CheckResult, TensorRef, VerifyReport
-from .tree import StateDict, find_state_dict
+from .tree import StateDict, find_state_dict, open_state_dict
 
 # Outputs across devices / runtimes: kernels differ in summation order, so fp32 gets a little room.
 OUTPUT_TOLERANCE = {"float32": (1e-4, 1e-4), "float64": (1e-7, 1e-7), "float16": (1e-2, 1e-2),
@@ -104,12 +104,7 @@ def verify(path: str, model: Optional[str] = None, model_args: Sequence[str] = (
     env = environment()
     checks: List[CheckResult] = []
 
-    ckpt = open_checkpoint(path)
-    try:
-        sd = find_state_dict(ckpt, key)
-    except CkptError as e:
-        e.path = e.path or ckpt.path
-        raise
+    ckpt, sd = open_state_dict(path, key)
     checks.append(_readable(ckpt, sd))
     if skipped_note:
         checks.append(CheckResult("devices", "cuda", "skip", skipped_note))
@@ -120,12 +115,7 @@ def verify(path: str, model: Optional[str] = None, model_args: Sequence[str] = (
     runner = _Runner.for_path(ckpt, sd, model, model_args, trust, import_path, key)
     orig = None
     if against:
-        orig_ckpt = open_checkpoint(against)
-        try:
-            orig_sd = find_state_dict(orig_ckpt, None)
-        except CkptError as e:
-            e.path = e.path or orig_ckpt.path
-            raise
+        orig_ckpt, orig_sd = open_state_dict(against)
         orig = _Runner.for_path(orig_ckpt, orig_sd, model, model_args, trust, import_path, None)
         checks.append(_same_tensors(ckpt, orig_ckpt, against, atol, rtol))
         if runner.module_factory is None and runner.onnx_path is None and orig.module_factory is not None:
@@ -314,12 +304,12 @@ def _compare_back(name: str, fmt: str, src: Dict[str, TensorRef], path: str, sha
 
 
 def _device_round_trip(ckpt: Checkpoint, sd: StateDict, devs: List[str]) -> List[CheckResult]:
-    import torch
     out = []
     tags = sorted({t.device for t in sd.tensors.values() if t.has_data})
     missing = [d for d in tags if not _device_present(d)]
     if missing:
-        fix = " ".join(f"--map {d}=cpu" for d in missing)
+        kinds = sorted({d.partition(":")[0] for d in missing})
+        fix = " ".join(f"--map {k}=cpu" for k in kinds)  # cuda=cpu covers every cuda:N
         out.append(CheckResult("device tags", None, "skip",
                                f"the file's storages say {', '.join(missing)}, which this machine lacks: a plain "
                                f"torch.load fails here (map_location works, checked below); to fix the file: "
@@ -327,7 +317,6 @@ def _device_round_trip(ckpt: Checkpoint, sd: StateDict, devs: List[str]) -> List
     else:
         out.append(CheckResult("device tags", None, "pass", f"storages tagged {', '.join(tags) or 'nothing'}, "
                                                             f"all present here"))
-    from .diffing import _pieces
     for dev in devs:
         bad = None
         count = 0
@@ -435,7 +424,6 @@ class _Runner:
         return net.to(dev).eval(), sd
 
     def load_check(self, dev: str) -> CheckResult:
-        import torch
         try:
             net, sd = self._module_on(dev)
         except CkptError as e:

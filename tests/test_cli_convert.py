@@ -167,7 +167,7 @@ def test_existing_output_needs_force(make, tmp_path):
 
 def test_unknown_extension(make, tmp_path):
     r = run("convert", make("legacy.pt"), "-o", tmp_path / "o.xyz")
-    assert_error(r, "ckpttool: error: cannot tell the target format from 'o.xyz'",
+    assert_error(r, "ckpttool: error: cannot tell the output format from 'o.xyz'",
                  "name it .pt/.pth/.bin, .safetensors or .onnx, or pass --to")
     assert files_in(tmp_path) == set()
 

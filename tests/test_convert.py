@@ -696,7 +696,7 @@ def test_refuses_existing_output_without_force(source_of, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(out="o.xyz"), "cannot tell the target format"),
+    (dict(out="o.xyz"), "cannot tell the output format"),
     (dict(out="o.pt", metadata=["a=b"]), "--metadata is only for safetensors"),
     (dict(out="o.pt", max_shard_size="1MB"), "--max-shard-size is only for safetensors"),
     (dict(out="o.safetensors", metadata=["novalue"]), "is not KEY=VALUE"),

@@ -19,7 +19,7 @@ import io
 import os
 import pickle
 import struct
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from ..dtypes import STORAGE_CLASS_DTYPE, itemsize
 from ..errors import FormatError

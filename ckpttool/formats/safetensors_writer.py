@@ -8,7 +8,6 @@ as the safetensors library writes it, so tensors stay aligned.
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 from dataclasses import dataclass

@@ -14,7 +14,7 @@ import io
 import os
 import struct
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from ..dtypes import STORAGE_CLASS_DTYPE, itemsize

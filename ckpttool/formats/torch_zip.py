@@ -13,7 +13,7 @@ import os
 import struct
 import zipfile
 import zlib
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 from ..errors import FormatError
 from ..records import Checkpoint, FileSpan, StorageRef

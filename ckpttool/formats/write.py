@@ -2,32 +2,47 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from ..errors import FileAccessError, UsageError
 from ..writing import atomic_output
 
 TORCH_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".tar")
-FORMATS = {"pt": "torch", "state_dict": "torch", "torch": "torch", "safetensors": "safetensors"}
+TARGETS = {"state_dict": "state_dict", "pt": "state_dict", "torch": "state_dict", "safetensors": "safetensors",
+           "onnx": "onnx", "dcp": "dcp"}
+_BY_EXTENSION = {".safetensors": "safetensors", ".onnx": "onnx", **{e: "state_dict" for e in TORCH_EXTENSIONS}}
+
+
+def target_format(out: str, to: Optional[str] = None,
+                  allowed: Tuple[str, ...] = ("state_dict", "safetensors", "onnx", "dcp")) -> str:
+    """``state_dict`` | ``safetensors`` | ``onnx`` | ``dcp``: from ``to`` when given, else OUT's extension.
+
+    >>> target_format("m.safetensors"), target_format("m.pth"), target_format("dir", "pt")
+    ('safetensors', 'state_dict', 'state_dict')
+    """
+    names = sorted(k for k, v in TARGETS.items() if v in allowed)
+    if to:
+        if TARGETS.get(to) not in allowed:
+            raise UsageError(f"unknown output format {to!r} ({', '.join(names)})")
+        return TARGETS[to]
+    found = _BY_EXTENSION.get(os.path.splitext(out)[1].lower())
+    if found not in allowed:
+        exts = [e for f, e in (("state_dict", ".pt/.pth/.bin"), ("safetensors", ".safetensors"), ("onnx", ".onnx"))
+                if f in allowed]
+        named = exts[0] if len(exts) == 1 else ", ".join(exts[:-1]) + " or " + exts[-1]
+        raise UsageError(f"cannot tell the output format from {os.path.basename(out)!r}",
+                         hint=f"name it {named}, or pass --to")
+    return found
 
 
 def output_format(path: str, to: Optional[str] = None) -> str:
-    """``"torch"`` or ``"safetensors"``: from ``to`` when given, else from the extension.
+    """``"torch"`` or ``"safetensors"`` for a state_dict output.
 
     >>> output_format("out.safetensors"), output_format("out.pth"), output_format("x", "pt")
     ('safetensors', 'torch', 'torch')
     """
-    if to:
-        if to not in FORMATS:
-            raise UsageError(f"unknown output format {to!r} (pt, state_dict or safetensors)")
-        return FORMATS[to]
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".safetensors":
-        return "safetensors"
-    if ext in TORCH_EXTENSIONS:
-        return "torch"
-    raise UsageError(f"cannot tell the output format from {os.path.basename(path)!r}",
-                     hint="name it .pt/.pth/.bin or .safetensors, or pass --to")
+    found = target_format(path, to, allowed=("state_dict", "safetensors"))
+    return "torch" if found == "state_dict" else found
 
 
 def write_state_dict(tensors: Mapping[str, Any], out: str, fmt: str,
