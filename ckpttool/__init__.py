@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__", "open", "detect", "inspect", "find_state_dict", "tensor_stats",
-    "diff", "filter_state_dict", "load_into", "convert", "remap", "verify",
+    "diff", "filter_state_dict", "load_into", "convert", "remap", "verify", "scan",
     "Checkpoint", "TensorRef", "StorageRef", "InspectResult", "TensorInfo", "DiffResult", "FilterResult",
-    "ConvertResult", "RemapResult", "VerifyReport",
+    "ConvertResult", "RemapResult", "VerifyReport", "ScanResult",
     "CkptError", "FormatError", "FileAccessError", "KeyNotFoundError", "UsageError",
     "TrustRequiredError", "MissingDependencyError", "CheckFailedError",
 ]
@@ -32,6 +32,8 @@ _LAZY = {
     "convert": ("ckpttool.converting", "convert"),
     "remap": ("ckpttool.remapping", "remap"),
     "verify": ("ckpttool.verifying", "verify"),
+    "scan": ("ckpttool.scanning", "scan"),
+    "ScanResult": ("ckpttool.records", "ScanResult"),
     "VerifyReport": ("ckpttool.records", "VerifyReport"),
     "ConvertResult": ("ckpttool.records", "ConvertResult"),
     "RemapResult": ("ckpttool.records", "RemapResult"),

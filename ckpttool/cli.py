@@ -336,6 +336,33 @@ def verify(path: str, model: Optional[str], model_args, against: Optional[str], 
     sys.exit(result.exit_code)
 
 
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@json_option
+@quiet_option
+def scan(paths, as_json: bool, quiet: bool) -> None:
+    """List every global the pickles in each file would import, and flag the dangerous ones.
+
+    Reads every pickle a file holds (a zip's data.pkl and other .pkl records,
+    the legacy format's pickles, a DCP folder's .metadata, a bare pickle, and
+    pickles nested in bytes) opcode by opcode, without unpickling. Each global
+    is safe (torch.load(weights_only=True) allows it, or a benign type),
+    needs code (a class only instantiated and filled, like a pickled model), or
+    dangerous (anything called that is not allowed). Exit 1 when anything is
+    dangerous, 0 otherwise.
+
+    \b
+    Examples:
+      ckpttool scan downloaded.pt
+      ckpttool scan *.pt *.bin --json
+    """
+    from .render import scan_text
+    from .scanning import scan as run_scan
+    result = run_scan(list(paths))
+    _emit(result, as_json, scan_text)
+    sys.exit(result.exit_code)
+
+
 def main(argv=None) -> None:
     """Console-script entry point."""
     try:

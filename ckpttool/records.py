@@ -584,3 +584,58 @@ class VerifyReport:
         return {"ok": self.ok, "path": self.path, "format": self.format, "entry": self.entry,
                 "environment": _jsonable(self.environment), "devices": list(self.devices),
                 "checks": [c.to_dict() for c in self.checks]}
+
+
+@dataclass(frozen=True)
+class ScanGlobal:
+    """A global a pickle names: how the pickle uses it and what that makes it."""
+
+    name: str
+    verdict: str                     # safe | needs code | dangerous
+    uses: Tuple[str, ...]            # referenced, instantiated, called...
+    where: Tuple[str, ...]           # which pickles (data.pkl, main pickle, .metadata > bytes at 120...)
+    note: str = ""                   # what a deny-listed global does
+
+    def to_dict(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"name": self.name, "verdict": self.verdict, "uses": list(self.uses),
+                             "where": list(self.where)}
+        if self.note:
+            d["note"] = self.note
+        return d
+
+
+@dataclass(frozen=True)
+class ScanFile:
+    """What ``scan`` found in one path."""
+
+    path: str
+    pickles: int
+    globals: Tuple[ScanGlobal, ...]
+    format: str = ""
+
+    @property
+    def dangerous_names(self) -> Tuple[str, ...]:
+        return tuple(g.name for g in self.globals if g.verdict == "dangerous")
+
+    @property
+    def needs_code(self) -> Tuple[str, ...]:
+        return tuple(g.name for g in self.globals if g.verdict == "needs code")
+
+    def to_dict(self) -> Dict[str, Any]:
+        from .scanning import safe_globals_line
+        return {"path": self.path, "format": self.format, "pickles": self.pickles,
+                "dangerous": list(self.dangerous_names),
+                "needs_code": list(self.needs_code), "globals": [g.name for g in self.globals],
+                "details": [g.to_dict() for g in self.globals], "add_safe_globals": safe_globals_line(self)}
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """The result of ``scan``: dangerous when any file is."""
+
+    files: Tuple[ScanFile, ...]
+    dangerous: bool
+    exit_code: int = 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"dangerous": self.dangerous, "files": [f.to_dict() for f in self.files]}

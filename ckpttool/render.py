@@ -5,7 +5,8 @@ import json
 import os
 from typing import Any, Dict, List
 
-from .records import ConvertResult, DiffResult, FilterResult, InspectResult, RemapResult, VerifyReport
+from .records import (ConvertResult, DiffResult, FilterResult, InspectResult, RemapResult, ScanResult,
+                      VerifyReport)
 from .text import printable
 
 
@@ -276,4 +277,28 @@ def verify_text(r: VerifyReport) -> str:
         where = f" on {first.device}" if first.device else ""
         culprit = f" ({first.culprit})" if first.culprit else ""
         out.append(printable(f"result: FAIL: {first.name}{where}{culprit}"))
+    return "\n".join(out)
+
+
+def scan_text(r: ScanResult) -> str:
+    """The human view of a ScanResult: per file, the globals by verdict, dangerous first."""
+    from tabulate import tabulate
+    from .scanning import safe_globals_line
+    order = {"dangerous": 0, "needs code": 1, "safe": 2}
+    out = []
+    for f in r.files:
+        verdict = "DANGEROUS" if f.dangerous_names else ("needs code to load" if f.needs_code else "safe")
+        out.append(printable(f"{f.path}  ({f.format or '?'}, {f.pickles} pickle(s)): {verdict}"))
+        rows = [[g.verdict, g.name, ", ".join(g.uses), g.note or ", ".join(g.where[:2]) + (" ..." if len(g.where) > 2 else "")]
+                for g in sorted(f.globals, key=lambda g: (order[g.verdict], g.name))]
+        if rows:
+            out.append(tabulate(_clean(rows), headers=["verdict", "global", "used as", "where / note"],
+                                tablefmt="simple"))
+        else:
+            out.append("(no globals: nothing to import)")
+        line = safe_globals_line(f)
+        if line:
+            out.append(printable("to read it with torch.load(weights_only=True): " + line))
+        out.append("")
+    out.append("result: " + ("DANGEROUS" if r.dangerous else "no dangerous globals"))
     return "\n".join(out)
