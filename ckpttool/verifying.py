@@ -19,14 +19,15 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import shlex
 import shutil
 import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .errors import CkptError, UsageError
+from .errors import UsageError
 from .formats import open as open_checkpoint
 from .records import Checkpoint, CheckResult, TensorRef, VerifyReport
-from .tree import StateDict, find_state_dict, open_state_dict
+from .tree import StateDict, find_state_dict, module_kind, open_state_dict
 
 # Outputs across devices / runtimes: kernels differ in summation order, so fp32 gets a little room.
 OUTPUT_TOLERANCE = {"float32": (1e-4, 1e-4), "float64": (1e-7, 1e-7), "float16": (1e-2, 1e-2),
@@ -135,17 +136,27 @@ def verify(path: str, model: Optional[str] = None, model_args: Sequence[str] = (
     elif not runner.can_run:
         checks.append(CheckResult("computes the same", None, "skip", runner.why_not))
     else:
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-        checks += runner.compute_checks(devs, shapes, atol, rtol)
-        if orig is not None:
-            if not orig.can_run:
-                checks.append(CheckResult("matches original", None, "skip", f"{against}: {orig.why_not}"))
-            else:
-                checks.append(runner.against(orig, shapes, atol, rtol, against))
+        try:
+            checks += _compute(runner, orig, devs, shapes, atol, rtol, against)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     ok = not any(c.status == "fail" for c in checks)
     return VerifyReport(path=ckpt.path, format=ckpt.format, entry=sd.entry, environment=env, devices=tuple(devs),
                         checks=tuple(checks), ok=ok, exit_code=0 if ok else 1)
+
+
+def _compute(runner: "_Runner", orig: Optional["_Runner"], devs: List[str], shapes, atol, rtol,
+             against: Optional[str]) -> List[CheckResult]:
+    checks = runner.compute_checks(devs, shapes, atol, rtol)
+    if orig is not None:
+        if not orig.can_run:
+            checks.append(CheckResult("matches original", None, "skip", f"{against}: {orig.why_not}"))
+        else:
+            checks.append(runner.against(orig, shapes, atol, rtol, against))
+    return checks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +287,7 @@ def _compare_back(name: str, fmt: str, src: Dict[str, TensorRef], path: str, sha
                   dropped: Optional[Dict[str, str]] = None) -> CheckResult:
     from .diffing import _pieces, _same_bits
     back = find_state_dict(open_checkpoint(path)).tensors
-    expected = [n for n in src if n not in (dropped or {})]
+    expected = list(src)  # tied names stored once in safetensors come back from its header
     missing = [n for n in expected if n not in back]
     if missing or len(back) != len(expected):
         return CheckResult(name, fmt, "fail", f"{len(missing)} tensors missing after the round trip",
@@ -298,8 +309,11 @@ def _compare_back(name: str, fmt: str, src: Dict[str, TensorRef], path: str, sha
                                culprit=first[0])
         if want:
             detail += f", {len(want)} shared storages kept"
+    for n, keep in (dropped or {}).items():
+        if back[n].storage is not back[keep].storage:
+            return CheckResult(name, fmt, "fail", f"tied {n} does not come back as its twin {keep}", culprit=n)
     if dropped:
-        detail += f", {len(dropped)} tied tensors stored once (recorded in the header)"
+        detail += f", {len(dropped)} tied tensors stored once and restored from the header"
     return CheckResult(name, fmt, "pass", detail)
 
 
@@ -313,7 +327,7 @@ def _device_round_trip(ckpt: Checkpoint, sd: StateDict, devs: List[str]) -> List
         out.append(CheckResult("device tags", None, "skip",
                                f"the file's storages say {', '.join(missing)}, which this machine lacks: a plain "
                                f"torch.load fails here (map_location works, checked below); to fix the file: "
-                               f"ckpttool remap {ckpt.path} -o FIXED.pt {fix}"))
+                               f"ckpttool remap {shlex.quote(ckpt.path)} -o FIXED.pt {fix}"))
     else:
         out.append(CheckResult("device tags", None, "pass", f"storages tagged {', '.join(tags) or 'nothing'}, "
                                                             f"all present here"))
@@ -390,6 +404,9 @@ class _Runner:
             r.why_not = "an ONNX graph has no load_state_dict; it is run by onnxruntime"
             return r
         if model:
+            from .modelspec import resolve
+            resolve(model)  # a bad SPEC is an error before any check runs
+
             def build():
                 from .modelspec import build_model
                 net, _ = build_model(model, model_args, device="cpu")
@@ -407,7 +424,17 @@ class _Runner:
                 return net, None
             r.module_factory, r.label = own, "its own code (--trust)"
             return r
-        r.why_not = "a state_dict alone does not run: pass --model SPEC"
+        bundled = [k for k, v in (ckpt.root.items() if isinstance(ckpt.root, dict) else ())
+                   if module_kind(v) == "pickled"]
+        if bundled and trust:  # a training checkpoint with its model pickled beside the state_dict
+            def bundled_model():
+                from .onnx_export import _trusted_module
+                net = _trusted_module(ckpt, str(bundled[0]), import_path)
+                return net, {n: t.to_torch() for n, t in sd.tensors.items()}
+            r.module_factory, r.label = bundled_model, f"the file's pickled {bundled[0]!r} (--trust)"
+            return r
+        r.why_not = ("the file's pickled model runs only with --trust (or pass --model SPEC)" if bundled
+                     else "a state_dict alone does not run: pass --model SPEC")
         return r
 
     def borrow(self, other: "_Runner", where: str) -> None:
@@ -424,10 +451,7 @@ class _Runner:
         return net.to(dev).eval(), sd
 
     def load_check(self, dev: str) -> CheckResult:
-        try:
-            net, sd = self._module_on(dev)
-        except CkptError as e:
-            return CheckResult("loads into model", dev, "fail", e.message)
+        net, sd = self._module_on(dev)  # a bad --model or an unimportable class is an error (exit 2)
         if sd is None:  # the file's own module: its state_dict, from our reader, loaded back strictly
             sd = {n: t.to_torch() for n, t in self.sd.tensors.items()}
         sd = {n: t.to(dev) for n, t in sd.items()}
@@ -460,7 +484,12 @@ class _Runner:
             if len(names) != len(inputs):
                 raise UsageError(f"the ONNX model takes {len(names)} inputs, --input-shape gave {len(inputs)}",
                                  self.ckpt.path)
-            got = sess.run(None, {n: x.numpy() for n, x in zip(names, inputs)})
+            try:
+                got = sess.run(None, {n: x.numpy() for n, x in zip(names, inputs)})
+            except Exception as e:  # onnxruntime's errors: shapes and types the graph does not take
+                shown = ", ".join("x".join(map(str, x.shape)) for x in inputs)
+                raise UsageError(f"onnxruntime cannot run the model on inputs of shape {shown}: "
+                                 f"{str(e).splitlines()[0][:200]}", self.ckpt.path) from None
             return [torch.from_numpy(g) for g in got]
         net, sd = self._module_on(dev)
         if sd is not None:

@@ -8,6 +8,7 @@ that the spans tile the buffer without gaps, overlaps or overruns.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -108,5 +109,21 @@ def read(path: str) -> Checkpoint:
         pos = end
     if pos != buffer_size:
         raise FormatError(f"safetensors buffer has {buffer_size - pos} bytes after its last tensor", path)
+    ties = restore_ties(tensors, meta or {})
+    extra = {"_ties": ties} if ties else {}
     return Checkpoint(path=path, format="safetensors", file_size=file_size, root=tensors,
-                      metadata={"metadata": meta or {}}, files=(path,))
+                      metadata={"metadata": meta or {}, **extra}, files=(path,))
+
+
+def restore_ties(tensors: Dict[str, TensorRef], meta: Dict[str, str]) -> Dict[str, str]:
+    """Give back the tied names ``safetensors.torch.save_model`` dropped: ``{dropped: kept}`` in the header.
+
+    A dropped name becomes a second tensor over the kept one's storage, as ``load_model``
+    restores it, so the state_dict reads as it was saved. Returns the ties applied.
+    """
+    ties = {}
+    for name, kept in meta.items():
+        if name not in tensors and isinstance(kept, str) and kept in tensors and name != "format":
+            tensors[name] = dataclasses.replace(tensors[kept])
+            ties[name] = kept
+    return ties

@@ -56,10 +56,15 @@ def read(path: str, open_file: Callable[[str], Checkpoint]) -> Checkpoint:
             raise FormatError(f"tensor {name!r} is indexed in {shard} but that shard does not hold it", path)
         tensors[name] = t
     for shard, ckpt in shards.items():
+        ties = ckpt.metadata.get("_ties", {})
         extra = [k for k, v in (ckpt.root.items() if isinstance(ckpt.root, dict) else ()) if isinstance(v, TensorRef)
-                 and weight_map.get(k) != shard]
+                 and weight_map.get(k) != shard and k not in ties]
         if extra:
             raise FormatError(f"shard {shard} holds {extra[0]!r}, which the index does not map to it", path)
+    # tied names save_model dropped, recorded in a shard's header, whose twin is in another shard
+    from .safetensors import restore_ties
+    for ckpt in shards.values():
+        restore_ties(tensors, ckpt.metadata.get("metadata") or {})
     kinds = {c.format for c in shards.values()}
     raw_meta = index.get("metadata")
     # only flat values are kept: the index is someone else's JSON, shown back to the user
