@@ -19,8 +19,10 @@ record (TorchScript's ``constants.pkl``), the five pickles of the legacy format,
 """
 from __future__ import annotations
 
+import io
 import os
 import pickletools
+import re
 import zipfile
 import zlib
 from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
@@ -38,6 +40,14 @@ BENIGN = {
     "pathlib.PurePosixPath", "pathlib.PureWindowsPath", "numpy.dtype", "numpy.core.multiarray.scalar",
     "numpy._core.multiarray.scalar", "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
     "numpy.ndarray", "functools.partial",
+    # torch.distributed.checkpoint's own metadata classes (a DCP folder's .metadata)
+    "torch.distributed.checkpoint.metadata.Metadata", "torch.distributed.checkpoint.metadata.MetadataIndex",
+    "torch.distributed.checkpoint.metadata.StorageMeta", "torch.distributed.checkpoint.metadata.TensorProperties",
+    "torch.distributed.checkpoint.metadata.TensorStorageMetadata",
+    "torch.distributed.checkpoint.metadata.BytesStorageMetadata",
+    "torch.distributed.checkpoint.metadata.ChunkStorageMetadata",
+    "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING",
+    "torch.distributed.checkpoint.filesystem._StorageInfo",
     # TorchScript's own pickle helpers (archives' data.pkl / constants.pkl)
     "torch.jit._pickle.build_intlist", "torch.jit._pickle.build_tensorlist", "torch.jit._pickle.build_doublelist",
     "torch.jit._pickle.build_boollist", "torch.jit._pickle.build_tensor_from_id", "torch.jit._pickle.restore_type_tag",
@@ -80,8 +90,22 @@ DENY = {
     "torch.load": "loads another file (unrestricted by default)", "torch.jit.load": "loads TorchScript code",
     "code.InteractiveInterpreter.runcode": "executes Python code", "operator.attrgetter": "reaches any attribute",
     "operator.methodcaller": "calls any method",
-    "sys.exit": "stops the process",
+    "sys.exit": "stops the process", "os.mkdir": "creates a folder", "os.makedirs": "creates folders",
+    "os.rename": "moves a file", "os.replace": "moves a file", "os.chmod": "changes permissions",
+    "os.kill": "signals a process", "os.fork": "forks the process", "os.environ": "reads the environment",
+    "shutil.copyfile": "copies a file", "shutil.copy": "copies a file", "shutil.copy2": "copies a file",
+    "shutil.move": "moves a file", "tempfile.mkdtemp": "creates a folder", "tempfile.mkstemp": "creates a file",
+    "logging.FileHandler": "opens a file", "io.open": "opens a file", "_io.open": "opens a file",
+    "codecs.open": "opens a file", "pty.spawn": "starts a process", "asyncio.create_subprocess_exec": "starts a process",
 }
+# BUILD state keys that make the unpickler call what they hold (BUILD -> __setstate__, APPEND -> append...)
+_CALLED_ATTRIBUTES = {"__setstate__", "append", "extend", "add", "update", "__setitem__", "__reduce__",
+                      "__reduce_ex__", "__getattr__", "__getattribute__", "__setattr__", "__init__", "__new__"}
+# allowed functions that call one of their arguments: (name, index called, index instantiated)
+_CALLS_ITS_ARGUMENT = {"torch._tensor._rebuild_from_type_v2": (0, 1), "torch._tensor._rebuild_from_type": (0, 1),
+                       "copyreg._reconstructor": (1, 0), "copyreg.__newobj__": (None, 0),
+                       "torch._utils._rebuild_wrapper_subclass": (None, 0)}
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _STRING_OPS = {"BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
 _BYTES_OPS = {"BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"}
 MAX_NESTING = 4
@@ -119,12 +143,32 @@ class _T:
         self.items = items
 
 
+class _D:
+    __slots__ = ("items",)
+
+    def __init__(self):
+        self.items = []
+
+
+class _R:
+    """The result of a call: calling it again is calling something the pickle computed."""
+
+
 _OTHER = object()
 _MARK = object()
 
 
+COMPUTED_CALL = "<call of a computed object>"
+
+
 def scan_pickle(data: bytes, where: str, depth: int = 0) -> Tuple[Dict[str, Set[str]], List[Tuple[str, bytes]]]:
-    """``({global: {uses}}, [(where, nested pickle bytes)])`` of one pickle, from its opcodes alone."""
+    """``({global: {uses}}, [(where, nested pickle bytes)])`` of one pickle, from its opcodes alone.
+
+    Uses: ``referenced``, ``instantiated`` (NEWOBJ, copyreg), ``called`` (REDUCE, INST/OBJ, an allowed
+    function that calls its argument, a BUILD that stores it under a name the unpickler calls).
+    A call of something the pickle computed (the result of another call, a persistent id) is
+    recorded as the global ``<call of a computed object>``.
+    """
     uses: Dict[str, Set[str]] = {}
     nested: List[Tuple[str, bytes]] = []
     stack: list = []
@@ -133,12 +177,24 @@ def scan_pickle(data: bytes, where: str, depth: int = 0) -> Tuple[Dict[str, Set[
     def use(item, how: str) -> None:
         if isinstance(item, _G):
             uses.setdefault(item.name, set()).add(how)
+        elif isinstance(item, _R) or (how == "called" and not isinstance(item, (_S, _T, _D))):
+            # calling (or instantiating) what another call returned, an object, a persistent id...
+            uses.setdefault(COMPUTED_CALL, set()).add(how)
 
     def pop_mark() -> list:
         k = len(stack) - 1 - stack[::-1].index(_MARK)
         items = stack[k + 1:]
         del stack[k:]
         return items
+
+    def state_calls(state) -> None:
+        # BUILD state: {"__setstate__": f} or (dict, {"append": f}) makes the unpickler call f later
+        parts = state.items if isinstance(state, _T) and len(state.items) == 2 else [state]
+        for part in parts:
+            if isinstance(part, _D):
+                for k, v in part.items:
+                    if isinstance(k, _S) and k.value in _CALLED_ATTRIBUTES and v is not None:
+                        use(v, "called")
 
     try:
         for op, arg, pos in pickletools.genops(data):
@@ -149,19 +205,19 @@ def scan_pickle(data: bytes, where: str, depth: int = 0) -> Tuple[Dict[str, Set[
                 uses.setdefault(g.name, set()).add("referenced")
                 if name == "GLOBAL":
                     stack.append(g)
-                else:  # INST: class, mark-delimited args, instantiated now
-                    args = pop_mark()
-                    use(g, "called" if args else "instantiated")
-                    stack.append(_OTHER)
+                else:  # INST: a call of the class/function with the mark-delimited args
+                    pop_mark()
+                    use(g, "called")
+                    stack.append(_R())
             elif name == "STACK_GLOBAL":
                 qual, module = stack.pop(), stack.pop()
-                if isinstance(qual, _S) and isinstance(module, _S):
-                    g = _G(f"{module.value}.{qual.value}")
-                    uses.setdefault(g.name, set()).add("referenced")
-                    stack.append(g)
+                if isinstance(qual, _S) and isinstance(module, _S) and isinstance(qual.value, str) \
+                        and isinstance(module.value, str):
+                    g = _G(_py3_name(module.value, qual.value))
                 else:  # names computed at load time: cannot be known statically
-                    uses.setdefault("<computed global>", set()).add("referenced")
-                    stack.append(_G("<computed global>"))
+                    g = _G("<computed global>")
+                uses.setdefault(g.name, set()).add("referenced")
+                stack.append(g)
             elif name in ("EXT1", "EXT2", "EXT4"):
                 g = _G(f"<extension code {arg}>")
                 uses.setdefault(g.name, set()).add("referenced")
@@ -178,6 +234,8 @@ def scan_pickle(data: bytes, where: str, depth: int = 0) -> Tuple[Dict[str, Set[
                 memo[arg] = stack[-1] if stack else _OTHER
             elif name == "MEMOIZE":
                 memo[len(memo)] = stack[-1] if stack else _OTHER
+            elif name == "DUP":
+                stack.append(stack[-1])
             elif name == "MARK":
                 stack.append(_MARK)
             elif name == "TUPLE":
@@ -187,20 +245,37 @@ def scan_pickle(data: bytes, where: str, depth: int = 0) -> Tuple[Dict[str, Set[
                 items = stack[len(stack) - n:] if n else []
                 del stack[len(stack) - n:]
                 stack.append(_T(items))
+            elif name == "EMPTY_DICT":
+                stack.append(_D())
+            elif name == "DICT":
+                items = pop_mark()
+                d = _D()
+                d.items = list(zip(items[0::2], items[1::2]))
+                stack.append(d)
+            elif name == "SETITEM":
+                v, k = stack.pop(), stack.pop()
+                if isinstance(stack[-1], _D):
+                    stack[-1].items.append((k, v))
+            elif name == "SETITEMS":
+                items = pop_mark()
+                if isinstance(stack[-1], _D):
+                    stack[-1].items.extend(zip(items[0::2], items[1::2]))
             elif name == "REDUCE":
                 args, fn = stack.pop(), stack.pop()
-                if isinstance(fn, _G) and fn.name in ("copyreg._reconstructor", "copyreg.__newobj__") and \
-                        isinstance(args, _T) and args.items:
-                    use(fn, "called")
-                    use(args.items[0], "instantiated")
-                else:
-                    use(fn, "called")
-                    if isinstance(fn, _G) and fn.name == "_codecs.encode" and isinstance(args, _T) and args.items \
-                            and isinstance(args.items[0], _S) and isinstance(args.items[0].value, str):
-                        raw = args.items[0].value.encode("latin-1", "replace")
-                        if _looks_like_pickle(raw) and depth < MAX_NESTING:
-                            nested.append((f"{where} > bytes at {pos}", raw))
-                stack.append(_OTHER)
+                use(fn, "called")
+                if isinstance(fn, _G) and fn.name in _CALLS_ITS_ARGUMENT and isinstance(args, _T):
+                    called, made = _CALLS_ITS_ARGUMENT[fn.name]
+                    if called is not None and len(args.items) > called and not (
+                            isinstance(args.items[called], _G) and args.items[called].name == "builtins.object"):
+                        use(args.items[called], "called")
+                    if made is not None and len(args.items) > made:
+                        use(args.items[made], "instantiated")
+                if isinstance(fn, _G) and fn.name == "_codecs.encode" and isinstance(args, _T) and args.items \
+                        and isinstance(args.items[0], _S) and isinstance(args.items[0].value, str):
+                    raw = args.items[0].value.encode("latin-1", "replace")
+                    if _looks_like_pickle(raw) and depth < MAX_NESTING:
+                        nested.append((f"{where} > bytes at {pos}", raw))
+                stack.append(_R())
             elif name in ("NEWOBJ", "NEWOBJ_EX"):
                 if name == "NEWOBJ_EX":
                     stack.pop()
@@ -210,19 +285,28 @@ def scan_pickle(data: bytes, where: str, depth: int = 0) -> Tuple[Dict[str, Set[
             elif name == "OBJ":
                 items = pop_mark()
                 if items:
-                    use(items[0], "called" if len(items) > 1 else "instantiated")
-                stack.append(_OTHER)
+                    use(items[0], "called")
+                stack.append(_R())
             elif name == "BUILD":
-                stack.pop()
+                state = stack.pop()
                 if stack and isinstance(stack[-1], _G):
                     use(stack[-1], "state set on the class itself")
+                state_calls(state)
+            elif name in ("BINPERSID", "PERSID"):
+                pid = stack.pop() if name == "BINPERSID" else _S(arg)
+                # the legacy format's ('module', cls, file, source) id loads as cls itself
+                if isinstance(pid, _T) and len(pid.items) >= 2 and isinstance(pid.items[0], _S) \
+                        and pid.items[0].value == "module":
+                    stack.append(pid.items[1])
+                else:
+                    stack.append(_OTHER)
             elif name == "STOP":
                 break
             elif name in ("PROTO", "FRAME"):
                 continue
             else:
                 before, after = op.stack_before, op.stack_after
-                marks = [j for j, s in enumerate(before) if s is pickletools.markobject]
+                marks = [j for j, st in enumerate(before) if st is pickletools.markobject]
                 if marks:
                     pop_mark()
                     drop = marks[0]
@@ -233,7 +317,7 @@ def scan_pickle(data: bytes, where: str, depth: int = 0) -> Tuple[Dict[str, Set[
                         raise ValueError("stack underflow")
                     del stack[len(stack) - drop:]
                 stack.extend(_OTHER for _ in after)
-    except (ValueError, IndexError, KeyError, EOFError, TypeError, UnicodeDecodeError) as e:
+    except (ValueError, IndexError, KeyError, EOFError, TypeError, UnicodeDecodeError, AttributeError) as e:
         raise FormatError(f"malformed pickle in {where}: {str(e)[:120]}") from None
     return uses, nested
 
@@ -252,55 +336,110 @@ def _looks_like_pickle(b: bytes) -> bool:
     return len(b) >= 3 and b[0] == 0x80 and 2 <= b[1] <= 5
 
 
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError,
+               UnicodeDecodeError, ValueError)
+
+
 def _pickles(path: str) -> Iterator[Tuple[str, bytes]]:
-    """(name, bytes) of every pickle the file (or DCP folder) holds at top level."""
+    """(name, bytes) of every pickle the file (or folder) holds at top level."""
     from .formats import detect
-    from .formats.torch_legacy import has_magic
     if os.path.isdir(path):
-        meta = os.path.join(path, ".metadata")
-        if os.path.isfile(meta):
-            yield ".metadata", _read(meta)
-            return
-        found = False
-        for n in sorted(os.listdir(path)):
-            p = os.path.join(path, n)
-            if os.path.isfile(p) and (n.endswith((".pt", ".pth", ".bin", ".pkl", ".ckpt"))):
-                found = True
-                for where, data in _pickles(p):
-                    yield f"{n}: {where}", data
-        if not found:
-            raise FormatError("folder holds no pickle-bearing file to scan", path)
+        yield from _folder_pickles(path)
         return
     head = _read(path, 64)
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-        try:
-            with zipfile.ZipFile(path) as zf:
-                for info in zf.infolist():
-                    if info.filename.endswith(".pkl"):
-                        if info.file_size > MAX_PICKLE:
-                            raise FormatError(f"record {info.filename} declares {info.file_size} bytes", path)
-                        yield info.filename, zf.read(info)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-            raise FormatError(f"unreadable zip archive: {e}", path) from None
-        return
-    if has_magic(head):
-        with open(path, "rb") as f:
-            for label in ("magic number", "protocol version", "sys_info", "main pickle", "storage keys"):
-                start = f.tell()
-                try:
-                    for op, _, _ in pickletools.genops(f):
-                        if op.name == "STOP":
-                            break
-                except Exception as e:
-                    raise FormatError(f"malformed pickle ({label}): {str(e)[:100]}", path) from None
-                end = f.tell()
-                f.seek(start)
-                yield label, f.read(end - start)
+        yield from _zip_pickles(path)
         return
     if _looks_like_pickle(head):
-        yield "pickle", _read(path)
+        # A bare pickle, or the legacy format: torch.load reads up to five pickles in a row
+        # (magic, version, sys_info, the checkpoint, storage keys) whatever their spelling.
+        yield from _pickle_sequence(path)
         return
     detect(path)  # raises for what ckpttool does not know; safetensors and ONNX carry no pickles
+
+
+def _pickle_sequence(path: str) -> Iterator[Tuple[str, bytes]]:
+    """A bare pickle; or, when its first pickle's value is the legacy magic number (however it is
+    spelled: torch.load only compares values), the five pickles torch.load reads in a row."""
+    labels = ("magic number", "protocol version", "sys_info", "main pickle", "storage keys")
+    with open(path, "rb") as f:
+        legacy = False
+        for i in range(5):
+            start = f.tell()
+            if i and not _looks_like_pickle(f.read(3)):
+                raise FormatError(f"legacy file ends before its {labels[i]} pickle", path)
+            f.seek(start)
+            try:
+                for op, _, _ in pickletools.genops(f):
+                    if op.name == "STOP":
+                        break
+            except Exception as e:
+                raise FormatError(f"malformed pickle{' (' + labels[i] + ')' if legacy else ''}: {str(e)[:100]}",
+                                  path) from None
+            end = f.tell()
+            f.seek(start)
+            data = f.read(end - start)
+            if i == 0:
+                legacy = _is_magic(data)
+                if not legacy:
+                    yield "pickle", data
+                    return
+            yield labels[i], data
+
+
+def _is_magic(data: bytes) -> bool:
+    from .formats.safe_pickle import safe_load
+    from .formats.torch_legacy import MAGIC_NUMBER
+    try:
+        value, _ = safe_load(data)
+    except FormatError:
+        return False
+    return type(value) is int and value == MAGIC_NUMBER
+
+
+def _zip_pickles(path: str, data: Optional[bytes] = None, label: str = "") -> Iterator[Tuple[str, bytes]]:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data) if data is not None else path) as zf:
+            for info in zf.infolist():
+                if info.filename.endswith(".pkl"):
+                    if info.file_size > MAX_PICKLE:
+                        raise FormatError(f"record {info.filename} declares {info.file_size} bytes", path)
+                    yield label + info.filename, zf.read(info)
+    except _ZIP_ERRORS as e:
+        raise FormatError(f"unreadable zip archive{' ' + label if label else ''}: {str(e)[:120]}", path) from None
+
+
+def _folder_pickles(path: str) -> Iterator[Tuple[str, bytes]]:
+    from .formats import detect
+    meta = os.path.join(path, ".metadata")
+    if os.path.isfile(meta):  # torch.distributed.checkpoint: .metadata, and torch.save blobs inside .distcp files
+        yield ".metadata", _read(meta)
+        for n in sorted(os.listdir(path)):
+            if n.endswith(".distcp"):
+                yield from _distcp_pickles(os.path.join(path, n), n)
+        return
+    found = False
+    for n in sorted(os.listdir(path)):
+        p = os.path.join(path, n)
+        if os.path.isfile(p) and n.endswith((".pt", ".pth", ".bin", ".pkl", ".ckpt")):
+            found = True
+            for where, data in _pickles(p):
+                yield f"{n}: {where}", data
+    if not found:
+        detect(path)  # a safetensors / ONNX folder has no pickles; anything else is an error
+
+
+def _distcp_pickles(path: str, label: str) -> Iterator[Tuple[str, bytes]]:
+    """Non-tensor items DCP writes into a .distcp file with torch.save: zip archives, found by their headers."""
+    data = _read(path)
+    pos = data.find(b"PK\x03\x04")
+    while pos >= 0:
+        end = data.find(b"PK\x05\x06", pos)
+        if end < 0:
+            break
+        blob = data[pos:end + 22 + int.from_bytes(data[end + 20:end + 22], "little")]
+        yield from _zip_pickles(path, blob, f"{label} @ {pos}: ")
+        pos = data.find(b"PK\x03\x04", end)
 
 
 def _read(path: str, n: int = -1) -> bytes:
@@ -337,7 +476,7 @@ def scan_file(path: str, allowed: Optional[Set[str]] = None) -> ScanFile:
         if len(how) > 1:
             how.discard("referenced")  # every global is referenced; say the stronger use
         globals_.append(ScanGlobal(name=g, verdict=verdict, uses=tuple(sorted(how)), where=tuple(sorted(merged[g])),
-                                   note=DENY.get(g, "")))
+                                   note=_denied(g)))
     from .formats import detect
     try:
         fmt = detect(path)
@@ -348,13 +487,21 @@ def scan_file(path: str, allowed: Optional[Set[str]] = None) -> ScanFile:
 
 def classify(name: str, uses: Set[str], allowed: Set[str]) -> str:
     """``safe`` | ``needs code`` | ``dangerous`` for one global and how the pickle uses it."""
+    if not _NAME.fullmatch(name) or _denied(name):  # incl. <computed ...> and names that are no Python path
+        return "dangerous"
     if name in allowed or name in BENIGN or _is_torch_builtin_type(name):
         return "safe"
-    if name in DENY or name.startswith("<"):
-        return "dangerous"
     if "called" in uses:
         return "dangerous"
     return "needs code"
+
+
+def _denied(name: str) -> str:
+    """The deny-list note for ``name`` (``posix.system`` and ``nt.system`` are ``os.system``), or ""."""
+    for alias in ("posix.", "nt."):
+        if name.startswith(alias):
+            return DENY.get("os." + name[len(alias):], DENY.get(name, ""))
+    return DENY.get(name, "")
 
 
 def _is_torch_builtin_type(name: str) -> bool:

@@ -22,6 +22,9 @@ from .safe_pickle import load_stream, parse_storage_pid, safe_load, storage_nbyt
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 # data.pkl holds structure, not tensor bytes: even 100k-tensor models stay far below this.
 MAX_PICKLE = 2 << 30
+# what zipfile raises on records it cannot read (RuntimeError: encrypted; ValueError: bad names, sizes)
+ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError, RuntimeError,
+              struct.error)
 _KNOWN_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 
 
@@ -57,8 +60,8 @@ def read_member(zf: zipfile.ZipFile, name: str, path: str, limit: Optional[int] 
         raise FormatError(f"record {name} declares {info.file_size} bytes, more than {limit}", path)
     try:
         return zf.read(info)
-    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError, struct.error) as e:
-        raise FormatError(f"record {name} is corrupt or truncated: {e}", path) from None
+    except ZIP_ERRORS as e:  # RuntimeError: an encrypted record
+        raise FormatError(f"record {name} is corrupt, truncated or encrypted: {e}", path) from None
 
 
 def member_span(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, file_size: int) -> FileSpan:
@@ -142,8 +145,8 @@ def read_zip_pickle(path: str, zf: zipfile.ZipFile, folder: str, name: str = "da
     try:
         with zf.open(info) as f:
             return load_stream(f, loader, path, size=info.file_size)
-    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, RuntimeError) as e:
-        raise FormatError(f"record {info.filename} is corrupt: {e}", path) from None
+    except ZIP_ERRORS as e:
+        raise FormatError(f"record {info.filename} is corrupt, truncated or encrypted: {e}", path) from None
 
 
 def zip_metadata(zf: zipfile.ZipFile, folder: str, path: str) -> Dict[str, str]:
