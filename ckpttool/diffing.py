@@ -143,6 +143,29 @@ def _as_number_tensor(piece: Any, dtype: str):
     return piece.to(wide)
 
 
+FAST_CHUNK = 8 << 20
+
+
+def _bytes_equal(a: TensorRef, b: TensorRef) -> bool:
+    """Are two contiguous tensors' bytes equal? Two reusable buffers, no arithmetic, no torch."""
+    sa, sb = a.storage.source, b.storage.source
+    if not (a.is_contiguous and b.is_contiguous and hasattr(sa, "readinto") and hasattr(sb, "readinto")):
+        return False
+    (start_a, _), (start_b, _) = a.span(), b.span()
+    total = a.nbytes
+    step = FAST_CHUNK - FAST_CHUNK % a.itemsize
+    bufa, bufb = bytearray(min(step, total)), bytearray(min(step, total))
+    for off in range(0, total, step):
+        n = min(step, total - off)
+        if n != len(bufa):
+            bufa, bufb = bytearray(n), bytearray(n)
+        sa.readinto(start_a + off, bufa)
+        sb.readinto(start_b + off, bufb)
+        if bufa != bufb:
+            return False
+    return True
+
+
 def _same_bits(pa: Any, pb: Any) -> bool:
     if isinstance(pa, (bytes, bytearray)) and isinstance(pb, (bytes, bytearray)):
         return pa == pb
@@ -179,6 +202,8 @@ def compare_tensors(d: TensorDiff, a: TensorRef, b: TensorRef, atol: Optional[fl
                                    note=f"values of {a.dtype} and {b.dtype} cannot be compared numerically")
     if not measurable and not (a.is_contiguous and b.is_contiguous):
         return dataclasses.replace(d, status="not_compared", note=f"strided {a.dtype} view: values not compared")
+    if a.dtype == b.dtype and _bytes_equal(a, b):  # the common case, at the speed of the disk
+        return dataclasses.replace(d, status="exact", max_abs=0.0, max_rel=0.0, atol=at, rtol=rt)
     n_bad, max_abs, max_rel, exact = 0, 0.0, 0.0, True
     for pa, pb in zip(_pieces(a, chunk_elements), _pieces(b, chunk_elements)):
         if a.dtype == b.dtype and _same_bits(pa, pb):

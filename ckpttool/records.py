@@ -62,6 +62,25 @@ class FileSpan:
         return bytes(out)
 
 
+def _readinto(self, start: int, buf: bytearray) -> None:
+    """Fill ``buf`` with the span's bytes from ``start`` (a reusable buffer: no allocation per read)."""
+    size = len(buf)
+    if start < 0 or start + size > self.size:
+        raise FormatError(f"read of {size} bytes at {start} is outside a {self.size}-byte record", self.path)
+    with open(self.path, "rb") as f:
+        view = memoryview(buf)
+        done = 0
+        while done < size:
+            n = os.preadv(f.fileno(), [view[done:]], self.offset + start + done)
+            if not n:
+                raise FormatError(f"file is truncated: tensor data ends at byte {self.offset + start + size}",
+                                  self.path)
+            done += n
+
+
+FileSpan.readinto = _readinto
+
+
 class BufferSpan:
     """Bytes held in memory (small embedded data, e.g. an ONNX initializer's raw_data)."""
 
