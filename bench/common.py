@@ -13,6 +13,19 @@ import sys
 import time
 
 
+# the floor for writing a file: copy it in 16 MiB blocks and fdatasync (run as python -c COPY SRC DST)
+COPY = """
+import os, sys
+with open(sys.argv[1], "rb") as src, open(sys.argv[2], "wb") as dst:
+    while True:
+        b = src.read(1 << 24)
+        if not b:
+            break
+        dst.write(b)
+    dst.flush(); os.fdatasync(dst.fileno())
+"""
+
+
 def measure(cmd, runs, ok=(0,)):
     """Median wall time and peak RSS (MB, this child alone, via wait4) of ``runs`` runs.
 

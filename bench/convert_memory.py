@@ -17,18 +17,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import make_in_child, measure, sized_parser  # noqa: E402  (same folder)
+from common import COPY, make_in_child, measure, sized_parser  # noqa: E402  (same folder)
 
-COPY = """
-import os, sys
-with open(sys.argv[1], "rb") as src, open(sys.argv[2], "wb") as dst:
-    while True:
-        b = src.read(1 << 24)
-        if not b:
-            break
-        dst.write(b)
-    dst.flush(); os.fdatasync(dst.fileno())
-"""
 NAIVE_TO_ST = """
 import sys, torch
 from safetensors.torch import save_file

@@ -19,19 +19,9 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import measure  # noqa: E402  (same folder)
+from common import COPY, measure  # noqa: E402  (same folder)
 
 PY = sys.executable
-COPY = """
-import os, sys
-with open(sys.argv[1], "rb") as src, open(sys.argv[2], "wb") as dst:
-    while True:
-        b = src.read(1 << 24)
-        if not b:
-            break
-        dst.write(b)
-    dst.flush(); os.fdatasync(dst.fileno())
-"""
 NAIVE = {
     "inspect": "import sys, torch; sd = torch.load(sys.argv[1], mmap=True, weights_only=True); "
                "[(k, tuple(v.shape), v.dtype) for k, v in sd.items()]",

@@ -23,6 +23,7 @@ from collections import Counter
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .errors import CkptError, FormatError, UsageError
+from .opcodes import generic_stack_effect
 from .formats import detect, open as open_checkpoint
 from .formats.torch_zip import find_record_folder, open_zip
 from .records import Checkpoint, RemapResult
@@ -183,17 +184,7 @@ def rewrite_locations(data: bytes, new_location: Callable[[str], str], arity: Op
         elif name in ("PROTO", "FRAME"):
             pass
         else:
-            before, after = op.stack_before, op.stack_after
-            marks = [j for j, s in enumerate(before) if s is pickletools.markobject]
-            if marks:
-                k = len(stack) - 1 - stack[::-1].index(_MARK)
-                del stack[k:]
-                drop = marks[0]
-            else:
-                drop = len(before)
-            if drop:
-                del stack[len(stack) - drop:]
-            stack.extend(_Item(i) for _ in after)
+            generic_stack_effect(op, stack, _MARK, lambda i=i: _Item(i))
 
     # Pass 2: what each memo slot holds after the rewrite, and which GETs must become literals.
     replace: Dict[int, bytes] = dict(replace_early)

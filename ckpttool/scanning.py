@@ -28,6 +28,7 @@ import zlib
 from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from .errors import FileAccessError, FormatError
+from .opcodes import generic_stack_effect
 from .records import ScanFile, ScanGlobal, ScanResult
 
 # Beyond torch's weights_only allow list: types that hold data and run nothing of note when rebuilt.
@@ -305,18 +306,7 @@ def scan_pickle(data: bytes, where: str, depth: int = 0) -> Tuple[Dict[str, Set[
             elif name in ("PROTO", "FRAME"):
                 continue
             else:
-                before, after = op.stack_before, op.stack_after
-                marks = [j for j, st in enumerate(before) if st is pickletools.markobject]
-                if marks:
-                    pop_mark()
-                    drop = marks[0]
-                else:
-                    drop = len(before)
-                if drop:
-                    if len(stack) < drop:
-                        raise ValueError("stack underflow")
-                    del stack[len(stack) - drop:]
-                stack.extend(_OTHER for _ in after)
+                generic_stack_effect(op, stack, _MARK, lambda: _OTHER)
     except (ValueError, IndexError, KeyError, EOFError, TypeError, UnicodeDecodeError, AttributeError) as e:
         raise FormatError(f"malformed pickle in {where}: {str(e)[:120]}") from None
     return uses, nested
