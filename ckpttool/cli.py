@@ -371,3 +371,24 @@ def main(argv=None) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(1)
+    except SystemExit as e:
+        if argv is None and "torch" in sys.modules:
+            _exit_now(e.code)
+        raise
+
+
+def _exit_now(code) -> None:
+    """Leave without torch's teardown (0.4-0.7 s at exit): the work is done and its output written.
+
+    Only for the console script (``argv is None``), never when called as a library function.
+    Every file the commands write is fsynced and renamed before they return.
+    """
+    status = code if isinstance(code, int) else (0 if code is None else 1)
+    if not isinstance(code, (int, type(None))):
+        print(code, file=sys.stderr)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (BrokenPipeError, ValueError):
+        status = status or 1
+    os._exit(status)

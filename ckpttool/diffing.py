@@ -144,24 +144,32 @@ def _as_number_tensor(piece: Any, dtype: str):
 
 
 FAST_CHUNK = 8 << 20
+_buffers: List[bytearray] = []  # two reusable buffers whose contents are equal between calls
 
 
 def _bytes_equal(a: TensorRef, b: TensorRef) -> bool:
-    """Are two contiguous tensors' bytes equal? Two reusable buffers, no arithmetic, no torch."""
+    """Are two contiguous tensors' bytes equal? Two reusable buffers, no arithmetic, no torch.
+
+    Each chunk is read into the front of both buffers and the whole buffers compared (a C memcmp):
+    the bytes past the chunk are equal too, because any earlier difference ended the comparison,
+    after which the buffers are made anew.
+    """
     sa, sb = a.storage.source, b.storage.source
     if not (a.is_contiguous and b.is_contiguous and hasattr(sa, "readinto") and hasattr(sb, "readinto")):
         return False
+    if not _buffers:
+        _buffers.extend((bytearray(FAST_CHUNK), bytearray(FAST_CHUNK)))
+    bufa, bufb = _buffers
     (start_a, _), (start_b, _) = a.span(), b.span()
     total = a.nbytes
     step = FAST_CHUNK - FAST_CHUNK % a.itemsize
-    bufa, bufb = bytearray(min(step, total)), bytearray(min(step, total))
+    va, vb = memoryview(bufa), memoryview(bufb)
     for off in range(0, total, step):
         n = min(step, total - off)
-        if n != len(bufa):
-            bufa, bufb = bytearray(n), bytearray(n)
-        sa.readinto(start_a + off, bufa)
-        sb.readinto(start_b + off, bufb)
+        sa.readinto(start_a + off, va[:n])
+        sb.readinto(start_b + off, vb[:n])
         if bufa != bufb:
+            _buffers.clear()  # unequal now: the next call starts from fresh, equal buffers
             return False
     return True
 

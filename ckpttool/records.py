@@ -62,13 +62,13 @@ class FileSpan:
         return bytes(out)
 
 
-def _readinto(self, start: int, buf: bytearray) -> None:
-    """Fill ``buf`` with the span's bytes from ``start`` (a reusable buffer: no allocation per read)."""
+def _readinto(self, start: int, buf) -> None:
+    """Fill ``buf`` (a bytearray or a writable memoryview) with the span's bytes from ``start``."""
     size = len(buf)
     if start < 0 or start + size > self.size:
         raise FormatError(f"read of {size} bytes at {start} is outside a {self.size}-byte record", self.path)
     with open(self.path, "rb") as f:
-        view = memoryview(buf)
+        view = buf if isinstance(buf, memoryview) else memoryview(buf)
         done = 0
         while done < size:
             n = os.preadv(f.fileno(), [view[done:]], self.offset + start + done)
