@@ -42,15 +42,21 @@ class _Group(click.Group):
 @click.version_option(__version__, "--version", prog_name="ckpttool", message="%(prog)s %(version)s")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def cli(debug: bool) -> None:
-    """Inspect, compare, fit, remap, convert and verify PyTorch checkpoints.
+    """Inspect, compare, fit, remap, convert, verify and scan PyTorch checkpoints.
 
     Reads torch.save files (zip and legacy), TorchScript, safetensors (single
-    and sharded) and ONNX without running any code from them.
+    and sharded) and ONNX without running any code from them; only --trust
+    lets a command import and run a checkpoint's own classes.
 
     \b
     Examples:
       ckpttool inspect model.pt
-      ckpttool inspect model.safetensors --json
+      ckpttool diff model.pt model.safetensors
+      ckpttool filter resnet50.pth --model torchvision.models:resnet50 --arg num_classes=120 -o fit.pt
+      ckpttool remap gpu_ckpt.pt -o cpu_ckpt.pt --map cuda=cpu
+      ckpttool convert full_model.pth -o model.safetensors
+      ckpttool verify model.safetensors --against full_model.pth --trust --input-shape 1x3x224x224
+      ckpttool scan downloaded.pt
     """
 
 
