@@ -123,10 +123,10 @@ def test_pickled_full_model_state_dict_matches_the_real_class(make, name):
     assert sd.tensors["stem.weight"].is_parameter and not sd.tensors["scale"].is_parameter
 
 
-def test_the_reader_never_imports_the_pickled_class(make):
+def test_the_reader_never_imports_the_pickled_class(make, monkeypatch):
     import sys
     path = make("full_model.pth")
-    sys.modules.pop("mypkg", None)
+    monkeypatch.delitem(sys.modules, "mypkg", raising=False)  # restored after: the fixture makers pickle it
     find_state_dict(ckpttool.open(path))
     assert "mypkg" not in sys.modules
 

@@ -103,9 +103,13 @@ _DTYPE_ALIASES = {"float": "float32", "double": "float64", "half": "float16", "l
 
 
 def _check_dims(values, what: str) -> Tuple[int, ...]:
-    if not isinstance(values, (tuple, list)) or not all(type(v) is int and v >= 0 for v in values):
-        raise FormatError(f"tensor {what} is not a tuple of non-negative ints: {safe_repr(values, 80)}")
-    return tuple(values)
+    if isinstance(values, (tuple, list)):
+        for v in values:
+            if type(v) is not int or v < 0:
+                break
+        else:
+            return tuple(values)
+    raise FormatError(f"tensor {what} is not a tuple of non-negative ints: {safe_repr(values, 80)}")
 
 
 def _make_tensor(storage, storage_offset, size, stride, requires_grad=False, dtype: Optional[str] = None,
@@ -121,10 +125,11 @@ def _make_tensor(storage, storage_offset, size, stride, requires_grad=False, dty
     dtype = dtype or storage.dtype
     size_of = itemsize(dtype) or 1
     numel = 1
-    for n in shape:
+    last = storage_offset
+    for n, st in zip(shape, strides):
         numel *= n
+        last += (n - 1) * st
     if numel:
-        last = storage_offset + sum((n - 1) * s for n, s in zip(shape, strides))
         if (last + 1) * size_of > storage.nbytes:
             raise FormatError(
                 f"tensor of shape {list(shape)} at offset {storage_offset} reaches element {last}, "
@@ -454,6 +459,8 @@ class SafeUnpickler(pickle._Unpickler):
         return dict(self._pairs(source), **kwargs)
 
     def _ordered_dict(self, source=(), **kwargs):
+        if not source and not kwargs:  # what every torch tensor record calls: OrderedDict()
+            return collections.OrderedDict()
         return collections.OrderedDict(self._pairs(source), **kwargs)
 
     # -- opcodes ---------------------------------------------------------------------------
@@ -610,6 +617,101 @@ class SafeUnpickler(pickle._Unpickler):
     dispatch[pickle.BUILD[0]] = load_build
 
 
+    def load_in_memory(self, data: bytes):
+        """``load()`` for a protocol 0-3 pickle held in memory: the hot opcodes run inline.
+
+        The same opcodes, checks and objects as ``load()``; what differs is that the ten
+        opcodes that make up almost all of a torch data.pkl (memo, ints, strings, marks, tuples,
+        calls, persistent ids) are decoded from ``data`` directly instead of through
+        ``read()`` and a method each. Everything else goes through the dispatch table as
+        usual, with the file positioned after its opcode byte.
+        """
+        bio = self._file_for_fallback
+        self._unframer = pickle._Unframer(bio.read, bio.readline)
+        self.read = self._unframer.read
+        self.readinto = self._unframer.readinto
+        self.readline = self._unframer.readline
+        self.metastack = metastack = []
+        self.stack = stack = []
+        self.append = stack.append
+        self.proto = 0
+        memo = self.memo
+        dispatch = self.dispatch
+        n = len(data)
+        pos = 0
+        frm = int.from_bytes
+        while True:
+            if pos >= n:
+                raise EOFError
+            op = data[pos]
+            if op == 0x72:  # LONG_BINPUT
+                if pos + 5 > n:
+                    raise EOFError
+                memo[frm(data[pos + 1:pos + 5], "little")] = stack[-1]
+                pos += 5
+            elif op == 0x68:  # BINGET
+                if pos + 2 > n:
+                    raise EOFError
+                stack.append(memo[data[pos + 1]])
+                pos += 2
+            elif op == 0x4B:  # BININT1
+                if pos + 2 > n:
+                    raise EOFError
+                stack.append(data[pos + 1])
+                pos += 2
+            elif op == 0x28:  # MARK
+                metastack.append(stack)
+                self.stack = stack = []
+                self.append = stack.append
+                pos += 1
+            elif op == 0x58:  # BINUNICODE
+                if pos + 5 > n:
+                    raise EOFError
+                length = frm(data[pos + 1:pos + 5], "little")
+                end = pos + 5 + length
+                if end > n:
+                    raise FormatError(f"pickle declares a {length}-byte string in a {n}-byte input")
+                stack.append(str(data[pos + 5:end], "utf-8", "surrogatepass"))
+                pos = end
+            elif op == 0x74:  # TUPLE
+                items = stack
+                self.stack = stack = metastack.pop()
+                self.append = stack.append
+                stack.append(tuple(items))
+                pos += 1
+            elif op == 0x85:  # TUPLE1
+                stack[-1] = (stack[-1],)
+                pos += 1
+            elif op == 0x52:  # REDUCE
+                self.load_reduce()
+                pos += 1
+            elif op == 0x51:  # BINPERSID
+                pid = stack.pop()
+                stack.append(self.persistent_load(pid))
+                pos += 1
+            elif op == 0x89:  # NEWFALSE
+                stack.append(False)
+                pos += 1
+            elif op == 0x29:  # EMPTY_TUPLE
+                stack.append(())
+                pos += 1
+            elif op == 0x2E:  # STOP
+                return stack.pop()
+            else:
+                if op == 0x95:  # FRAME: protocol 4; its buffering would take reads away from ``pos``
+                    raise FormatError("pickle has a FRAME opcode but declares protocol 3 or lower")
+                bio.seek(pos + 1)
+                try:
+                    dispatch[op](self)
+                except KeyError:
+                    raise FormatError(f"invalid pickle opcode {op:#04x} at byte {pos}") from None
+                except pickle._Stop as stop:
+                    return stop.value
+                pos = bio.tell()
+                stack = self.stack
+                metastack = self.metastack
+
+
 def _short_type(obj) -> str:
     if isinstance(obj, type) and issubclass(obj, Stub):
         return f"class {obj.stub_module}.{obj.stub_name}"
@@ -655,7 +757,12 @@ def safe_load(data: bytes, persistent_load: Optional[PersistentLoad] = None, pat
     >>> safe_load(pickle.dumps({"epoch": 3}))[0]
     {'epoch': 3}
     """
-    return load_stream(io.BytesIO(data), persistent_load, path)
+    if len(data) > 1 and data[0] == 0x80 and data[1] > 3:  # protocol 4+: framed, read the usual way
+        return load_stream(io.BytesIO(data), persistent_load, path)
+    bio = io.BytesIO(data)
+    up = SafeUnpickler(bio, persistent_load, len(data))
+    up._file_for_fallback = bio
+    return _finish(up, lambda: up.load_in_memory(data), path)
 
 
 def load_stream(f, persistent_load: Optional[PersistentLoad] = None, path: Optional[str] = None,
@@ -665,8 +772,12 @@ def load_stream(f, persistent_load: Optional[PersistentLoad] = None, path: Optio
     ``size`` bounds every length the pickle declares (default: the file's size).
     """
     up = SafeUnpickler(f, persistent_load, size)
+    return _finish(up, up.load, path)
+
+
+def _finish(up: SafeUnpickler, load, path: Optional[str]):
     try:
-        obj = up.load()
+        obj = load()
     except FormatError as e:
         raise FormatError(f"malformed pickle: {e.message}", path) from None
     except RecursionError:
