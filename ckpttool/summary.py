@@ -108,7 +108,7 @@ def _notes(ckpt: Checkpoint, sd: StateDict, stubs) -> Tuple[str, ...]:
                      f"and --trust")
     module_classes = {o.qualname for o in _all_stubs(ckpt.root) if module_kind(o)}
     other = [s for s in stubs if not s.startswith("torch.") and s not in module_classes]
-    if other and ckpt.format != "torchscript":
+    if other and ckpt.format not in ("torchscript", "dcp"):
         notes.append(f"references {len(other)} other class(es) the reader did not import: "
                      f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''}")
     if ckpt.metadata.get("note"):

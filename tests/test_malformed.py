@@ -239,7 +239,7 @@ def test_directory_of_unrelated_files(tmp_path):
     assert_bad(d, contains="no checkpoint")
 
 
-def test_dcp_directory_is_refused(tmp_path):
+def test_dcp_directory_with_bad_metadata_is_refused(tmp_path):
     d = tmp_path / "dcp"
     d.mkdir()
     (d / ".metadata").write_bytes(b"\x80\x04N.")

@@ -47,8 +47,6 @@ def _folder_entry(path: str) -> str:
     indexes = [n for n in names if n.endswith(".index.json")]
     if len(indexes) == 1:
         return os.path.join(path, indexes[0])
-    if ".metadata" in names:
-        raise FormatError("is a torch.distributed.checkpoint folder; ckpttool does not read those yet", path)
     singles = [n for n in names if n in ("model.safetensors", "pytorch_model.bin")] or \
         [n for n in names if n.endswith(".onnx")]
     if len(singles) == 1:
@@ -66,6 +64,8 @@ def detect(path: str) -> str:
     """
     st = _check_path(path)
     if stat.S_ISDIR(st.st_mode):
+        if os.path.isfile(os.path.join(path, ".metadata")):
+            return "dcp"  # torch.distributed.checkpoint: .metadata + __R_N.distcp files
         return detect(_folder_entry(path))
     if st.st_size == 0:
         raise FormatError("file is empty", path)
@@ -111,6 +111,9 @@ def open(path: str, fmt: Optional[str] = None) -> Checkpoint:  # noqa: A001 - th
     """
     path = os.fspath(path)
     fmt = fmt or detect(path)
+    if fmt == "dcp":
+        from .dcp import read as read_dcp
+        return read_dcp(path)
     if os.path.isdir(path):
         path = _folder_entry(path)
     if fmt == "torch_zip":

@@ -1,0 +1,259 @@
+"""torch.distributed.checkpoint folders, read without torch and without running their pickles.
+
+A DCP folder holds ``.metadata`` (a plain pickle of DCP's metadata classes: which tensors and
+values exist, their sizes and chunks, and where each chunk's bytes are) and ``__R_N.distcp``
+files, in which every chunk and every non-tensor value is a ``torch.save`` archive at an offset.
+``.metadata`` is read by the restricted unpickler and only DCP's own metadata classes may appear
+in it; each chunk's archive is read in place (a window of the .distcp file) by the same readers
+as any torch.save file, so tensor bytes stay where they are and are read lazily. A tensor split
+into chunks along its first dimension (FSDP's sharding) is one tensor whose bytes are its chunks'
+in order.
+"""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zipfile
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..errors import FileAccessError, FormatError
+from ..records import Checkpoint, FileSpan, StorageRef, TensorRef
+from .safe_pickle import Stub, parse_storage_pid, safe_load, storage_nbytes
+from .torch_zip import ZIP_ERRORS, find_record_folder
+
+MAX_METADATA = 1 << 30
+_DCP = "torch.distributed.checkpoint."
+ALLOWED = {_DCP + n for n in (
+    "metadata.Metadata", "metadata.MetadataIndex", "metadata.StorageMeta", "metadata.TensorProperties",
+    "metadata.TensorStorageMetadata", "metadata.BytesStorageMetadata", "metadata.ChunkStorageMetadata",
+    "metadata._MEM_FORMAT_ENCODING", "filesystem._StorageInfo")} | {
+    "pathlib.PosixPath", "pathlib.WindowsPath", "torch.serialization._get_layout"}
+
+
+def is_dcp(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, ".metadata"))
+
+
+class _Window(io.RawIOBase):
+    """Bytes [base, base + size) of a file, as a seekable file (a torch.save archive inside a .distcp)."""
+
+    def __init__(self, f, base: int, size: int):
+        super().__init__()
+        self.f, self.base, self.size, self.pos = f, base, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = {0: offset, 1: self.pos + offset, 2: self.size + offset}[whence]
+        if self.pos < 0:
+            raise ValueError("negative seek")
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        n = max(0, min(len(buf), self.size - self.pos))
+        data = os.pread(self.f.fileno(), n, self.base + self.pos) if n else b""
+        buf[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def _state(obj: Any, cls: str) -> Dict[str, Any]:
+    if not (isinstance(obj, Stub) and obj.qualname == _DCP + cls and isinstance(obj.state, dict)):
+        raise FormatError(f"DCP metadata: expected a {cls.rpartition('.')[2]} record")
+    return obj.state
+
+
+def _blob(path: str, base: int, length: int, what: str) -> Tuple[Any, str]:
+    """The root object of the torch.save archive at [base, base + length) of ``path``, tensors lazy."""
+    file_size = os.path.getsize(path)
+    if base < 0 or length <= 0 or base + length > file_size:
+        raise FormatError(f"{what}: bytes [{base}, +{length}) lie outside {os.path.basename(path)}", path)
+    with open(path, "rb") as f:
+        try:
+            zf = zipfile.ZipFile(_Window(f, base, length))
+            with zf:
+                folder = find_record_folder(zf, path)
+                data = zf.read(folder + "data.pkl")
+                infos = {i.filename: i for i in zf.infolist()}
+        except ZIP_ERRORS as e:
+            raise FormatError(f"{what}: not a readable torch.save archive: {e}", path) from None
+
+        def load(pid):
+            stype, key, location, numel, _ = parse_storage_pid(pid)
+            info = infos.get(f"{folder}data/{key}")
+            if info is None or info.compress_type != zipfile.ZIP_STORED:
+                raise FormatError(f"{what}: storage {key!r} missing or compressed")
+            head = os.pread(f.fileno(), 30, base + info.header_offset)
+            if len(head) != 30 or head[:4] != b"PK\x03\x04":
+                raise FormatError(f"{what}: storage {key!r} has no local header")
+            name_len, extra_len = struct.unpack("<HH", head[26:30])
+            start = base + info.header_offset + 30 + name_len + extra_len
+            nbytes = storage_nbytes(stype, numel)
+            if nbytes > info.file_size or start + nbytes > base + length:
+                raise FormatError(f"{what}: storage {key!r} runs past its archive")
+            return StorageRef(key=f"{os.path.basename(path)}@{base}/{key}", dtype=stype.dtype, device=location,
+                              nbytes=nbytes, source=FileSpan(path, start, nbytes), file=path)
+
+        root, _ = safe_load(data, load, path)
+    return root, folder
+
+
+class _Concat:
+    """Bytes of several spans one after the other (a tensor's chunks along its first dimension)."""
+
+    def __init__(self, parts: List[Tuple[Any, int, int]], path: str):
+        self.parts, self.path = parts, path  # (source, start in source, size)
+        self.size = sum(p[2] for p in parts)
+
+    def read(self, start: int = 0, size: Optional[int] = None) -> bytes:
+        if size is None:
+            size = self.size - start
+        if start < 0 or size < 0 or start + size > self.size:
+            raise FormatError(f"read of {size} bytes at {start} is outside a {self.size}-byte tensor", self.path)
+        out = bytearray()
+        pos = 0
+        for source, s0, n in self.parts:
+            lo, hi = max(start, pos), min(start + size, pos + n)
+            if lo < hi:
+                out += source.read(s0 + lo - pos, hi - lo)
+            pos += n
+        return bytes(out)
+
+
+def _tensor(fqn: str, md: Stub, index: Dict[Tuple[str, Any], Dict[str, Any]], folder: str,
+            meta_path: str) -> TensorRef:
+    st = _state(md, "metadata.TensorStorageMetadata")
+    size = tuple(st.get("size") or ())
+    chunks = []
+    for c in st.get("chunks") or []:
+        cs = _state(c, "metadata.ChunkStorageMetadata")
+        offsets, sizes = tuple(cs.get("offsets") or ()), tuple(cs.get("sizes") or ())
+        info = index.get((fqn, offsets))
+        if info is None:
+            raise FormatError(f"tensor {fqn}: chunk at {list(offsets)} has no storage record", meta_path)
+        path = _inside(folder, info.get("relative_path"), meta_path)
+        t, _ = _blob(path, info.get("offset"), info.get("length"), f"tensor {fqn} chunk {list(offsets)}")
+        if not isinstance(t, TensorRef) or tuple(t.shape) != sizes:
+            raise FormatError(f"tensor {fqn}: chunk at {list(offsets)} does not hold a {list(sizes)} tensor", path)
+        chunks.append((offsets, t))
+    if not chunks:
+        raise FormatError(f"tensor {fqn} has no chunks", meta_path)
+    chunks.sort(key=lambda c: c[0])
+    if len(chunks) == 1 and all(o == 0 for o in chunks[0][0]) and tuple(chunks[0][1].shape) == size:
+        return chunks[0][1]
+    # several chunks: only a split along dim 0 into contiguous pieces is one run of bytes
+    row = 0
+    parts = []
+    for offsets, t in chunks:
+        if offsets[0] != row or any(o != 0 for o in offsets[1:]) or tuple(t.shape[1:]) != size[1:] \
+                or not t.is_contiguous or not t.has_data:
+            raise FormatError(f"tensor {fqn} is chunked across other dimensions than the first; "
+                              "reading it is not supported yet", meta_path)
+        start, _ = t.span()
+        parts.append((t.storage.source, start, t.nbytes))
+        row += t.shape[0]
+    if row != size[0]:
+        raise FormatError(f"tensor {fqn}: its chunks cover {row} of {size[0]} rows", meta_path)
+    first = chunks[0][1]
+    total = sum(p[2] for p in parts)
+    stride = tuple(_prod(size[i + 1:]) for i in range(len(size)))
+    storage = StorageRef(key=fqn, dtype=first.dtype, device=first.device, nbytes=total,
+                         source=_Concat(parts, meta_path), file=meta_path)
+    return TensorRef(shape=size, dtype=first.dtype, stride=stride, storage=storage, device=first.device)
+
+
+def _prod(xs) -> int:
+    n = 1
+    for x in xs:
+        n *= x
+    return n
+
+
+def _inside(folder: str, name: Any, referrer: str) -> str:
+    from .sharded import inside
+    if not isinstance(name, str):
+        raise FormatError("DCP storage record without a file name", referrer)
+    full = inside(folder, name, referrer)
+    if not os.path.isfile(full):
+        raise FileAccessError(f"DCP data file {name} is missing", referrer)
+    return full
+
+
+def read(folder: str) -> Checkpoint:
+    """Read a torch.distributed.checkpoint folder: every tensor and value, tensors lazy."""
+    try:
+        return _read(folder)
+    except FormatError as e:
+        e.path = e.path or folder
+        raise
+
+
+def _read(folder: str) -> Checkpoint:
+    meta_path = os.path.join(folder, ".metadata")
+    if os.path.getsize(meta_path) > MAX_METADATA:
+        raise FormatError(f".metadata is larger than {MAX_METADATA >> 20} MiB", meta_path)
+    with open(meta_path, "rb") as f:
+        data = f.read()
+    root, globs = safe_load(data, None, meta_path)
+    strangers = sorted(g.qualname for g in globs if g.handling == "stub" and g.qualname not in ALLOWED)
+    if strangers:
+        raise FormatError(f"DCP .metadata names {strangers[0]}, which is not one of DCP's metadata classes", meta_path)
+    st = _state(root, "metadata.Metadata")
+    sdm, storage = st.get("state_dict_metadata"), st.get("storage_data")
+    if not isinstance(sdm, dict) or not isinstance(storage, dict):
+        raise FormatError("DCP .metadata has no state_dict_metadata / storage_data", meta_path)
+    index: Dict[Tuple[str, Any], Dict[str, Any]] = {}
+    for k, v in storage.items():
+        ks, vs = _state(k, "metadata.MetadataIndex"), _state(v, "filesystem._StorageInfo")
+        off = ks.get("offset")
+        index[(ks.get("fqn"), tuple(off) if isinstance(off, (list, tuple)) else None)] = vs
+    flat: Dict[str, Any] = {}
+    files = {meta_path}
+    for fqn, md in sdm.items():
+        if not isinstance(fqn, str):
+            raise FormatError("DCP .metadata has a non-string key", meta_path)
+        if isinstance(md, Stub) and md.qualname == _DCP + "metadata.TensorStorageMetadata":
+            flat[fqn] = _tensor(fqn, md, index, folder, meta_path)
+        elif isinstance(md, Stub) and md.qualname == _DCP + "metadata.BytesStorageMetadata":
+            info = index.get((fqn, None))
+            if info is None:
+                raise FormatError(f"value {fqn} has no storage record", meta_path)
+            path = _inside(folder, info.get("relative_path"), meta_path)
+            flat[fqn], _ = _blob(path, info.get("offset"), info.get("length"), f"value {fqn}")
+        else:
+            raise FormatError(f"entry {fqn} has unknown DCP metadata", meta_path)
+    for info in index.values():
+        files.add(_inside(folder, info.get("relative_path"), meta_path))
+    tree = _nest(flat, st.get("planner_data"))
+    total = sum(os.path.getsize(p) for p in files)
+    return Checkpoint(path=folder, format="dcp", file_size=total, root=tree, globals=tuple(globs),
+                      files=tuple(sorted(files)))
+
+
+def _nest(flat: Dict[str, Any], planner: Any) -> Dict[str, Any]:
+    """The state_dict's own nesting, from DCP's planner data (fqn -> path of keys), where it has it."""
+    if not isinstance(planner, dict):
+        return flat
+    out: Dict[str, Any] = {}
+    for fqn, value in flat.items():
+        path = planner.get(fqn)
+        if not (isinstance(path, (list, tuple)) and path and all(isinstance(p, (str, int)) for p in path)):
+            path = (fqn,)
+        node = out
+        for part in path[:-1]:
+            nxt = node.setdefault(str(part), {})
+            if not isinstance(nxt, dict):
+                return flat  # paths that collide: keep DCP's flat names
+            node = nxt
+        if str(path[-1]) in node:
+            return flat
+        node[str(path[-1])] = value
+    return out

@@ -1,0 +1,180 @@
+"""torch.distributed.checkpoint folders, written by torch's own dcp.save, read by ckpttool in every command."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+
+import ckpttool
+from ckpttool.cli import cli
+from ckpttool.errors import CkptError, FormatError
+from ckpttool.tree import find_state_dict
+
+
+def dcp_save(state, folder) -> str:
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # single-process save warns that no process group exists
+        dcp.save(state, checkpoint_id=str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory):
+    """A resnet18 after one SGD step, saved by dcp.save as {"model", "optim", "epoch"} and by torch.save."""
+    d = tmp_path_factory.mktemp("dcp_resnet")
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(weights=None)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    m(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    folder = dcp_save({"model": m.state_dict(), "epoch": 5, "note": "run-1"}, d / "ck")
+    plain = str(d / "plain.pt")
+    torch.save(m.state_dict(), plain)
+    return folder, plain, m.state_dict()
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_reads_every_tensor_and_value_bit_for_bit(resnet):
+    folder, _, ref = resnet
+    ckpt = ckpttool.open(folder)
+    assert ckpt.format == "dcp"
+    assert ckpt.root["epoch"] == 5 and ckpt.root["note"] == "run-1"
+    sd = find_state_dict(ckpt)
+    assert sd.entry == "model" and list(sd.tensors) == list(ref)
+    for name, t in sd.tensors.items():
+        x = t.to_torch()
+        assert x.dtype == ref[name].dtype and torch.equal(x, ref[name]), name
+
+
+def test_inspect_diff_convert_verify_scan_filter(resnet, tmp_path):
+    folder, plain, ref = resnet
+    r = run("inspect", folder, "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["format"] == "dcp" and d["entry"] == "model" and len(d["tensors"]) == len(ref)
+
+    r = run("diff", folder, plain, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["equal"] is True, r.output
+
+    for out in (tmp_path / "o.pt", tmp_path / "o.safetensors"):
+        r = run("convert", folder, "-o", out, "--check")
+        assert r.exit_code == 0, r.output
+        back = torch.load(out, weights_only=True) if out.suffix == ".pt" else \
+            __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(out))
+        assert set(back) == set(ref) and all(torch.equal(back[k], ref[k]) for k in ref)
+
+    r = run("verify", folder, "--model", "torchvision.models:resnet18", "--input-shape", "1x3x32x32", "--json")
+    assert r.exit_code == 0, r.output
+    checks = {(c["name"], c["device"]): c["status"] for c in json.loads(r.stdout)["checks"]}
+    assert checks[("loads into model", "cpu")] == "pass" and checks[("integrity", None)] == "skip"
+
+    r = run("scan", folder, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["dangerous"] is False, r.output
+
+    r = run("filter", folder, "--model", "torchvision.models:resnet18", "--arg", "num_classes=10",
+            "-o", tmp_path / "fit.pt", "--json")
+    assert r.exit_code == 0, r.output
+    assert {d["name"] for d in json.loads(r.stdout)["dropped_shape_mismatch"]} == {"fc.weight", "fc.bias"}
+
+
+TWO_RANKS = textwrap.dedent("""
+    import os, sys, warnings, torch, torch.distributed as dist, torch.multiprocessing as mp
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor, Shard, Replicate
+
+    def run(rank, world, out, port):
+        warnings.simplefilter("ignore")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        mesh = init_device_mesh("cpu", (world,))
+        torch.manual_seed(0)
+        full = {"w": torch.randn(6, 4), "odd": torch.randn(7, 3), "b": torch.arange(5.0),
+                "h": torch.randn(8, 2).half(), "step": torch.tensor(3)}
+        sd = {"w": distribute_tensor(full["w"], mesh, [Shard(0)]), "odd": distribute_tensor(full["odd"], mesh, [Shard(0)]),
+              "h": distribute_tensor(full["h"], mesh, [Shard(0)]), "b": distribute_tensor(full["b"], mesh, [Replicate()]),
+              "step": full["step"]}
+        dcp.save(sd, checkpoint_id=out)
+        if rank == 0:
+            torch.save(full, out + ".full.pt")
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.spawn(run, args=(2, sys.argv[1], sys.argv[2]), nprocs=2)
+""")
+
+
+def test_tensors_sharded_across_two_ranks_are_reassembled(tmp_path):
+    """Two gloo processes save DTensors split along dim 0 (7 rows: uneven): one tensor each, equal to the full one."""
+    script = tmp_path / "two.py"
+    script.write_text(TWO_RANKS)
+    out = str(tmp_path / "sharded")
+    port = str(29500 + os.getpid() % 500)
+    r = subprocess.run([sys.executable, str(script), out, port], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(n for n in os.listdir(out) if n.endswith(".distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    full = torch.load(out + ".full.pt", weights_only=True)
+    ckpt = ckpttool.open(out)
+    for name, ref in full.items():
+        t = ckpt.root[name]
+        assert tuple(t.shape) == tuple(ref.shape) and torch.equal(t.to_torch(), ref), name
+    d = ckpttool.diff(out, out + ".full.pt")
+    assert d.equal and d.exact == len(full)
+
+
+def test_metadata_naming_a_foreign_class_is_refused_and_not_run(tmp_path, resnet):
+    """Only DCP's own metadata classes may appear in .metadata; anything else is an error, never imported."""
+    folder, _, _ = resnet
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for n in os.listdir(folder):
+        if n.endswith(".distcp"):
+            os.link(os.path.join(folder, n), bad / n)
+    marker = tmp_path / "MARKER"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+    (bad / ".metadata").write_bytes(pickle.dumps(Evil(), protocol=2))
+    r = run("inspect", bad)
+    assert r.exit_code == 2 and r.stderr.startswith("ckpttool: error: ") and "Traceback" not in r.output
+    assert not marker.exists()
+    with pytest.raises(FormatError):
+        ckpttool.open(str(bad))
+
+
+def test_missing_data_file_is_one_error_line(tmp_path, resnet):
+    folder, _, _ = resnet
+    bad = tmp_path / "nodata"
+    bad.mkdir()
+    (bad / ".metadata").write_bytes(open(os.path.join(folder, ".metadata"), "rb").read())
+    r = run("inspect", bad)
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "missing" in r.stderr
+    with pytest.raises(CkptError):
+        ckpttool.open(str(bad))
+
+
+def test_truncated_data_file_is_an_error(tmp_path, resnet):
+    folder, _, _ = resnet
+    bad = tmp_path / "trunc"
+    bad.mkdir()
+    (bad / ".metadata").write_bytes(open(os.path.join(folder, ".metadata"), "rb").read())
+    for n in os.listdir(folder):
+        if n.endswith(".distcp"):
+            data = open(os.path.join(folder, n), "rb").read()
+            (bad / n).write_bytes(data[: len(data) // 2])
+    r = run("inspect", bad)
+    assert r.exit_code == 2 and "Traceback" not in r.output
