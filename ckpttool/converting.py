@@ -173,8 +173,6 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
         unused = ", ".join(sorted(k for k, v in onnx_options.items() if v not in (None, (), False)))
         if unused:
             raise UsageError(f"{unused}: only for --to onnx")
-    if fmt == "dcp":
-        raise UsageError("writing torch.distributed.checkpoint folders is not supported yet")
     cast = None
     if dtype:
         cast = DTYPES.get(str(dtype).lower())
@@ -190,7 +188,8 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
     ckpt, sd = open_state_dict(source if isinstance(source, Checkpoint) else os.fspath(source), key)
     if not sd.tensors:
         raise UsageError("the checkpoint holds no tensors to convert", ckpt.path)
-    out = check_output(os.fspath(out), list(ckpt.files or (ckpt.path,)) + [ckpt.path], force, folder=bool(shard))
+    out = check_output(os.fspath(out), list(ckpt.files or (ckpt.path,)) + [ckpt.path], force,
+                       folder=bool(shard) or fmt == "dcp")
     total = 0
     done = [0]
 
@@ -199,7 +198,11 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
         if progress:
             progress(done[0], total)
 
-    if fmt == "state_dict":
+    dropped: Dict[str, str] = {}
+    if fmt == "dcp":
+        with _writing(out):
+            files, checked = _write_dcp(out, sd, cast, check)
+    elif fmt == "state_dict":
         tree = torch_tree(sd.tensors, cast, ckpt.path)
         total = sum(s.nbytes for s in {id(t.storage): t.storage for t in tree.values()}.values())
         with _writing(out):
@@ -207,7 +210,6 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
                 write_torch_zip(tmp, tree, progress=tick)
                 checked = _check(tmp, sd, dict(tree), cast, check, dropped={})
         files = [out]
-        dropped: Dict[str, str] = {}
     else:
         entries, dropped = safetensors_entries(sd.tensors, cast, ckpt.path)
         meta = {"format": "pt", **dropped, **meta}
@@ -222,7 +224,7 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
                 files, checked = _write_shards(out, entries, meta, shard, sd, cast, check, dropped, tick)
     n = len(sd.tensors) - len(dropped)
     return ConvertResult(source=ckpt.path, source_format=ckpt.format, entry=sd.entry, entry_source=sd.source,
-                         output=out, format=fmt if fmt != "state_dict" else "torch_zip", tensors=n,
+                         output=out, format={"state_dict": "torch_zip"}.get(fmt, fmt), tensors=n,
                          files=tuple(files), tied=tuple(sorted(dropped.items())), cast_to=cast,
                          bytes_written=sum(os.path.getsize(f) for f in files), checked=checked)
 
@@ -256,18 +258,55 @@ def _write_shards(out: str, entries: List[EntryOut], meta: Dict[str, str], max_b
             os.fsync(f.fileno())
         checked = _check(tmpdir, sd, {e.name: e for e in entries}, cast, check, dropped)
         os.chmod(index, default_mode())
-        os.chmod(tmpdir, default_mode(folder=True))  # mkdtemp makes 0700 folders
-        old = None
-        if os.path.lexists(out):
-            old = out + f".old-{os.getpid()}"
-            os.rename(out, old)
-        os.rename(tmpdir, out)
-        if old:
-            shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.unlink(old)
+        _folder_into_place(tmpdir, out)
     except BaseException:
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise
     return [os.path.join(out, n) for n in names + ["model.safetensors.index.json"]], checked
+
+
+def _folder_into_place(tmpdir: str, out: str) -> None:
+    """Rename a finished temporary folder to ``out``, replacing what was there (--force was checked)."""
+    os.chmod(tmpdir, default_mode(folder=True))  # mkdtemp makes 0700 folders
+    old = None
+    if os.path.lexists(out):
+        old = out + f".old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(tmpdir, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.unlink(old)
+
+
+def _write_dcp(out: str, sd: StateDict, cast: Optional[str], check: bool) -> Tuple[List[str], Dict[str, Any]]:
+    """OUT as a torch.distributed.checkpoint folder, written by torch's own dcp.save (single process).
+
+    dcp.save needs the tensors in memory: this path holds the whole state_dict, unlike the others.
+    """
+    import warnings
+    import torch.distributed.checkpoint as dcp
+    from .torch_bridge import torch_dtype
+    tensors = {}
+    for name, t in sd.tensors.items():
+        _needs_data(name, t, "")
+        x = t.to_torch()
+        dst = _out_dtype(t, cast)
+        tensors[name] = x.to(torch_dtype(dst)) if dst != t.dtype else x
+    tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(out))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no process group: dcp says it assumes a single process
+            dcp.save(tensors, checkpoint_id=tmpdir)
+        for n in os.listdir(tmpdir):
+            with open(os.path.join(tmpdir, n), "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(os.path.join(tmpdir, n), default_mode())
+        checked = _check(tmpdir, sd, tensors, cast, check, {})
+        files = sorted(os.listdir(tmpdir))
+        _folder_into_place(tmpdir, out)
+    except BaseException:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+    return [os.path.join(out, n) for n in files], checked
 
 
 def _check(path: str, sd: StateDict, written: Mapping[str, Any], cast: Optional[str], every_byte: bool,

@@ -178,3 +178,37 @@ def test_truncated_data_file_is_an_error(tmp_path, resnet):
             (bad / n).write_bytes(data[: len(data) // 2])
     r = run("inspect", bad)
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+def test_convert_to_dcp_is_read_back_by_torch_and_round_trips(resnet, tmp_path):
+    """--to dcp is written by torch's own dcp.save: dcp.load reads it into a model; DCP -> sharded
+    safetensors -> .pt gives the same tensors back."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+    folder, plain, ref = resnet
+    out = tmp_path / "as_dcp"
+    r = run("convert", plain, "-o", out, "--to", "dcp", "--check", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["format"] == "dcp" and d["tensors"] == len(ref) and d["checked"]["bytes_compared"] == len(ref)
+    model = torchvision.models.resnet18(weights=None)
+    sd = model.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(sd, checkpoint_id=str(out))
+    assert all(torch.equal(sd[k], ref[k]) for k in ref)
+    # existing output folder: refused without --force, replaced with it
+    assert run("convert", plain, "-o", out, "--to", "dcp").exit_code == 2
+    assert run("convert", plain, "-o", out, "--to", "dcp", "--force").exit_code == 0
+    # DCP -> sharded safetensors -> .pt
+    shards = tmp_path / "shards"
+    assert run("convert", out, "-o", shards, "--to", "safetensors", "--max-shard-size", "10MB").exit_code == 0
+    back = {}
+    for n in os.listdir(shards):
+        if n.endswith(".safetensors"):
+            back.update(load_file(str(shards / n)))
+    assert set(back) == set(ref) and all(torch.equal(back[k], ref[k]) for k in ref)
+    assert run("convert", shards, "-o", tmp_path / "back.pt").exit_code == 0
+    again = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert all(torch.equal(again[k], ref[k]) for k in ref)
+    assert ckpttool.diff(str(out), plain).equal
