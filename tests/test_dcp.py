@@ -133,6 +133,16 @@ def test_tensors_sharded_across_two_ranks_are_reassembled(tmp_path):
         assert tuple(t.shape) == tuple(ref.shape) and torch.equal(t.to_torch(), ref), name
     d = ckpttool.diff(out, out + ".full.pt")
     assert d.equal and d.exact == len(full)
+    # convert the sharded checkpoint to safetensors and back, and verify it
+    st = str(tmp_path / "sharded.safetensors")
+    assert run("convert", out, "-o", st, "--check").exit_code == 0
+    assert run("convert", st, "-o", tmp_path / "back.pt", "--check").exit_code == 0
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert set(back) == set(full) and all(torch.equal(back[k], full[k]) for k in full)
+    v = run("verify", out, "--json")
+    assert v.exit_code == 0, v.output
+    statuses = {(c["name"], c["device"]): c["status"] for c in json.loads(v.stdout)["checks"]}
+    assert statuses[("format round trip", "torch_zip")] == "pass" and statuses[("device round trip", "cpu")] == "pass"
 
 
 def test_metadata_naming_a_foreign_class_is_refused_and_not_run(tmp_path, resnet):
