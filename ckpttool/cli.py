@@ -91,7 +91,10 @@ def _progress(quiet: bool, label: str):
 
 def _emit(record, as_json: bool, text) -> None:
     from .render import to_json
-    click.echo(to_json(record) if as_json else text(record))
+    if as_json:  # indented for a person at a terminal, one line for a pipe (jq, CI logs): the same object
+        click.echo(to_json(record, indent=2 if sys.stdout.isatty() else None))
+    else:
+        click.echo(text(record))
 
 
 @cli.command()

