@@ -53,22 +53,26 @@ def summarize(ckpt: Checkpoint, sd: StateDict, filter: Optional[str] = None, sor
     elif sort == "size":
         items.sort(key=lambda nt: (-nt[1].nbytes, nt[0]))
 
-    labels: Dict[int, str] = {}
     groups: Dict[int, List[str]] = collections.OrderedDict()
-    for name, t in items:
-        if t.storage is not None:
-            labels.setdefault(id(t.storage), t.storage.key)
-            groups.setdefault(id(t.storage), []).append(name)
     computed = _stats(items, progress) if stats else {}
-    infos = tuple(TensorInfo(name=n, shape=t.shape, dtype=t.dtype, device=t.device, nbytes=t.nbytes,
-                             stride=t.stride, storage_offset=t.storage_offset,
-                             storage=labels.get(id(t.storage)), stats=computed.get(n) if stats else None)
-                  for n, t in items)
     by_dtype: Dict[str, int] = collections.Counter()
     devices: Dict[str, int] = collections.Counter()
-    for _, t in items:
-        by_dtype[t.dtype] += t.nbytes
+    infos_list = []
+    total_params = total_bytes = 0
+    for name, t in items:  # one pass: 20,000-tensor files are inspected too
+        storage = t.storage
+        if storage is not None:
+            groups.setdefault(id(storage), []).append(name)
+        numel, nbytes = t.numel, t.nbytes
+        total_params += numel
+        total_bytes += nbytes
+        by_dtype[t.dtype] += nbytes
         devices[t.device] += 1
+        infos_list.append(TensorInfo(name=name, shape=t.shape, dtype=t.dtype, device=t.device, nbytes=nbytes,
+                                     stride=t.stride, storage_offset=t.storage_offset,
+                                     storage=storage.key if storage is not None else None,
+                                     stats=computed.get(name) if stats else None))
+    infos = tuple(infos_list)
     shared = tuple(tuple(g) for g in groups.values() if len(g) > 1)
 
     tree = _fold(items, depth) if depth else None
@@ -76,7 +80,7 @@ def summarize(ckpt: Checkpoint, sd: StateDict, filter: Optional[str] = None, sor
     notes = _notes(ckpt, sd, stubs)
     return InspectResult(
         path=ckpt.path, format=ckpt.format, file_size=ckpt.file_size, entry=sd.entry, entry_source=sd.source,
-        tensors=infos, total_params=sum(t.numel for _, t in items), total_bytes=sum(t.nbytes for _, t in items),
+        tensors=infos, total_params=total_params, total_bytes=total_bytes,
         bytes_by_dtype=dict(by_dtype), devices=dict(devices), shared_storages=shared,
         other_entries=_other_entries(ckpt.root, sd.entry), pickled_classes=stubs, notes=notes,
         metadata={k: v for k, v in ckpt.metadata.items() if not k.startswith("_")}, tree=tree)
