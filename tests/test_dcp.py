@@ -222,3 +222,23 @@ def test_convert_to_dcp_is_read_back_by_torch_and_round_trips(resnet, tmp_path):
     again = torch.load(tmp_path / "back.pt", weights_only=True)
     assert all(torch.equal(again[k], ref[k]) for k in ref)
     assert ckpttool.diff(str(out), plain).equal
+
+
+@pytest.mark.parametrize("field,value", [("offset", None), ("length", "12"), ("offset", 1.5), ("fqn", ["w"])])
+def test_metadata_fields_of_the_wrong_type_are_format_errors(tmp_path, field, value):
+    """.metadata is the file's to choose: a field of an unexpected type is a malformed file (exit 2), not a crash."""
+    folder = dcp_save({"w": torch.arange(12.0).reshape(4, 3), "epoch": 5}, tmp_path / "ck")
+    path = os.path.join(folder, ".metadata")
+    with open(path, "rb") as f:
+        meta = pickle.load(f)  # our own file, written by dcp.save just above
+    key = next(k for k in meta.storage_data if k.fqn == "w")
+    if field == "fqn":
+        object.__setattr__(key, "fqn", value)
+    else:
+        object.__setattr__(meta.storage_data[key], field, value)
+    with open(path, "wb") as f:
+        pickle.dump(meta, f)
+    with pytest.raises(CkptError):
+        ckpttool.open(folder)
+    r = run("inspect", folder)
+    assert r.exit_code == 2 and "Traceback" not in r.output and r.stderr.startswith("ckpttool: error: ")

@@ -71,8 +71,20 @@ def _state(obj: Any, cls: str) -> Dict[str, Any]:
     return obj.state
 
 
+_BLOBS: Dict[Tuple[str, int, int], Tuple[Any, str]] = {}
+
+
 def _blob(path: str, base: int, length: int, what: str) -> Tuple[Any, str]:
-    """The root object of the torch.save archive at [base, base + length) of ``path``, tensors lazy."""
+    """The root object of the torch.save archive at [base, base + length) of ``path`` (parsed once per read)."""
+    if type(base) is not int or type(length) is not int:
+        raise FormatError(f"{what}: offset and length are not integers", path)
+    key = (path, base, length)
+    if key not in _BLOBS:
+        _BLOBS[key] = _parse_blob(path, base, length, what)
+    return _BLOBS[key]
+
+
+def _parse_blob(path: str, base: int, length: int, what: str) -> Tuple[Any, str]:
     file_size = os.path.getsize(path)
     if base < 0 or length <= 0 or base + length > file_size:
         raise FormatError(f"{what}: bytes [{base}, +{length}) lie outside {os.path.basename(path)}", path)
@@ -81,7 +93,10 @@ def _blob(path: str, base: int, length: int, what: str) -> Tuple[Any, str]:
             zf = zipfile.ZipFile(_Window(f, base, length))
             with zf:
                 folder = find_record_folder(zf, path)
-                data = zf.read(folder + "data.pkl")
+                info = zf.getinfo(folder + "data.pkl")
+                if info.compress_type != zipfile.ZIP_STORED or info.file_size > length:
+                    raise FormatError(f"{what}: data.pkl is compressed or larger than its archive", path)
+                data = zf.read(info)  # stored: no bigger than the window
                 infos = {i.filename: i for i in zf.infolist()}
         except ZIP_ERRORS as e:
             raise FormatError(f"{what}: not a readable torch.save archive: {e}", path) from None
@@ -91,6 +106,8 @@ def _blob(path: str, base: int, length: int, what: str) -> Tuple[Any, str]:
             info = infos.get(f"{folder}data/{key}")
             if info is None or info.compress_type != zipfile.ZIP_STORED:
                 raise FormatError(f"{what}: storage {key!r} missing or compressed")
+            if not 0 <= info.header_offset < length:
+                raise FormatError(f"{what}: storage {key!r} lies outside its archive")
             head = os.pread(f.fileno(), 30, base + info.header_offset)
             if len(head) != 30 or head[:4] != b"PK\x03\x04":
                 raise FormatError(f"{what}: storage {key!r} has no local header")
@@ -146,10 +163,15 @@ def _tensor(fqn: str, md: Stub, index: Dict[Tuple[str, Any], Dict[str, Any]], fo
         chunks.append((offsets, t))
     if not chunks:
         raise FormatError(f"tensor {fqn} has no chunks", meta_path)
+    dtypes = {t.dtype for _, t in chunks}
+    if len(dtypes) > 1:
+        raise FormatError(f"tensor {fqn}: its chunks have different dtypes ({', '.join(sorted(dtypes))})", meta_path)
     chunks.sort(key=lambda c: c[0])
     if len(chunks) == 1 and all(o == 0 for o in chunks[0][0]) and tuple(chunks[0][1].shape) == size:
         return chunks[0][1]
     # several chunks: only a split along dim 0 into contiguous pieces is one run of bytes
+    if not size or any(len(o) != len(size) for o, _ in chunks):
+        raise FormatError(f"tensor {fqn}: chunk offsets do not match its {len(size)} dimensions", meta_path)
     row = 0
     parts = []
     for offsets, t in chunks:
@@ -194,9 +216,20 @@ def read(folder: str) -> Checkpoint:
     except FormatError as e:
         e.path = e.path or folder
         raise
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError, OverflowError) as e:
+        # .metadata is the file's to choose: a field of the wrong type is a malformed file, not a crash
+        raise FormatError(f"DCP metadata is malformed: {type(e).__name__}: {str(e)[:120]}", folder) from None
 
 
 def _read(folder: str) -> Checkpoint:
+    _BLOBS.clear()
+    try:
+        return _read_folder(folder)
+    finally:
+        _BLOBS.clear()
+
+
+def _read_folder(folder: str) -> Checkpoint:
     meta_path = os.path.join(folder, ".metadata")
     if os.path.getsize(meta_path) > MAX_METADATA:
         raise FormatError(f".metadata is larger than {MAX_METADATA >> 20} MiB", meta_path)

@@ -272,6 +272,7 @@ _P = (1 << 61) - 1  # ints below this hash to themselves: no engineered collisio
 _FREE_KEY_TYPES = frozenset({str, bytes, bool, type(None), TorchDtype})
 MAX_HARD_KEYS = 4096   # dict keys / set members whose hash a file can aim (floats, big ints, int tuples...)
 MAX_KEY_NODES = 16     # elements in one tuple / frozenset key
+MAX_KEY_BITS = 256     # an int key hashes in time proportional to its size
 _CODECS = {"utf-8": "utf-8", "utf8": "utf-8", "latin-1": "latin-1", "latin1": "latin-1", "iso-8859-1": "latin-1",
            "ascii": "ascii", "us-ascii": "ascii"}
 _ERROR_HANDLERS = {"strict", "replace", "ignore", "surrogateescape", "surrogatepass", "backslashreplace"}
@@ -414,6 +415,8 @@ class SafeUnpickler(pickle._Unpickler):
             return
         if t not in (int, float, tuple, frozenset, complex):
             raise FormatError(f"pickle uses a {t.__name__} as a dict key or set member")
+        if t is int and k.bit_length() > MAX_KEY_BITS:  # hashing a big int costs its size, every time
+            raise FormatError(f"pickle uses an int of {k.bit_length()} bits as a dict key or set member")
         if t in (tuple, frozenset):
             todo, nodes = [k], 0
             while todo:
@@ -422,6 +425,8 @@ class SafeUnpickler(pickle._Unpickler):
                     if nodes > MAX_KEY_NODES:
                         raise FormatError(f"pickle uses a {t.__name__} of more than {MAX_KEY_NODES} items as a key")
                     it = type(item)
+                    if it is int and item.bit_length() > MAX_KEY_BITS:
+                        raise FormatError(f"pickle uses a {t.__name__} holding a {item.bit_length()}-bit int as a key")
                     if it in (tuple, frozenset):
                         todo.append(item)
                     elif not (it in _FREE_KEY_TYPES or it in (int, float, complex) or it.__hash__ is object.__hash__):

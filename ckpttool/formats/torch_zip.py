@@ -22,6 +22,8 @@ from .safe_pickle import load_stream, parse_storage_pid, safe_load, storage_nbyt
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 # data.pkl holds structure, not tensor bytes: even 100k-tensor models stay far below this.
 MAX_PICKLE = 2 << 30
+# torch writes data.pkl stored; tools that re-zip compress it. 64 MiB holds ~600,000 tensor records.
+MAX_COMPRESSED_PICKLE = 64 << 20
 # what zipfile raises on records it cannot read (RuntimeError: encrypted; ValueError: bad names, sizes)
 ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError, RuntimeError,
               struct.error)
@@ -139,9 +141,11 @@ def read_zip_pickle(path: str, zf: zipfile.ZipFile, folder: str, name: str = "da
     info = zf.NameToInfo.get(folder + name)
     if info is None or info.compress_type == zipfile.ZIP_STORED:
         return safe_load(read_member(zf, folder + name, path, limit=MAX_PICKLE), loader, path)
-    # A compressed pickle is streamed, never inflated whole: a tiny record can declare gigabytes.
-    if info.file_size > MAX_PICKLE:
-        raise FormatError(f"record {info.filename} declares {info.file_size} bytes, more than {MAX_PICKLE}", path)
+    # A compressed pickle is streamed, never inflated whole: a tiny record can declare gigabytes, and each
+    # one-byte opcode can make a ~64-byte object, so its size is capped far below a stored one's.
+    if info.file_size > MAX_COMPRESSED_PICKLE:
+        raise FormatError(f"record {info.filename} is compressed and declares {info.file_size} bytes, more than "
+                          f"{MAX_COMPRESSED_PICKLE}", path)
     try:
         with zf.open(info) as f:
             return load_stream(f, loader, path, size=info.file_size)
