@@ -180,12 +180,14 @@ def diff(a: str, b: str, key_a: Optional[str], key_b: Optional[str], no_values: 
 @click.option("--no-align", is_flag=True, help="Do not strip a wrapper prefix (module., _orig_mod., model.).")
 @click.option("--to", type=click.Choice(["pt", "state_dict", "safetensors"]), help="Output format (default: "
                                                                                       "from OUT's extension).")
+@click.option("--max-shard-size", metavar="SIZE", help="Write OUT as a folder of safetensors shards of at most SIZE "
+                                                         "(5GB, 500MiB) with model.safetensors.index.json.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @json_option
 @quiet_option
 def filter_cmd(source: str, model: Optional[str], model_args, target: Optional[str], target_key: Optional[str],
-               out: str, key: Optional[str], renames, no_align: bool, to: Optional[str], force: bool,
-               as_json: bool, quiet: bool) -> None:
+               out: str, key: Optional[str], renames, no_align: bool, to: Optional[str], max_shard_size: Optional[str],
+               force: bool, as_json: bool, quiet: bool) -> None:
     """Keep the tensors of SOURCE that fit a target model, and report the rest.
 
     A source key is kept when its name (after stripping a wrapper prefix such as
@@ -206,7 +208,7 @@ def filter_cmd(source: str, model: Optional[str], model_args, target: Optional[s
     with _progress(quiet, "reading tensors") as progress:
         result = filter_checkpoint(source, out, model=model, model_args=model_args, target=target,
                                    target_key=target_key, key=key, renames=renames, align=not no_align, to=to,
-                                   force=force, progress=progress)
+                                   force=force, progress=progress, max_shard_size=max_shard_size)
     _emit(result, as_json, filter_text)
     sys.exit(result.exit_code)
 

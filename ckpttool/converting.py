@@ -25,7 +25,7 @@ from .formats.torch_writer import StorageOut, TensorOut, write_torch_zip
 from .formats.write import target_format
 from .records import Checkpoint, ConvertResult, TensorRef
 from .tree import StateDict, find_state_dict, open_state_dict
-from .writing import atomic_output, check_output, default_mode
+from .writing import atomic_output, check_output, default_mode, folder_into_place
 
 Progress = Optional[Callable[[int, int], None]]
 CHUNK = 1 << 24  # 16 MiB of source bytes per read
@@ -258,23 +258,11 @@ def _write_shards(out: str, entries: List[EntryOut], meta: Dict[str, str], max_b
             os.fsync(f.fileno())
         checked = _check(tmpdir, sd, {e.name: e for e in entries}, cast, check, dropped)
         os.chmod(index, default_mode())
-        _folder_into_place(tmpdir, out)
+        folder_into_place(tmpdir, out)
     except BaseException:
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise
     return [os.path.join(out, n) for n in names + ["model.safetensors.index.json"]], checked
-
-
-def _folder_into_place(tmpdir: str, out: str) -> None:
-    """Rename a finished temporary folder to ``out``, replacing what was there (--force was checked)."""
-    os.chmod(tmpdir, default_mode(folder=True))  # mkdtemp makes 0700 folders
-    old = None
-    if os.path.lexists(out):
-        old = out + f".old-{os.getpid()}"
-        os.rename(out, old)
-    os.rename(tmpdir, out)
-    if old:
-        shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.unlink(old)
 
 
 def _write_dcp(out: str, sd: StateDict, cast: Optional[str], check: bool) -> Tuple[List[str], Dict[str, Any]]:
@@ -302,7 +290,7 @@ def _write_dcp(out: str, sd: StateDict, cast: Optional[str], check: bool) -> Tup
             os.chmod(os.path.join(tmpdir, n), default_mode())
         checked = _check(tmpdir, sd, tensors, cast, check, {})
         files = sorted(os.listdir(tmpdir))
-        _folder_into_place(tmpdir, out)
+        folder_into_place(tmpdir, out)
     except BaseException:
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise

@@ -167,7 +167,8 @@ def _check_load(model: Any, tensors: Mapping[str, Any], result: FilterResult, as
 def filter_checkpoint(source: str, out: str, model: Optional[str] = None, model_args: Sequence[str] = (),
                       target: Optional[str] = None, target_key: Optional[str] = None, key: Optional[str] = None,
                       renames: Sequence[Union[str, Rename]] = (), align: bool = True, to: Optional[str] = None,
-                      force: bool = False, progress: Progress = None) -> FilterResult:
+                      force: bool = False, progress: Progress = None,
+                      max_shard_size: Optional[Any] = None) -> FilterResult:
     """Write the tensors of ``source`` that fit the target to ``out``, and prove the output.
 
     The target is a model (``model`` SPEC with ``model_args``) or a checkpoint
@@ -184,7 +185,15 @@ def filter_checkpoint(source: str, out: str, model: Optional[str] = None, model_
         raise UsageError("--arg goes with --model, not --target")
     if model is not None and target_key:
         raise UsageError("--target-key goes with --target, not --model")
-    fmt = output_format(out, to)
+    shard = None
+    if max_shard_size not in (None, ""):
+        from .formats.safetensors_writer import parse_size
+        shard = parse_size(max_shard_size)
+        if to not in (None, "safetensors"):
+            raise UsageError("--max-shard-size writes safetensors shards; it does not go with --to " + str(to))
+        fmt = "safetensors"
+    else:
+        fmt = output_format(out, to)
     built = None
     if model is not None:
         from .modelspec import build_model
@@ -195,7 +204,7 @@ def filter_checkpoint(source: str, out: str, model: Optional[str] = None, model_
     result, src, inputs = _plan(source, target_obj, key, target_key, renames, align)
     model_file = model.rpartition(":")[0] if model else ""
     out = check_output(out, inputs + [source] + ([target] if target else []) + ([model_file] if model_file else []),
-                       force)
+                       force, folder=shard is not None)
     if not result.kept:
         raise UsageError(f"no tensor of the source fits the target ({len(result.dropped_unexpected)} names the "
                          f"target lacks, {len(result.dropped_shape_mismatch)} shapes that differ); nothing written",
@@ -217,7 +226,12 @@ def filter_checkpoint(source: str, out: str, model: Optional[str] = None, model_
         if built is not None:
             checks["load_into_model"] = _check_load(built, loaded, result, assign=device == "meta")
 
-    write_state_dict(tensors, out, fmt, check=check)
+    if shard is not None:
+        from .formats.write import write_safetensors_shards
+        write_safetensors_shards(tensors, out, shard, check=check)
+        fmt = "safetensors_sharded"
+    else:
+        write_state_dict(tensors, out, fmt, check=check)
     return dataclasses.replace(result, output=out, output_format=fmt, verified=checks)
 
 
@@ -226,6 +240,14 @@ def _read_back(path: str, fmt: str) -> Mapping[str, Any]:
         import torch
         return torch.load(path, map_location="cpu", weights_only=True)
     from safetensors.torch import load_file
+    if os.path.isdir(path):  # shards: every file the index names, by safetensors' own loader
+        import json
+        with open(os.path.join(path, "model.safetensors.index.json")) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        out: Dict[str, Any] = {}
+        for name in files:
+            out.update(load_file(os.path.join(path, name)))
+        return out
     return load_file(path)
 
 

@@ -76,3 +76,16 @@ def default_mode(folder: bool = False) -> int:
     mask = os.umask(0)
     os.umask(mask)
     return (0o777 if folder else 0o666) & ~mask
+
+
+def folder_into_place(tmpdir: str, out: str) -> None:
+    """Rename a finished temporary folder to ``out``, replacing what was there (--force was checked)."""
+    import shutil
+    os.chmod(tmpdir, default_mode(folder=True))  # mkdtemp makes 0700 folders
+    old = None
+    if os.path.lexists(out):
+        old = out + f".old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(tmpdir, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.unlink(old)

@@ -800,3 +800,30 @@ def test_help_lists_options_and_an_example():
     for opt in ("--model", "--arg", "--target", "--target-key", "--key", "--rename", "--to", "--force", "--json",
                 "--no-align", "-o"):
         assert opt in r.stdout
+
+
+def test_max_shard_size_writes_hf_shards_that_load_into_the_model(make, tmp_path):
+    """--max-shard-size: a folder of safetensors shards + index (total_size right), each shard read back by
+    safetensors' own loader and loaded into the model before the folder is put in place."""
+    import json as _json
+    from safetensors.torch import load_file
+    src = tmp_path / "r18.pt"
+    ref = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(ref, src)
+    out = tmp_path / "fit"
+    d = js("filter", src, "--model", "torchvision.models:resnet18", "--arg", "num_classes=10", "-o", out,
+           "--max-shard-size", "10MB")
+    assert d["output_format"] == "safetensors_sharded" and d["verified"]["load_into_model"]["ok"] is True
+    index = _json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((out / s).is_file() for s in shards)
+    back = {}
+    for s in shards:
+        part = load_file(str(out / s))
+        assert all(index["weight_map"][k] == s for k in part)
+        back.update(part)
+    kept = {k["name"] for k in d["kept"]}
+    assert set(back) == kept == set(ref) - {"fc.weight", "fc.bias"}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in back.values())
+    assert all(torch.equal(back[k], ref[k]) for k in kept)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")], "temporary folder left behind"

@@ -77,3 +77,51 @@ def write_state_dict(tensors: Mapping[str, Any], out: str, fmt: str,
                 check(tmp)
     except OSError as e:
         raise FileAccessError(f"cannot write the output: {e.strerror or e}", out) from None
+
+
+def write_safetensors_shards(tensors: Mapping[str, Any], out: str, max_bytes: int,
+                             check: Optional[Callable[[str], None]] = None) -> None:
+    """Write ``tensors`` as HF-style shards + ``model.safetensors.index.json`` into the folder ``out``.
+
+    Built in a temporary folder beside ``out``; ``check(tmp_folder)`` runs before it is renamed into place.
+    """
+    import shutil
+    import tempfile
+    import torch
+    from ..writing import folder_into_place
+    from .safetensors_writer import EntryOut, dtype_code, index_json, plan_shards, shard_names, write_safetensors
+    entries = []
+    for name, t in tensors.items():
+        dtype = str(t.dtype).replace("torch.", "")
+        dtype_code(dtype)  # a UsageError naming a dtype safetensors lacks
+        entries.append(EntryOut(name, dtype, tuple(t.shape),
+                                lambda t=t: iter([t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                                                  if t.numel() else b""])))
+    tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(out))
+    try:
+        shards = plan_shards(entries, max_bytes)
+        names = shard_names(len(shards))
+        for shard, name in zip(shards, names):
+            p = os.path.join(tmpdir, name)
+            write_safetensors(p, shard, {"format": "pt"})
+        with open(os.path.join(tmpdir, "model.safetensors.index.json"), "wb") as f:
+            f.write(index_json(shards, names, {"format": "pt"}))
+        for n in os.listdir(tmpdir):
+            with open(os.path.join(tmpdir, n), "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(os.path.join(tmpdir, n), 0o666 & ~_umask())
+        if check is not None:
+            check(tmpdir)
+        folder_into_place(tmpdir, out)
+    except OSError as e:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise FileAccessError(f"cannot write the output: {e.strerror or e}", out) from None
+    except BaseException:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
