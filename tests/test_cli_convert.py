@@ -1,7 +1,6 @@
 """`ckpttool convert` as a user runs it: JSON fields, exit codes, the exact error lines, nothing left behind."""
 from __future__ import annotations
 
-import errno
 import importlib
 import json
 import os
@@ -9,6 +8,7 @@ import os
 import pytest
 import torch
 from click.testing import CliRunner
+from fulldisk import simulate_full_disk
 
 from ckpttool.cli import cli
 
@@ -265,49 +265,10 @@ def test_complex128_to_safetensors_refused(tmp_path):
 # a full disk and --check
 
 
-class _FullDisk:
-    def __init__(self, f, room):
-        self._f, self._room = f, room
-
-    def write(self, data):
-        if len(data) > self._room[0]:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self._room[0] -= len(data)
-        return self._f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._f.close()
-
-
 @pytest.fixture
 def full_disk(monkeypatch):
     """The disk under the output has 3000 bytes left: the zip and safetensors writers' writes fail."""
-    import builtins
-    import zipfile
-    sw = importlib.import_module("ckpttool.formats.safetensors_writer")
-    room, opened = [3000], []
-
-    class FullZip(zipfile.ZipFile):
-        def __init__(self, file, mode="r", *args, **kwargs):
-            if mode == "w" and isinstance(file, (str, os.PathLike)):
-                file = _FullDisk(builtins.open(file, "w+b"), room)
-                opened.append(file)
-            super().__init__(file, mode, *args, **kwargs)
-
-    def sw_open(path, mode="r", *args, **kwargs):
-        f = builtins.open(path, mode, *args, **kwargs)
-        if "w" in mode:
-            f = _FullDisk(f, room)
-            opened.append(f)
-        return f
-    monkeypatch.setattr(zipfile, "ZipFile", FullZip)
-    monkeypatch.setattr(sw, "open", sw_open, raising=False)
+    opened = simulate_full_disk(monkeypatch)
     yield
     for f in opened:
         f._f.close()

@@ -1,14 +1,13 @@
 """`ckpttool remap` as a user runs it: JSON fields, exit codes, the exact error lines, nothing left behind."""
 from __future__ import annotations
 
-import errno
-import importlib
 import json
 import os
 
 import pytest
 import torch
 from click.testing import CliRunner
+from fulldisk import simulate_full_disk
 
 import ckpttool
 from ckpttool.cli import cli
@@ -141,49 +140,10 @@ def test_missing_input(tmp_path):
     assert files_in(tmp_path) == set()
 
 
-class _FullDisk:
-    def __init__(self, f, room):
-        self._f, self._room = f, room
-
-    def write(self, data):
-        if len(data) > self._room[0]:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self._room[0] -= len(data)
-        return self._f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._f.close()
-
-
 @pytest.mark.parametrize("fixture", ["gpu_tagged.pt", "gpu_tagged_legacy.pt"])
 def test_full_disk(monkeypatch, make, tmp_path, fixture):
     """The disk under OUT has 3000 bytes left: exit 2, the one line, no OUT and no temporary file."""
-    import builtins
-    import zipfile
-    rm = importlib.import_module("ckpttool.remapping")
-    room, opened = [3000], []
-
-    class FullZip(zipfile.ZipFile):
-        def __init__(self, file, mode="r", *args, **kwargs):
-            if mode == "w" and isinstance(file, (str, os.PathLike)):
-                file = _FullDisk(builtins.open(file, "w+b"), room)
-                opened.append(file)
-            super().__init__(file, mode, *args, **kwargs)
-
-    def rm_open(path, mode="r", *args, **kwargs):
-        f = builtins.open(path, mode, *args, **kwargs)
-        if "w" in mode:
-            f = _FullDisk(f, room)
-            opened.append(f)
-        return f
-    monkeypatch.setattr(zipfile, "ZipFile", FullZip)
-    monkeypatch.setattr(rm, "open", rm_open, raising=False)
+    opened = simulate_full_disk(monkeypatch, ["ckpttool.remapping"])
     out = tmp_path / "o.pt"
     try:
         r = run("remap", make(fixture), "-o", out, "--map", "cuda=cpu")

@@ -3,7 +3,6 @@ safetensors and onnxruntime themselves (bit for bit where the bytes are copied).
 from __future__ import annotations
 
 import collections
-import errno
 import importlib
 import json
 import os
@@ -13,6 +12,7 @@ import uuid
 
 import pytest
 import torch
+from fulldisk import simulate_full_disk
 
 from ckpttool.converting import convert  # the module's own function: see test_public_api_*
 from ckpttool.errors import CkptError, TrustRequiredError, UsageError
@@ -819,53 +819,9 @@ def test_failure_mid_write_leaves_no_file_and_keeps_the_old_output(monkeypatch, 
         assert out.read_bytes() == b"old"
 
 
-class _FullDisk:
-    """A file on a disk with ``room[0]`` bytes left (shared by every file): then writes fail with ENOSPC."""
-
-    def __init__(self, f, room: list):
-        self._f, self._room = f, room
-
-    def write(self, data):
-        if len(data) > self._room[0]:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self._room[0] -= len(data)
-        return self._f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._f.close()
-
-
 def full_disk(monkeypatch, room: int = 3000) -> list:
     """Make the writers' files (the zip writer's and the safetensors writer's) run out of space."""
-    import builtins
-    import zipfile
-    import ckpttool.formats.safetensors_writer as sw
-    opened = []
-    room = [room]
-
-    class FullZip(zipfile.ZipFile):
-        def __init__(self, file, mode="r", *args, **kwargs):
-            if mode == "w" and isinstance(file, (str, os.PathLike)):
-                file = _FullDisk(builtins.open(file, "w+b"), room)
-                opened.append(file)
-            super().__init__(file, mode, *args, **kwargs)
-
-    def sw_open(path, mode="r", *args, **kwargs):
-        f = builtins.open(path, mode, *args, **kwargs)
-        if "w" in mode:
-            f = _FullDisk(f, room)
-            opened.append(f)
-        return f
-
-    monkeypatch.setattr(zipfile, "ZipFile", FullZip)
-    monkeypatch.setattr(sw, "open", sw_open, raising=False)
-    return opened
+    return simulate_full_disk(monkeypatch, room=room)
 
 
 @pytest.mark.parametrize("target", ["pt", "safetensors", "shards"])
