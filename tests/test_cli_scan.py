@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
 import sys
-import zipfile
 
 import pytest
 from click.testing import CliRunner
 
+from test_scan import _flag_record
 from test_safe_pickle import PAYLOADS, call, dct, glob, make_ctx, markers_in, pk, sglob, u, zip_with_pickle
 
 from ckpttool.cli import cli
@@ -104,29 +103,9 @@ def test_malformed_zip_record_exits_2(tmp_path, make):
     assert r.exit_code == 2 and r.stderr.startswith("ckpttool: error: ")
 
 
-def _set_record_header(path: str, flag=None, method=None, version=None, bad_utf8_name=False) -> str:
-    with zipfile.ZipFile(path) as z:
-        name = next(n for n in z.namelist() if n.endswith("/data.pkl")).encode()
-    b = bytearray(open(path, "rb").read())
-    i = -1
-    while True:
-        i = b.find(name, i + 1)
-        if i < 0:
-            break
-        for sig, off, flag_at, method_at in ((b"PK\x03\x04", 30, 6, 8), (b"PK\x01\x02", 46, 8, 10)):
-            h = i - off
-            if h >= 0 and b[h:h + 4] == sig:
-                if flag is not None:
-                    b[h + flag_at:h + flag_at + 2] = struct.pack("<H", flag)
-                if method is not None:
-                    b[h + method_at:h + method_at + 2] = struct.pack("<H", method)
-                if sig == b"PK\x01\x02" and version is not None:
-                    b[h + 6:h + 8] = struct.pack("<H", version)
-                if sig == b"PK\x01\x02" and bad_utf8_name:
-                    b[h + 8:h + 10] = struct.pack("<H", 0x0800)
-                    b[i] = 0xFF
-    with open(path, "wb") as f:
-        f.write(bytes(b))
+def _set_record_header(path: str, **header) -> str:
+    """data.pkl's zip header fields changed (see test_scan._flag_record, which does the work)."""
+    _flag_record(path, "/data.pkl", **header)
     return path
 
 
