@@ -91,9 +91,12 @@ def test_inspect_diff_convert_verify_scan_filter(resnet, tmp_path):
 
 
 TWO_RANKS = textwrap.dedent("""
-    import os, sys, warnings, torch, torch.distributed as dist, torch.multiprocessing as mp
+    import os, sys, warnings, torch, torch.distributed as dist, torch.multiprocessing as mp, torchvision
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor, Shard, Replicate
 
     def run(rank, world, out, port):
@@ -102,14 +105,25 @@ TWO_RANKS = textwrap.dedent("""
         dist.init_process_group("gloo", rank=rank, world_size=world)
         mesh = init_device_mesh("cpu", (world,))
         torch.manual_seed(0)
-        full = {"w": torch.randn(6, 4), "odd": torch.randn(7, 3), "b": torch.arange(5.0),
-                "h": torch.randn(8, 2).half(), "step": torch.tensor(3)}
-        sd = {"w": distribute_tensor(full["w"], mesh, [Shard(0)]), "odd": distribute_tensor(full["odd"], mesh, [Shard(0)]),
-              "h": distribute_tensor(full["h"], mesh, [Shard(0)]), "b": distribute_tensor(full["b"], mesh, [Replicate()]),
-              "step": full["step"]}
+        model = torchvision.models.resnet18(weights=None, num_classes=7)  # fc: 7 rows over 2 ranks, uneven
+        for block in (model.layer1, model.layer2, model.layer3, model.layer4):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)  # FSDP2: every parameter a DTensor split along dim 0
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        opt.step()
+        extra = {"cols": torch.randn(5, 7), "half_cols": torch.randn(3, 9).half(), "b": torch.arange(5.0),
+                 "step": torch.tensor(3)}
+        sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt),
+              "cols": distribute_tensor(extra["cols"], mesh, [Shard(1)]),  # tensor-parallel style: split columns
+              "half_cols": distribute_tensor(extra["half_cols"], mesh, [Shard(1)]),
+              "b": distribute_tensor(extra["b"], mesh, [Replicate()]), "step": extra["step"]}
+        assert sd["model"]["fc.weight"].placements == (Shard(0),)
         dcp.save(sd, checkpoint_id=out)
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
-            torch.save(full, out + ".full.pt")
+            torch.save(full, out + ".model.pt")
+            torch.save(extra, out + ".extra.pt")
         dist.destroy_process_group()
 
     if __name__ == "__main__":
@@ -117,28 +131,55 @@ TWO_RANKS = textwrap.dedent("""
 """)
 
 
-def test_tensors_sharded_across_two_ranks_are_reassembled(tmp_path):
-    """Two gloo processes save DTensors split along dim 0 (7 rows: uneven): one tensor each, equal to the full one."""
-    script = tmp_path / "two.py"
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """A resnet18 sharded by FSDP2 over two gloo ranks (plus column-split DTensors), saved by dcp.save."""
+    d = tmp_path_factory.mktemp("dcp_two_ranks")
+    script = d / "two.py"
     script.write_text(TWO_RANKS)
-    out = str(tmp_path / "sharded")
+    out = str(d / "sharded")
     port = str(29500 + os.getpid() % 500)
-    r = subprocess.run([sys.executable, str(script), out, port], capture_output=True, text=True, timeout=180)
+    r = subprocess.run([sys.executable, str(script), out, port], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    return out, torch.load(out + ".model.pt", weights_only=True), torch.load(out + ".extra.pt", weights_only=True)
+
+
+def test_fsdp2_model_sharded_across_two_ranks_is_reassembled(two_ranks):
+    """Every parameter of an FSDP2 model split across two ranks reads back equal to the unsharded state_dict."""
+    out, model, extra = two_ranks
     assert sorted(n for n in os.listdir(out) if n.endswith(".distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    full = torch.load(out + ".full.pt", weights_only=True)
     ckpt = ckpttool.open(out)
-    for name, ref in full.items():
+    sd = find_state_dict(ckpt)
+    assert sd.entry == "model" and set(sd.tensors) == set(model)  # DCP keeps its own order
+    for name, ref in model.items():
+        t = sd.tensors[name]
+        assert tuple(t.shape) == tuple(ref.shape) and torch.equal(t.to_torch(), ref), name
+    assert len(ckpt.root["optim"]["state"]) == len([k for k in model if "running" not in k and "num_batches" not in k])
+    d = ckpttool.diff(out, out + ".model.pt")
+    assert d.equal and d.exact == len(model)
+    r = run("verify", out, "--model", "torchvision.models:resnet18", "--arg", "num_classes=7",
+            "--input-shape", "1x3x32x32", "--json")
+    assert r.exit_code == 0, r.output
+
+
+def test_tensors_split_along_columns_are_reassembled(two_ranks, tmp_path):
+    """DTensors split along dim 1 (tensor-parallel style) and a replicated one read back whole; they convert to
+    safetensors and back and verify."""
+    out, _, extra = two_ranks
+    ckpt = ckpttool.open(out)
+    for name, ref in extra.items():
         t = ckpt.root[name]
         assert tuple(t.shape) == tuple(ref.shape) and torch.equal(t.to_torch(), ref), name
-    d = ckpttool.diff(out, out + ".full.pt")
-    assert d.equal and d.exact == len(full)
-    # convert the sharded checkpoint to safetensors and back, and verify it
     st = str(tmp_path / "sharded.safetensors")
-    assert run("convert", out, "-o", st, "--check").exit_code == 0
-    assert run("convert", st, "-o", tmp_path / "back.pt", "--check").exit_code == 0
+    r = run("convert", out, "--key", "model", "-o", st, "--check")
+    assert r.exit_code == 0, r.output
+    torch.save({k: ckpt.root[k].to_torch() for k in extra}, tmp_path / "x.pt")
+    assert ckpttool.diff(str(tmp_path / "x.pt"), out + ".extra.pt").equal
+    r = run("convert", st, "-o", tmp_path / "back.pt", "--check")
+    assert r.exit_code == 0, r.output
     back = torch.load(tmp_path / "back.pt", weights_only=True)
-    assert set(back) == set(full) and all(torch.equal(back[k], full[k]) for k in full)
+    model = torch.load(out + ".model.pt", weights_only=True)
+    assert set(back) == set(model) and all(torch.equal(back[k], model[k]) for k in model)
     v = run("verify", out, "--json")
     assert v.exit_code == 0, v.output
     statuses = {(c["name"], c["device"]): c["status"] for c in json.loads(v.stdout)["checks"]}
@@ -242,3 +283,77 @@ def test_metadata_fields_of_the_wrong_type_are_format_errors(tmp_path, field, va
         ckpttool.open(folder)
     r = run("inspect", folder)
     assert r.exit_code == 2 and "Traceback" not in r.output and r.stderr.startswith("ckpttool: error: ")
+
+
+def _tiles_of(full: torch.Tensor, cuts):
+    """Cut ``full`` into a grid at ``cuts`` (per dim, inner edges) and assemble it back with dcp._Tiles."""
+    import itertools
+    from ckpttool.formats.dcp import _Tiles
+    from ckpttool.records import BufferSpan
+    edges = [[0, *c, n] for c, n in zip(cuts, full.shape)]
+    parts = []
+    for cell in itertools.product(*[range(len(e) - 1) for e in edges]):
+        offsets = tuple(edges[d][i] for d, i in enumerate(cell))
+        sizes = tuple(edges[d][i + 1] - edges[d][i] for d, i in enumerate(cell))
+        block = full[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))].contiguous()
+        raw = b"\0" * 8 + block.numpy().tobytes()  # the chunk's bytes start 8 bytes into its source
+        parts.append((offsets, sizes, BufferSpan(raw), 8))
+    return _Tiles(tuple(full.shape), full.element_size(), parts, "x")
+
+
+@pytest.mark.parametrize("shape,cuts", [
+    ((10,), [[3, 7]]), ((6, 4), [[2], []]), ((6, 4), [[], [1, 3]]), ((5, 7), [[2], [3]]),
+    ((4, 3, 5), [[1], [2], [2, 4]]), ((3, 4, 2, 6), [[], [2], [], [1, 5]]), ((2, 3, 4), [[1], [], []])])
+def test_tiles_assemble_any_grid_of_chunks(shape, cuts):
+    """Chunks cut along any dimensions assemble into the tensor's C-order bytes, whole and in every sub-range."""
+    torch.manual_seed(1)
+    full = torch.randn(shape, dtype=torch.float64)
+    tiles = _tiles_of(full, cuts)
+    want = full.numpy().tobytes()
+    assert tiles.size == len(want) and tiles.read() == want
+    n = len(want)
+    for start, size in [(0, 1), (3, 17), (8, 8), (n - 5, 5), (n // 2, n // 3), (1, n - 2)]:
+        assert tiles.read(start, size) == want[start:start + size], (start, size)
+        buf = bytearray(size)
+        tiles.readinto(start, buf)
+        assert bytes(buf) == want[start:start + size]
+    with pytest.raises(FormatError):
+        tiles.read(n - 2, 3)
+
+
+def test_chunks_that_overlap_or_leave_a_gap_are_refused(two_ranks, tmp_path):
+    """A .metadata whose chunks of one tensor overlap (and so leave columns uncovered) is a FormatError, exit 2."""
+    import dataclasses
+    import shutil
+    out, _, _ = two_ranks
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    path = bad / ".metadata"
+    with open(path, "rb") as f:
+        meta = pickle.load(f)  # written by dcp.save in the fixture
+    chunks = meta.state_dict_metadata["cols"].chunks
+    second = chunks[1]
+    moved = dataclasses.replace(second, offsets=torch.Size([0, second.offsets[1] - 1]))
+    chunks[1] = moved
+    key = next(k for k in meta.storage_data if k.fqn == "cols" and tuple(k.offset) == tuple(second.offsets))
+    meta.storage_data[dataclasses.replace(key, offset=moved.offsets)] = meta.storage_data.pop(key)
+    with open(path, "wb") as f:
+        pickle.dump(meta, f)
+    with pytest.raises(FormatError, match="overlap"):
+        ckpttool.open(str(bad))
+    r = run("inspect", bad)
+    assert r.exit_code == 2 and "overlap" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("boxes,message", [
+    ([((0, 0), (2, 4)), ((2, 0), (3, 4))], "do not cover"),          # rows 5..5 missing
+    ([((0, 0), (6, 2)), ((0, 1), (6, 3))], "overlap"),               # column 1 twice
+    ([((0, 0), (3, 4)), ((3, 0), (3, 2)), ((3, 2), (3, 2))], None),  # an exact three-piece tiling
+])
+def test_tiling_check(boxes, message):
+    from ckpttool.formats.dcp import _check_tiling
+    if message is None:
+        _check_tiling("w", (6, 4), boxes, "m")
+    else:
+        with pytest.raises(FormatError, match=message):
+            _check_tiling("w", (6, 4), boxes, "m")

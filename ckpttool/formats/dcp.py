@@ -12,11 +12,13 @@ in order.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import struct
 import zipfile
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..dtypes import itemsize
 from ..errors import FileAccessError, FormatError
 from ..records import Checkpoint, FileSpan, StorageRef, TensorRef
 from .safe_pickle import Stub, parse_storage_pid, safe_load, storage_nbytes
@@ -123,36 +125,121 @@ def _parse_blob(path: str, base: int, length: int, what: str) -> Tuple[Any, str]
     return root, folder
 
 
-class _Concat:
-    """Bytes of several spans one after the other (a tensor's chunks along its first dimension)."""
+class _Tiles:
+    """A tensor's C-order bytes assembled from chunks that tile it (DCP's sharding, along any dimensions).
 
-    def __init__(self, parts: List[Tuple[Any, int, int]], path: str):
-        self.parts, self.path = parts, path  # (source, start in source, size)
-        self.size = sum(p[2] for p in parts)
+    Each chunk is a contiguous C-order block at ``offsets`` with ``sizes`` inside the full ``shape``.
+    Within the full tensor a chunk is a set of runs: along its innermost dimensions that span the
+    whole tensor it is one run of bytes (a split along dim 0 is one run per chunk); along the others
+    it is one run per index. A read touches only the runs that meet it, and reads each chunk's
+    bytes for them in one piece.
+    """
+
+    def __init__(self, shape: Tuple[int, ...], itemsize: int, chunks: List[Tuple[Tuple[int, ...], Tuple[int, ...],
+                                                                               Any, int]], path: str):
+        self.shape, self.item, self.path = shape, itemsize, path
+        self.strides = tuple(_prod(shape[i + 1:]) for i in range(len(shape)))  # in elements
+        self.size = _prod(shape) * itemsize
+        self.chunks = []
+        for offsets, sizes, source, start in chunks:  # (offsets, sizes, source, first byte in source)
+            k = len(shape) - 1
+            while k > 0 and sizes[k] == shape[k]:
+                k -= 1  # dims k+1.. span the tensor: one run covers them
+            run = sizes[k] * self.strides[k]
+            self.chunks.append((offsets, sizes, k, run, source, start))
 
     def read(self, start: int = 0, size: Optional[int] = None) -> bytes:
         if size is None:
             size = self.size - start
-        if start < 0 or size < 0 or start + size > self.size:
+        buf = bytearray(size)
+        self.readinto(start, buf)
+        return bytes(buf)
+
+    def readinto(self, start: int, buf) -> None:
+        size = len(buf)
+        if start < 0 or start + size > self.size:
             raise FormatError(f"read of {size} bytes at {start} is outside a {self.size}-byte tensor", self.path)
-        out = bytearray()
-        pos = 0
-        for source, s0, n in self.parts:
-            lo, hi = max(start, pos), min(start + size, pos + n)
-            if lo < hi:
-                out += source.read(s0 + lo - pos, hi - lo)
-            pos += n
-        return bytes(out)
+        out = buf if isinstance(buf, memoryview) else memoryview(buf)
+        item = self.item
+        lo, hi = start // item, -(-(start + size) // item)  # whole elements covering the read
+        for offsets, sizes, k, run, source, first in self.chunks:
+            runs = list(self._runs(offsets, sizes, k, run, lo, hi))
+            if not runs:
+                continue
+            r0, r1 = runs[0][1], runs[-1][1]  # the chunk's own runs r0..r1 are one piece of its bytes
+            data = memoryview(source.read(first + r0 * run * item, (r1 - r0 + 1) * run * item))
+            for pos, r in runs:  # pos: the run's first element in the full tensor
+                a, b = max(pos, lo), min(pos + run, hi)
+                src = ((r - r0) * run + a - pos) * item
+                dst_a, dst_b = max(a * item, start), min(b * item, start + size)
+                src += dst_a - a * item
+                out[dst_a - start:dst_b - start] = data[src:src + dst_b - dst_a]
+
+    def _runs(self, offsets, sizes, k, run, lo, hi):
+        """(first element in the full tensor, index among the chunk's runs) of each run meeting [lo, hi)."""
+        strides = self.strides
+        counts = sizes[:k]  # the chunk's runs are indexed by its indices along dims 0..k-1
+
+        def walk(d: int, base: int, index: int):
+            if d == k:
+                pos = base + offsets[k] * strides[k]
+                if pos < hi and pos + run > lo:
+                    yield pos, index
+                return
+            step = strides[d]
+            # indices i along d whose block [base + (o+i)*step, + step) meets [lo, hi)
+            i0 = max(0, (lo - base) // step - offsets[d])
+            i1 = min(sizes[d] - 1, (hi - 1 - base) // step - offsets[d])
+            inner = _prod(counts[d + 1:])
+            for i in range(i0, i1 + 1):
+                yield from walk(d + 1, base + (offsets[d] + i) * step, index + i * inner)
+
+        yield from walk(0, 0, 0)
+
+
+def _dims(values: Any, what: str, fqn: str, meta_path: str) -> Tuple[int, ...]:
+    if not isinstance(values, (list, tuple)) or any(type(v) is not int or v < 0 for v in values):
+        raise FormatError(f"tensor {fqn}: {what} is not a list of non-negative ints", meta_path)
+    return tuple(values)
+
+
+MAX_GRID_CELLS = 1 << 22
+
+
+def _check_tiling(fqn: str, size: Tuple[int, ...], boxes: List[Tuple[Tuple[int, ...], Tuple[int, ...]]],
+                  meta_path: str) -> None:
+    """Chunks must cover the tensor exactly once: cut it at every chunk edge and count each cell's owners."""
+    cuts = [sorted({0, n} | {o[d] for o, _ in boxes} | {o[d] + s[d] for o, s in boxes}) for d, n in enumerate(size)]
+    cells = _prod(len(c) - 1 for c in cuts)
+    if cells > MAX_GRID_CELLS:
+        raise FormatError(f"tensor {fqn}: its {len(boxes)} chunks cut it into {cells} pieces, more than "
+                          f"{MAX_GRID_CELLS}", meta_path)
+    where = [{v: i for i, v in enumerate(c)} for c in cuts]
+    owners: Dict[Tuple[int, ...], int] = {}
+    for n, (o, s) in enumerate(boxes):
+        ranges = [range(where[d][o[d]], where[d][o[d] + s[d]]) for d in range(len(size))]
+        for cell in itertools.product(*ranges):
+            if cell in owners:
+                raise FormatError(f"tensor {fqn}: chunks at {list(boxes[owners[cell]][0])} and {list(o)} overlap",
+                                  meta_path)
+            owners[cell] = n
+    if len(owners) != cells:
+        raise FormatError(f"tensor {fqn}: its chunks do not cover the whole {list(size)} tensor", meta_path)
 
 
 def _tensor(fqn: str, md: Stub, index: Dict[Tuple[str, Any], Dict[str, Any]], folder: str,
             meta_path: str) -> TensorRef:
     st = _state(md, "metadata.TensorStorageMetadata")
-    size = tuple(st.get("size") or ())
+    size = _dims(st.get("size") or (), "its size", fqn, meta_path)
     chunks = []
     for c in st.get("chunks") or []:
         cs = _state(c, "metadata.ChunkStorageMetadata")
-        offsets, sizes = tuple(cs.get("offsets") or ()), tuple(cs.get("sizes") or ())
+        offsets = _dims(cs.get("offsets") or (), "a chunk's offsets", fqn, meta_path)
+        sizes = _dims(cs.get("sizes") or (), "a chunk's sizes", fqn, meta_path)
+        if len(offsets) != len(size) or len(sizes) != len(size) or \
+                any(o + n > full for o, n, full in zip(offsets, sizes, size)):
+            raise FormatError(f"tensor {fqn}: chunk at {list(offsets)} of size {list(sizes)} does not fit in "
+                              f"its {list(size)} tensor", meta_path)
         info = index.get((fqn, offsets))
         if info is None:
             raise FormatError(f"tensor {fqn}: chunk at {list(offsets)} has no storage record", meta_path)
@@ -167,28 +254,24 @@ def _tensor(fqn: str, md: Stub, index: Dict[Tuple[str, Any], Dict[str, Any]], fo
     if len(dtypes) > 1:
         raise FormatError(f"tensor {fqn}: its chunks have different dtypes ({', '.join(sorted(dtypes))})", meta_path)
     chunks.sort(key=lambda c: c[0])
-    if len(chunks) == 1 and all(o == 0 for o in chunks[0][0]) and tuple(chunks[0][1].shape) == size:
-        return chunks[0][1]
-    # several chunks: only a split along dim 0 into contiguous pieces is one run of bytes
-    if not size or any(len(o) != len(size) for o, _ in chunks):
-        raise FormatError(f"tensor {fqn}: chunk offsets do not match its {len(size)} dimensions", meta_path)
-    row = 0
+    first = chunks[0][1]
+    if len(chunks) == 1 and tuple(first.shape) == size:
+        return first
+    chunks = [(o, t) for o, t in chunks if t.numel]  # an empty shard (uneven split) holds nothing
+    if chunks:
+        _check_tiling(fqn, size, [(o, tuple(t.shape)) for o, t in chunks], meta_path)
+    elif _prod(size):
+        raise FormatError(f"tensor {fqn}: its chunks are all empty", meta_path)
     parts = []
     for offsets, t in chunks:
-        if offsets[0] != row or any(o != 0 for o in offsets[1:]) or tuple(t.shape[1:]) != size[1:] \
-                or not t.is_contiguous or not t.has_data:
-            raise FormatError(f"tensor {fqn} is chunked across other dimensions than the first; "
-                              "reading it is not supported yet", meta_path)
-        start, _ = t.span()
-        parts.append((t.storage.source, start, t.nbytes))
-        row += t.shape[0]
-    if row != size[0]:
-        raise FormatError(f"tensor {fqn}: its chunks cover {row} of {size[0]} rows", meta_path)
-    first = chunks[0][1]
-    total = sum(p[2] for p in parts)
+        if not t.has_data or not t.is_contiguous:
+            raise FormatError(f"tensor {fqn}: chunk at {list(offsets)} is {'not contiguous' if t.has_data else 'empty'}"
+                              , meta_path)
+        parts.append((offsets, tuple(t.shape), t.storage.source, t.span()[0]))
+    source = _Tiles(size, itemsize(first.dtype) or 1, parts, meta_path)
     stride = tuple(_prod(size[i + 1:]) for i in range(len(size)))
-    storage = StorageRef(key=fqn, dtype=first.dtype, device=first.device, nbytes=total,
-                         source=_Concat(parts, meta_path), file=meta_path)
+    storage = StorageRef(key=fqn, dtype=first.dtype, device=first.device, nbytes=source.size, source=source,
+                         file=meta_path)
     return TensorRef(shape=size, dtype=first.dtype, stride=stride, storage=storage, device=first.device)
 
 
