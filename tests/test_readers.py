@@ -83,6 +83,50 @@ def test_renamed_archive_folder_is_found(make):
     assert ckpt.metadata["archive_folder"] == "my_weights_v2"
 
 
+
+def _open_fds_on(path) -> int:
+    real = os.path.realpath(path)
+    fds = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds += os.readlink(f"/proc/self/fd/{fd}") == real
+        except OSError:
+            pass
+    return fds
+
+
+def _shape_of(ckpt):
+    sd = find_state_dict(ckpt)
+    return (ckpt.format, ckpt.path, ckpt.file_size, {k: v for k, v in ckpt.metadata.items()},
+            ckpt.globals, sd.entry, sd.source,
+            [(n, t.shape, t.dtype, t.stride, t.storage_offset, t.device, t.storage.key, t.storage.nbytes,
+              t.read_bytes()) for n, t in sd.tensors.items()])
+
+
+@pytest.mark.parametrize("name", ["state_dict.pt", "renamed_archive.bin", "torchscript.pt", "sharded_bin"])
+def test_open_reads_what_detect_then_open_reads(make, name):
+    """open() reads a zip with the directory detection already parsed: the same checkpoint as
+    naming the format, and no file left open either way."""
+    path = make(name)
+    before = _open_fds_on(path)
+    detected = _shape_of(ckpttool.open(path))
+    named = _shape_of(ckpttool.open(path, ckpttool.detect(path)))
+    assert detected == named
+    if os.path.exists("/proc/self/fd"):
+        assert _open_fds_on(path) == before
+
+
+def test_zip_that_is_not_a_checkpoint_is_refused_and_closed(tmp_path):
+    import zipfile
+    p = tmp_path / "notes.pt"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("notes.txt", "hello")
+    for call in (ckpttool.detect, ckpttool.open):
+        with pytest.raises(ckpttool.FormatError, match="no data.pkl"):
+            call(str(p))
+    if os.path.exists("/proc/self/fd"):
+        assert _open_fds_on(p) == 0
+
 def test_every_zip_dtype_is_read(make):
     sd = find_state_dict(ckpttool.open(make("all_dtypes.pt"))).tensors
     dtypes = {t.dtype for t in sd.values()}

@@ -62,11 +62,24 @@ def detect(path: str) -> str:
     >>> detect("fixtures/tiny_state_dict.pt")  # doctest: +SKIP
     'torch_zip'
     """
+    fmt, _, zf = _detect(path)
+    if zf is not None:
+        zf.close()
+    return fmt
+
+
+def _detect(path: str):
+    """``(format, the file that was probed, its open ZipFile or None)``.
+
+    A folder is probed through the file that stands for it; a zip archive's directory, parsed to
+    tell TorchScript from torch.save, is handed on open so that ``open()`` does not parse it again
+    (20,000 records take as long to list as to unpickle). The caller closes it.
+    """
     st = _check_path(path)
     if stat.S_ISDIR(st.st_mode):
         if os.path.isfile(os.path.join(path, ".metadata")):
-            return "dcp"  # torch.distributed.checkpoint: .metadata + __R_N.distcp files
-        return detect(_folder_entry(path))
+            return "dcp", path, None  # torch.distributed.checkpoint: .metadata + __R_N.distcp files
+        return _detect(_folder_entry(path))
     if st.st_size == 0:
         raise FormatError("file is empty", path)
     try:
@@ -78,27 +91,32 @@ def detect(path: str) -> str:
     if head[:4] in _ZIP_MAGIC:
         from .torch_zip import open_zip
         from .torchscript import is_torchscript
-        with open_zip(path) as zf:
+        zf = open_zip(path)
+        try:
             names = zf.namelist()
-        if is_torchscript(names):
-            return "torchscript"
-        if any(n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1) for n in names):
-            return "torch_zip"
+            if is_torchscript(names):
+                return "torchscript", path, zf
+            if any(n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1) for n in names):
+                return "torch_zip", path, zf
+        except BaseException:
+            zf.close()
+            raise
+        zf.close()
         raise FormatError("zip archive is not a PyTorch checkpoint (it has no data.pkl)", path)
     if torch_legacy.has_magic(head):
-        return "torch_legacy"
+        return "torch_legacy", path, None
     if safetensors.looks_like(head, st.st_size):
-        return "safetensors"
+        return "safetensors", path, None
     if len(head) > 262 and head[257:262] == b"ustar":
         raise FormatError("is a tar archive: the tar format of torch < 0.4 is not supported", path)
     if path.endswith(".json"):
-        return "index"
+        return "index", path, None
     if path.lower().endswith(".onnx"):
-        return "onnx"
+        return "onnx", path, None
     if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "pickle"
+        return "pickle", path, None
     if head[:1] == b"\x08":  # protobuf field 1 (ir_version), as every ONNX model starts
-        return "onnx"
+        return "onnx", path, None
     raise FormatError(f"not a checkpoint format ckpttool knows (starts with {head[:8]!r})", path)
 
 
@@ -110,7 +128,17 @@ def open(path: str, fmt: Optional[str] = None) -> Checkpoint:  # noqa: A001 - th
     'torch_zip'
     """
     path = os.fspath(path)
-    fmt = fmt or detect(path)
+    if not fmt:
+        fmt, probed, zf = _detect(path)
+        if zf is not None:  # a torch zip or TorchScript archive: read with the directory detection parsed
+            with zf:
+                if fmt == "torchscript":
+                    from .torchscript import read as read_script
+                    return read_script(probed, zf)
+                from .torch_zip import read as read_zip
+                return read_zip(probed, zf)
+        if fmt != "dcp":
+            path = probed  # a folder's entry file, as _folder_entry names it
     if fmt == "dcp":
         from .dcp import read as read_dcp
         return read_dcp(path)

@@ -164,9 +164,13 @@ def zip_metadata(zf: zipfile.ZipFile, folder: str, path: str) -> Dict[str, str]:
     return meta
 
 
-def read(path: str) -> Checkpoint:
-    """Read a torch.save zip checkpoint's structure (no tensor bytes)."""
-    zf = open_zip(path)
+def read(path: str, zf: Optional[zipfile.ZipFile] = None) -> Checkpoint:
+    """Read a torch.save zip checkpoint's structure (no tensor bytes).
+
+    ``zf``: the archive already open on ``path`` (as format detection leaves it); it is closed here.
+    """
+    if zf is None:
+        zf = open_zip(path)
     with zf:
         folder = find_record_folder(zf, path)
         root, globs = read_zip_pickle(path, zf, folder)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, List, Tuple
+import zipfile
+from typing import Dict, List, Optional, Tuple
 
 from ..records import Checkpoint
 from .torch_zip import find_record_folder, open_zip, read_member, read_zip_pickle, zip_metadata
@@ -49,9 +50,13 @@ def parse_members(code: str, module: str) -> Dict[str, Tuple[List[str], List[str
     return out
 
 
-def read(path: str) -> Checkpoint:
-    """Read a TorchScript archive: its module tree, with parameters and buffers marked."""
-    zf = open_zip(path)
+def read(path: str, zf: Optional[zipfile.ZipFile] = None) -> Checkpoint:
+    """Read a TorchScript archive: its module tree, with parameters and buffers marked.
+
+    ``zf``: the archive already open on ``path`` (as format detection leaves it); it is closed here.
+    """
+    if zf is None:
+        zf = open_zip(path)
     with zf:
         folder = find_record_folder(zf, path)
         root, globs = read_zip_pickle(path, zf, folder)
