@@ -5,8 +5,8 @@
 Makes, in a temporary folder, a torch zip checkpoint of --tensors float32 tensors of
 --tensor-mib each, then times, as separate processes (median of --runs, files in page cache):
   - `ckpttool convert A -o B.safetensors`, `ckpttool convert B.safetensors -o C.pt`,
-    `ckpttool remap A -o D.pt --map cpu=cuda`                        (ours)
-  - torch.load + safetensors save_file; safe_open/load_file + torch.save (the naive way)
+    `ckpttool convert A -o E --to dcp`, `ckpttool remap A -o D.pt --map cpu=cuda`   (ours)
+  - torch.load + safetensors save_file; load_file + torch.save; torch.load + dcp.save (the naive way)
   - copying the file with fdatasync                                   (the floor)
 and prints wall time, peak RSS (MB, that process alone), and the ratios. Not part of the tests.
 """
@@ -30,6 +30,12 @@ from safetensors.torch import load_file
 torch.save(load_file(sys.argv[1]), sys.argv[2])
 """
 
+NAIVE_TO_DCP = """
+import sys, warnings, torch, torch.distributed.checkpoint as dcp
+warnings.simplefilter("ignore")
+dcp.save(torch.load(sys.argv[1], map_location="cpu", weights_only=True), checkpoint_id=sys.argv[2])
+"""
+
 
 def make(path: str, mib: int, n: int) -> None:
     import torch
@@ -46,7 +52,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "a.pt")
         make_in_child(__file__, src, a.tensor_mib, a.tensors)
-        st, pt, rm = (os.path.join(d, n) for n in ("b.safetensors", "c.pt", "d.pt"))
+        st, pt, rm, dc = (os.path.join(d, n) for n in ("b.safetensors", "c.pt", "d.pt", "e_dcp"))
         size = os.path.getsize(src) >> 20
         print(f"checkpoint: {size} MiB, {a.tensors} tensors of {a.tensor_mib} MiB")
         floor = measure([py, "-c", COPY, src, os.path.join(d, "copy")], a.runs)
@@ -58,6 +64,8 @@ def main() -> None:
              [py, "-c", NAIVE_TO_ST, src, st + ".naive"]),
             (".safetensors -> .pt", [py, "-m", "ckpttool", "convert", st, "-o", pt, "--force"],
              [py, "-c", NAIVE_TO_PT, st, pt + ".naive"]),
+            (".pt -> dcp", [py, "-m", "ckpttool", "convert", src, "-o", dc, "--to", "dcp", "--force"],
+             [py, "-c", NAIVE_TO_DCP, src, dc + ".naive"]),
             ("remap cpu=cuda", [py, "-m", "ckpttool", "remap", src, "-o", rm, "--map", "cpu=cuda", "--force"], None),
         ]
         for label, ours_cmd, naive_cmd in cases:

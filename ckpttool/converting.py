@@ -265,30 +265,53 @@ def _write_shards(out: str, entries: List[EntryOut], meta: Dict[str, str], max_b
     return [os.path.join(out, n) for n in names + ["model.safetensors.index.json"]], checked
 
 
+# up to this many bytes of tensors, --to dcp writes one .distcp file (which DCP's writer holds in memory whole)
+DCP_SINGLE_FILE = 256 << 20
+
+
 def _write_dcp(out: str, sd: StateDict, cast: Optional[str], check: bool) -> Tuple[List[str], Dict[str, Any]]:
     """OUT as a torch.distributed.checkpoint folder, written by torch's own dcp.save (single process).
 
-    dcp.save needs the tensors in memory: this path holds the whole state_dict, unlike the others.
+    dcp.save plans from the state_dict it is given and asks its planner for each tensor's data
+    only when its FileSystemWriter writes that tensor. So it is given meta tensors (shapes and
+    dtypes, no bytes) and a planner that reads each tensor from the source at that moment. The
+    writer keeps every tensor of a .distcp file until the file is done, so a state_dict of more
+    than DCP_SINGLE_FILE bytes is written one file per tensor (DCP's ``single_file_per_rank=False``):
+    one tensor in memory at a time. Either way the folder is DCP's own layout.
     """
     import warnings
+    import torch
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.planner import WriteItemType
     from .torch_bridge import torch_dtype
-    tensors = {}
+
+    plan = {}
     for name, t in sd.tensors.items():
         _needs_data(name, t, "")
-        x = t.to_torch()
-        dst = _out_dtype(t, cast)
-        tensors[name] = x.to(torch_dtype(dst)) if dst != t.dtype else x
+        plan[name] = torch.empty(t.shape, dtype=torch_dtype(_out_dtype(t, cast)), device="meta")
+
+    class _ReadWhenWritten(DefaultSavePlanner):
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            name = write_item.index.fqn
+            t = sd.tensors[name]
+            x = t.to_torch()
+            dst = _out_dtype(t, cast)
+            return x.to(torch_dtype(dst)) if dst != t.dtype else x
+
     tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(out))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # no process group: dcp says it assumes a single process
-            dcp.save(tensors, checkpoint_id=tmpdir)
+            total = sum(t.nbytes for t in sd.tensors.values())
+            writer = dcp.FileSystemWriter(tmpdir, single_file_per_rank=total <= DCP_SINGLE_FILE, thread_count=1,
+                                          sync_files=True)
+            dcp.save(plan, storage_writer=writer, planner=_ReadWhenWritten())
         for n in os.listdir(tmpdir):
-            with open(os.path.join(tmpdir, n), "rb+") as f:
-                os.fsync(f.fileno())
             os.chmod(os.path.join(tmpdir, n), default_mode())
-        checked = _check(tmpdir, sd, tensors, cast, check, {})
+        checked = _check(tmpdir, sd, plan, cast, check, {})
         files = sorted(os.listdir(tmpdir))
         folder_into_place(tmpdir, out)
     except BaseException:

@@ -357,3 +357,23 @@ def test_tiling_check(boxes, message):
     else:
         with pytest.raises(FormatError, match=message):
             _check_tiling("w", (6, 4), boxes, "m")
+
+
+def test_convert_to_dcp_past_the_single_file_size_writes_a_file_per_tensor(resnet, tmp_path, monkeypatch):
+    """Above DCP_SINGLE_FILE bytes, --to dcp writes one .distcp per tensor (DCP's own layout, so memory holds one
+    tensor at a time); torch's dcp.load reads it, --dtype casts on the way."""
+    import torch.distributed.checkpoint as dcp
+    import ckpttool.converting as converting
+    _, plain, ref = resnet
+    monkeypatch.setattr(converting, "DCP_SINGLE_FILE", 1 << 20)
+    out = tmp_path / "per_tensor"
+    r = ckpttool.convert(plain, str(out), to="dcp", dtype="fp16", check=True)
+    assert r.format == "dcp" and r.checked["bytes_compared"] == len(ref)
+    assert len([n for n in os.listdir(out) if n.endswith(".distcp")]) == len(ref)
+    sd = {k: torch.empty_like(v, dtype=torch.float16 if v.is_floating_point() else v.dtype) for k, v in ref.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(sd, checkpoint_id=str(out))
+    for k, v in ref.items():
+        want = v.half() if v.is_floating_point() else v
+        assert sd[k].dtype == want.dtype and torch.equal(sd[k], want), k
