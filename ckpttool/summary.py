@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .errors import CkptError, UsageError
 from .formats import open as open_checkpoint
 from .formats.safe_pickle import Stub
-from .records import Checkpoint, InspectResult, TensorInfo, TensorRef
+from .records import Checkpoint, InspectResult, TensorRef, new_tensor_info
 from .tree import StateDict, children, find_state_dict, is_tensor_dict, module_kind, module_state_dict
 from .text import safe_repr
 
@@ -68,10 +68,9 @@ def summarize(ckpt: Checkpoint, sd: StateDict, filter: Optional[str] = None, sor
         total_bytes += nbytes
         by_dtype[t.dtype] += nbytes
         devices[t.device] += 1
-        infos_list.append(TensorInfo(name=name, shape=t.shape, dtype=t.dtype, device=t.device, nbytes=nbytes,
-                                     stride=t.stride, storage_offset=t.storage_offset,
-                                     storage=storage.key if storage is not None else None,
-                                     stats=computed.get(name) if stats else None))
+        infos_list.append(new_tensor_info(name, t.shape, t.dtype, t.device, nbytes, t.stride, t.storage_offset,
+                                          storage.key if storage is not None else None,
+                                          computed.get(name) if stats else None))
     infos = tuple(infos_list)
     shared = tuple(tuple(g) for g in groups.values() if len(g) > 1)
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from ..dtypes import STORAGE_CLASS_DTYPE, itemsize
 from ..errors import FormatError
-from ..records import GlobalRef, StorageRef, TensorRef
+from ..records import GlobalRef, StorageRef, TensorRef, new_tensor_ref
 from ..text import safe_repr
 
 
@@ -135,8 +135,7 @@ def _make_tensor(storage, storage_offset, size, stride, requires_grad=False, dty
             raise FormatError(
                 f"tensor of shape {list(shape)} at offset {storage_offset} reaches element {last}, "
                 f"past the end of its {storage.nbytes}-byte storage {storage.key!r}")
-    return TensorRef(shape=shape, dtype=dtype, stride=strides, storage_offset=storage_offset,
-                     storage=storage, device=storage.device, requires_grad=bool(requires_grad), kind=kind)
+    return new_tensor_ref(shape, dtype, strides, storage_offset, storage, storage.device, bool(requires_grad), kind)
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *rest):

@@ -16,7 +16,7 @@ import zlib
 from typing import Dict, Optional
 
 from ..errors import FormatError
-from ..records import Checkpoint, FileSpan, StorageRef
+from ..records import Checkpoint, FileSpan, StorageRef, new_storage_ref
 from .safe_pickle import load_stream, parse_storage_pid, safe_load, storage_nbytes
 
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
@@ -66,21 +66,38 @@ def read_member(zf: zipfile.ZipFile, name: str, path: str, limit: Optional[int] 
         raise FormatError(f"record {name} is corrupt, truncated or encrypted: {e}", path) from None
 
 
+def _member_start(info: zipfile.ZipInfo, path: str, file_size: int) -> int:
+    """Where a stored record's bytes start, from its local header (checked)."""
+    with open(path, "rb") as f:
+        head = os.pread(f.fileno(), _LOCAL_HEADER.size, info.header_offset)
+    if len(head) != _LOCAL_HEADER.size or head[:4] != b"PK\x03\x04":
+        raise FormatError(f"record {info.filename} has no valid local header", path)
+    fields = _LOCAL_HEADER.unpack(head)
+    start = info.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]  # name, extra lengths
+    if start + info.file_size > file_size:
+        raise FormatError(f"record {info.filename} runs past the end of the file (truncated?)", path)
+    return start
+
+
+class _StoredMember(FileSpan):
+    """A stored record's bytes: a FileSpan whose offset comes from the local header, read and
+    checked on first use (a class, not a closure per record: archives hold 20,000 of them)."""
+
+    def __init__(self, path: str, info: zipfile.ZipInfo, file_size: int):
+        self.__dict__.update({"path": path, "_offset": None, "size": info.file_size, "_resolve": None,
+                              "_info": info, "_file_size": file_size})
+
+    @property
+    def offset(self) -> int:
+        if self._offset is None:
+            self._offset = _member_start(self._info, self.path, self._file_size)
+            self._info = None
+        return self._offset
+
+
 def member_span(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, file_size: int) -> FileSpan:
     """A lazy FileSpan over a stored record's bytes (the local header is read on first use)."""
-
-    def resolve() -> int:
-        with open(path, "rb") as f:
-            head = os.pread(f.fileno(), _LOCAL_HEADER.size, info.header_offset)
-        if len(head) != _LOCAL_HEADER.size or head[:4] != b"PK\x03\x04":
-            raise FormatError(f"record {info.filename} has no valid local header", path)
-        fields = _LOCAL_HEADER.unpack(head)
-        start = info.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]  # name, extra lengths
-        if start + info.file_size > file_size:
-            raise FormatError(f"record {info.filename} runs past the end of the file (truncated?)", path)
-        return start
-
-    return FileSpan(path, size=info.file_size, resolve=resolve)
+    return _StoredMember(path, info, file_size)
 
 
 class _CompressedMember:
@@ -108,27 +125,30 @@ class _CompressedMember:
 def storage_loader(zf: zipfile.ZipFile, folder: str, path: str, file_size: int, data_dir: str = "data/"):
     """The persistent_load for a zip archive: storage ids -> StorageRef on ``<folder>/data/<key>``."""
     cache: Dict[str, StorageRef] = {}
+    prefix = folder + data_dir
+    records = zf.NameToInfo  # what zf.getinfo looks in
+    stored = zipfile.ZIP_STORED
 
     def load(pid):
         stype, key, location, numel, _ = parse_storage_pid(pid)
-        if key in cache:
-            return cache[key]
-        name = f"{folder}{data_dir}{key}"
-        try:
-            info = zf.getinfo(name)
-        except KeyError:
-            raise FormatError(f"storage {key!r} has no record {name} in the archive") from None
+        ref = cache.get(key)
+        if ref is not None:
+            return ref
+        name = prefix + key
+        info = records.get(name)
+        if info is None:
+            raise FormatError(f"storage {key!r} has no record {name} in the archive")
         nbytes = storage_nbytes(stype, numel)
         if info.file_size < nbytes:
             raise FormatError(f"storage {key!r} needs {nbytes} bytes but its record holds {info.file_size}")
-        if info.compress_type not in _KNOWN_COMPRESSION:
-            raise FormatError(f"storage {key!r} uses unknown zip compression method {info.compress_type}")
-        if info.compress_type == zipfile.ZIP_STORED:
-            source = member_span(zf, info, path, file_size)
-        else:
+        compression = info.compress_type
+        if compression == stored:
+            source = _StoredMember(path, info, file_size)
+        elif compression in _KNOWN_COMPRESSION:
             source = _CompressedMember(path, name, info.file_size)
-        ref = StorageRef(key=key, dtype=stype.dtype, device=location, nbytes=nbytes, source=source, file=path)
-        cache[key] = ref
+        else:
+            raise FormatError(f"storage {key!r} uses unknown zip compression method {compression}")
+        ref = cache[key] = new_storage_ref(key, stype.dtype, location, nbytes, source, path)
         return ref
 
     return load
