@@ -84,8 +84,12 @@ class _StoredMember(FileSpan):
     checked on first use (a class, not a closure per record: archives hold 20,000 of them)."""
 
     def __init__(self, path: str, info: zipfile.ZipInfo, file_size: int):
-        self.__dict__.update({"path": path, "_offset": None, "size": info.file_size, "_resolve": None,
-                              "_info": info, "_file_size": file_size})
+        self.path = path
+        self._offset = None
+        self.size = info.file_size
+        self._resolve = None
+        self._info = info
+        self._file_size = file_size
 
     @property
     def offset(self) -> int:
