@@ -198,8 +198,9 @@ def diff(a: str, b: str, key_a: Optional[str], key_b: Optional[str], no_values: 
 @click.option("--no-align", is_flag=True, help="Do not strip a wrapper prefix (module., _orig_mod., model.).")
 @click.option("--to", type=click.Choice(["pt", "state_dict", "safetensors"]), help="Output format (default: "
                                                                                       "from OUT's extension).")
-@click.option("--max-shard-size", metavar="SIZE", help="Write OUT as a folder of safetensors shards of at most SIZE "
-                                                         "(5GB, 500MiB) with model.safetensors.index.json.")
+@click.option("--max-shard-size", metavar="SIZE", help="Write OUT as a folder of shards of at most SIZE (5GB, 500MiB): "
+                                                         "safetensors + model.safetensors.index.json, or with --to pt "
+                                                         "pytorch_model-*.bin + pytorch_model.bin.index.json.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @json_option
 @quiet_option
@@ -240,8 +241,9 @@ def filter_cmd(source: str, model: Optional[str], model_args, target: Optional[s
 @click.option("--key", "-k", help="Entry holding the state_dict (default: found automatically).")
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32", "fp64"]), help="Cast floating tensors only.")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Add to the safetensors header (repeatable).")
-@click.option("--max-shard-size", metavar="SIZE", help="Write a folder of safetensors shards of at most SIZE "
-                                                         "(5GB, 500MiB) and model.safetensors.index.json.")
+@click.option("--max-shard-size", metavar="SIZE", help="Write a folder of shards of at most SIZE (5GB, 500MiB): "
+                                                         "safetensors + model.safetensors.index.json, or with --to pt "
+                                                         "pytorch_model-*.bin + pytorch_model.bin.index.json.")
 @click.option("--check", is_flag=True, help="After writing, compare every byte of the output with the source.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--trust", is_flag=True, help="ONNX: allow importing and running the code a pickled full model names.")
@@ -285,7 +287,8 @@ def convert(source: str, out: str, to: Optional[str], key: Optional[str], dtype:
 
 @cli.command()
 @click.argument("path", type=click.Path())
-@click.option("--output", "-o", "out", required=True, metavar="OUT", help="Output file (same format as PATH).")
+@click.option("--output", "-o", "out", required=True, metavar="OUT",
+              help="Output file (same format as PATH; a folder when PATH is a folder of .bin shards).")
 @click.option("--map", "maps", multiple=True, required=True, metavar="SRC=DST",
               help="Device mapping, first match wins (repeatable): cuda=cpu, cuda:1=cuda:0, cpu=cuda, mps=cpu.")
 @click.option("--to", type=click.Choice(["zip", "legacy"]), help="Write the other torch.save format (default: "
@@ -300,8 +303,9 @@ def remap(path: str, out: str, maps, to: Optional[str], check: bool, force: bool
 
     The fix, made once on the file, for "Attempting to deserialize object on a
     CUDA device but torch.cuda.is_available() is False" and for a cuda:1 file
-    on a one-GPU machine. Works on torch.save zip and legacy files and
-    TorchScript archives, full pickled models and optimizer state included,
+    on a one-GPU machine. Works on torch.save zip and legacy files, HF folders
+    of .bin shards (OUT is a folder) and TorchScript archives, full pickled
+    models and optimizer state included,
     without running anything and without a GPU; tensor bytes are copied as they are.
 
     \b

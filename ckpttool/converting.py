@@ -182,8 +182,8 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
     if meta and fmt != "safetensors":
         raise UsageError("--metadata is only for safetensors output")
     shard = parse_size(max_shard_size) if max_shard_size not in (None, "") else None
-    if shard and fmt != "safetensors":
-        raise UsageError("--max-shard-size is only for safetensors output")
+    if shard and fmt not in ("safetensors", "state_dict"):
+        raise UsageError("--max-shard-size is for safetensors and state_dict (.bin shards) output")
 
     ckpt, sd = open_state_dict(source if isinstance(source, Checkpoint) else os.fspath(source), key)
     if not sd.tensors:
@@ -202,6 +202,11 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
     if fmt == "dcp":
         with _writing(out):
             files, checked = _write_dcp(out, sd, cast, check)
+    elif fmt == "state_dict" and shard:
+        tree = torch_tree(sd.tensors, cast, ckpt.path)
+        total = sum(s.nbytes for s in {id(t.storage): t.storage for t in tree.values()}.values())
+        with _writing(out):
+            files, checked = _write_torch_shards(out, tree, shard, sd, cast, check, tick)
     elif fmt == "state_dict":
         tree = torch_tree(sd.tensors, cast, ckpt.path)
         total = sum(s.nbytes for s in {id(t.storage): t.storage for t in tree.values()}.values())
@@ -263,6 +268,36 @@ def _write_shards(out: str, entries: List[EntryOut], meta: Dict[str, str], max_b
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise
     return [os.path.join(out, n) for n in names + ["model.safetensors.index.json"]], checked
+
+
+def _write_torch_shards(out: str, tree: Mapping[str, Any], max_bytes: int, sd: StateDict, cast: Optional[str],
+                        check: bool, tick) -> Tuple[List[str], Dict[str, Any]]:
+    """OUT as a folder of torch.save shards (``pytorch_model-0000N-of-0000M.bin``) + ``pytorch_model.bin.index.json``,
+    streamed a storage at a time like a single .pt; tensors sharing a storage stay in one shard."""
+    from .formats.write import TORCH_INDEX, plan_storage_shards, torch_index_json, torch_shard_names
+    storages = {id(t.storage): t.storage for t in tree.values()}
+    shards = plan_storage_shards([(n, id(t.storage), t.storage.nbytes) for n, t in tree.items()], max_bytes)
+    names = torch_shard_names(len(shards))
+    tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(out))
+    try:
+        for shard, name in zip(shards, names):
+            p = os.path.join(tmpdir, name)
+            write_torch_zip(p, collections.OrderedDict((n, tree[n]) for n in shard), progress=tick)
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(p, default_mode())
+        index = os.path.join(tmpdir, TORCH_INDEX)
+        with open(index, "wb") as f:
+            f.write(torch_index_json(shards, names, sum(s.nbytes for s in storages.values())))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(index, default_mode())
+        checked = _check(tmpdir, sd, dict(tree), cast, check, dropped={})
+        folder_into_place(tmpdir, out)
+    except BaseException:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+    return [os.path.join(out, n) for n in names + [TORCH_INDEX]], checked
 
 
 # up to this many bytes of tensors, --to dcp writes one .distcp file (which DCP's writer holds in memory whole)

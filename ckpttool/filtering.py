@@ -189,9 +189,7 @@ def filter_checkpoint(source: str, out: str, model: Optional[str] = None, model_
     if max_shard_size not in (None, ""):
         from .formats.safetensors_writer import parse_size
         shard = parse_size(max_shard_size)
-        if to not in (None, "safetensors"):
-            raise UsageError("--max-shard-size writes safetensors shards; it does not go with --to " + str(to))
-        fmt = "safetensors"
+        fmt = "torch" if to in ("pt", "state_dict", "torch") else "safetensors"  # shards: safetensors unless --to pt
     else:
         fmt = output_format(out, to)
     built = None
@@ -226,7 +224,11 @@ def filter_checkpoint(source: str, out: str, model: Optional[str] = None, model_
         if built is not None:
             checks["load_into_model"] = _check_load(built, loaded, result, assign=device == "meta")
 
-    if shard is not None:
+    if shard is not None and fmt == "torch":
+        from .formats.write import write_torch_shards
+        write_torch_shards(tensors, out, shard, check=check)
+        fmt = "torch_sharded"
+    elif shard is not None:
         from .formats.write import write_safetensors_shards
         write_safetensors_shards(tensors, out, shard, check=check)
         fmt = "safetensors_sharded"
@@ -236,19 +238,22 @@ def filter_checkpoint(source: str, out: str, model: Optional[str] = None, model_
 
 
 def _read_back(path: str, fmt: str) -> Mapping[str, Any]:
-    if fmt == "torch":
-        import torch
-        return torch.load(path, map_location="cpu", weights_only=True)
+    import torch
     from safetensors.torch import load_file
-    if os.path.isdir(path):  # shards: every file the index names, by safetensors' own loader
+
+    def load(p: str) -> Mapping[str, Any]:
+        return torch.load(p, map_location="cpu", weights_only=True) if fmt == "torch" else load_file(p)
+
+    if os.path.isdir(path):  # shards: every file the index names, by torch's / safetensors' own loader
         import json
-        with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        index = "pytorch_model.bin.index.json" if fmt == "torch" else "model.safetensors.index.json"
+        with open(os.path.join(path, index)) as f:
             files = sorted(set(json.load(f)["weight_map"].values()))
         out: Dict[str, Any] = {}
         for name in files:
-            out.update(load_file(os.path.join(path, name)))
+            out.update(load(os.path.join(path, name)))
         return out
-    return load_file(path)
+    return load(path)
 
 
 def _bits_equal(a: Any, b: Any) -> bool:

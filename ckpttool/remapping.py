@@ -400,35 +400,95 @@ def remap(path: str, out: str, maps: Union[Sequence[str], Mapping_], force: bool
     if not rules:
         raise UsageError("give at least one --map SRC=DST (e.g. --map cuda=cpu)")
     fmt = detect(path)
+    if fmt == "index":
+        return _remap_shards(path, out, rules, force, check, to)
     if fmt not in ("torch_zip", "torch_legacy", "torchscript"):
         raise UsageError(f"remap rewrites torch.save and TorchScript files; this is {fmt}, which carries no "
                          "device tags", path)
     src = open_checkpoint(path)  # validates the whole file first
     out = check_output(os.fspath(out), [path], force)
+    target = _target(fmt, to, path)
+    with _writing(out), atomic_output(out) as tmp:
+        counts, checked = _remap_file(src, fmt, target, tmp, rules, check)
+    return _result(src.path, out, target if fmt != "torchscript" else fmt, counts, checked)
 
-    def new_location(loc: str) -> str:
-        return map_location(loc, rules)
 
+def _target(fmt: str, to: Optional[str], path: str) -> str:
     target = {None: fmt, "zip": "torch_zip", "torch_zip": "torch_zip", "legacy": "torch_legacy",
               "torch_legacy": "torch_legacy"}.get(to)
     if target is None:
         raise UsageError(f"--to {to!r}: use zip or legacy")
     if fmt == "torchscript" and target != "torchscript" and to is not None:
         raise UsageError("a TorchScript archive stays a TorchScript archive; --to is for torch.save files", path)
-    with _writing(out), atomic_output(out) as tmp:
-        if target == fmt or fmt == "torchscript":
-            counts = _remap_zip(path, tmp, new_location) if fmt != "torch_legacy" else \
-                _remap_legacy(path, tmp, new_location)
-        elif target == "torch_zip":
-            counts = _legacy_to_zip(src, tmp, new_location)
-        else:
-            counts = _zip_to_legacy(src, tmp, new_location)
-        checked = _check(src, tmp, rules, check)
-    fmt = target if fmt != "torchscript" else fmt
+    return target
+
+
+def _remap_file(src: Checkpoint, fmt: str, target: str, tmp: str, rules: Mapping_,
+                check: bool) -> Tuple[Counter, Dict[str, object]]:
+    """Write ``src`` (a torch.save or TorchScript file of format ``fmt``) to ``tmp`` as ``target``, remapped."""
+
+    def new_location(loc: str) -> str:
+        return map_location(loc, rules)
+
+    if target == fmt or fmt == "torchscript":
+        counts = _remap_zip(src.path, tmp, new_location) if fmt != "torch_legacy" else \
+            _remap_legacy(src.path, tmp, new_location)
+    elif target == "torch_zip":
+        counts = _legacy_to_zip(src, tmp, new_location)
+    else:
+        counts = _zip_to_legacy(src, tmp, new_location)
+    return counts, _check(src, tmp, rules, check)
+
+
+def _result(source: str, out: str, fmt: str, counts: Counter, checked: Dict[str, object]) -> RemapResult:
     mapped = {f"{a} -> {b}": n for (a, b), n in sorted(counts.items()) if a != b}
     kept = {a: n for (a, b), n in sorted(counts.items()) if a == b}
-    return RemapResult(source=src.path, output=out, format=fmt, storages=sum(counts.values()),
+    return RemapResult(source=source, output=out, format=fmt, storages=sum(counts.values()),
                        tensors=checked["tensors"], mapped=mapped, unchanged=kept, checked=checked)
+
+
+def _remap_shards(path: str, out: str, rules: Mapping_, force: bool, check: bool,
+                  to: Optional[str]) -> RemapResult:
+    """An HF-style folder of torch.save shards (``pytorch_model-0000N-of-0000M.bin`` + index): OUT is a folder
+    with every shard remapped and the index copied; it is built in a temporary folder and renamed into place."""
+    import shutil
+    import tempfile
+    from .writing import default_mode, folder_into_place
+    from .formats.sharded import inside
+    src = open_checkpoint(path)
+    index = src.files[0]
+    shards = [(name, inside(os.path.dirname(index), name, index)) for name in src.metadata["shards"]]
+    if src.format != "torch_sharded" or not all(detect(f) in ("torch_zip", "torch_legacy") for _, f in shards):
+        raise UsageError(f"remap rewrites torch.save files; this is {src.format}, whose shards carry no device "
+                         "tags", path)
+    out = check_output(os.fspath(out), list(src.files) + [src.path], force, folder=True)
+    counts: Counter = Counter()
+    checks: List[Dict[str, object]] = []
+    with _writing(out):
+        tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(out))
+        try:
+            for name, shard in shards:
+                fmt = detect(shard)
+                dest = os.path.join(tmpdir, name)
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                with atomic_output(dest) as tmp:
+                    c, checked = _remap_file(open_checkpoint(shard), fmt, _target(fmt, to, shard), tmp, rules, check)
+                counts.update(c)
+                checks.append(checked)
+            dest = os.path.join(tmpdir, os.path.basename(index))
+            shutil.copyfile(index, dest)
+            with open(dest, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(dest, default_mode())
+            folder_into_place(tmpdir, out)
+        except BaseException:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            raise
+    checked = {"ok": True, "tensors": sum(c["tensors"] for c in checks), "devices": True}
+    if check:
+        checked["bytes_compared"] = sum(c["bytes_compared"] for c in checks)
+    fmt = "torch_sharded"
+    return _result(src.path, out, fmt, counts, checked)
 
 
 def _check(src: Checkpoint, tmp: str, rules: Mapping_, every_byte: bool) -> Dict[str, object]:

@@ -174,7 +174,8 @@ def test_unknown_extension(make, tmp_path):
 
 @pytest.mark.parametrize("args, line", [
     (["-o", "o.pt", "--metadata", "a=b"], "ckpttool: error: --metadata is only for safetensors output"),
-    (["-o", "o.pt", "--max-shard-size", "5GB"], "ckpttool: error: --max-shard-size is only for safetensors output"),
+    (["-o", "o.dcp", "--to", "dcp", "--max-shard-size", "5GB"],
+     "ckpttool: error: --max-shard-size is for safetensors and state_dict (.bin shards) output"),
     (["-o", "o.safetensors", "--metadata", "ab"], "ckpttool: error: --metadata 'ab' is not KEY=VALUE"),
 ])
 def test_options_for_safetensors_only(make, tmp_path, args, line):

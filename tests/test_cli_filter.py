@@ -827,3 +827,28 @@ def test_max_shard_size_writes_hf_shards_that_load_into_the_model(make, tmp_path
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in back.values())
     assert all(torch.equal(back[k], ref[k]) for k in kept)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")], "temporary folder left behind"
+
+
+def test_max_shard_size_with_to_pt_writes_bin_shards_that_load_into_the_model(tmp_path):
+    """--to pt --max-shard-size: pytorch_model-0000N-of-0000M.bin shards + pytorch_model.bin.index.json, each shard
+    read back by torch.load(weights_only=True) and loaded into the model before the folder is put in place."""
+    import json as _json
+    src = tmp_path / "r18.pt"
+    ref = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(ref, src)
+    out = tmp_path / "fit"
+    d = js("filter", src, "--model", "torchvision.models:resnet18", "--arg", "num_classes=10", "-o", out,
+           "--to", "pt", "--max-shard-size", "10MB")
+    assert d["output_format"] == "torch_sharded" and d["verified"]["load_into_model"]["ok"] is True
+    assert d["verified"]["read_back"]["how"] == "torch.load(weights_only=True)"
+    index = _json.loads((out / "pytorch_model.bin.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards[0] == f"pytorch_model-00001-of-{len(shards):05d}.bin"
+    back = {}
+    for s in shards:
+        part = torch.load(out / s, weights_only=True)
+        assert all(index["weight_map"][k] == s for k in part)
+        back.update(part)
+    assert set(back) == set(ref) - {"fc.weight", "fc.bias"}
+    assert index["metadata"]["total_size"] == sum(t.untyped_storage().nbytes() for t in back.values())
+    assert all(torch.equal(back[k], ref[k]) for k in back)

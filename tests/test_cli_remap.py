@@ -152,3 +152,43 @@ def test_full_disk(monkeypatch, make, tmp_path, fixture):
             f._f.close()
     assert_error(r, f"ckpttool: error: cannot write the output: No space left on device ({out})")
     assert files_in(tmp_path) == set()
+
+
+def test_hf_bin_shards_are_remapped_shard_by_shard(tmp_path):
+    """An HF folder of GPU-tagged torch.save shards (one zip, one legacy) + pytorch_model.bin.index.json: OUT is a
+    folder with every shard remapped (each loads with a plain torch.load here), the index copied, and --force
+    needed to replace it. Sharded safetensors carry no tags and are refused."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures"))
+    from make_fixtures import location_tags
+    src = tmp_path / "hf"
+    src.mkdir()
+    torch.manual_seed(0)
+    parts = {"pytorch_model-00001-of-00002.bin": {"a.weight": torch.randn(3, 4), "a.bias": torch.randn(3)},
+             "pytorch_model-00002-of-00002.bin": {"b.weight": torch.randn(5, 3)}}
+    with location_tags(lambda storage: "cuda:1"):
+        torch.save(parts["pytorch_model-00001-of-00002.bin"], src / "pytorch_model-00001-of-00002.bin")
+        torch.save(parts["pytorch_model-00002-of-00002.bin"], src / "pytorch_model-00002-of-00002.bin",
+                   _use_new_zipfile_serialization=False)
+    index = {"metadata": {"total_size": 120}, "weight_map": {k: f for f, sd in parts.items() for k in sd}}
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    assert devices(src) == {"cuda:1"}
+    out = tmp_path / "cpu"
+    d = js("remap", src, "-o", out, "--map", "cuda=cpu", "--check")
+    assert d["format"] == "torch_sharded" and d["mapped"] == {"cuda:1 -> cpu": 3} and d["tensors"] == 3
+    assert d["checked"]["bytes_compared"] == 3
+    assert sorted(os.listdir(out)) == sorted(os.listdir(src))
+    assert json.loads((out / "pytorch_model.bin.index.json").read_text()) == index
+    for name, sd in parts.items():
+        got = torch.load(out / name, weights_only=True)  # no map_location: this machine has no GPU
+        assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+    assert devices(out) == {"cpu"}
+    r = run("remap", src, "-o", out, "--map", "cuda=cpu")
+    assert r.exit_code == 2 and "--force" in r.stderr
+    assert run("remap", src, "-o", out, "--map", "cuda=cuda:0", "--force").exit_code == 0
+    assert devices(out) == {"cuda:0"}
+    st = tmp_path / "st"
+    assert run("convert", tmp_path / "cpu", "-o", st, "--to", "safetensors", "--max-shard-size", "100B").exit_code == 0
+    r = run("remap", st, "-o", tmp_path / "x", "--map", "cuda=cpu")
+    assert r.exit_code == 2 and "safetensors_sharded" in r.stderr and not (tmp_path / "x").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")], "temporary folder left behind"

@@ -698,7 +698,7 @@ def test_refuses_existing_output_without_force(source_of, tmp_path):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(out="o.xyz"), "cannot tell the output format"),
     (dict(out="o.pt", metadata=["a=b"]), "--metadata is only for safetensors"),
-    (dict(out="o.pt", max_shard_size="1MB"), "--max-shard-size is only for safetensors"),
+    (dict(out="o_dcp", to="dcp", max_shard_size="1MB"), "--max-shard-size is for safetensors and state_dict"),
     (dict(out="o.safetensors", metadata=["novalue"]), "is not KEY=VALUE"),
     (dict(out="o.safetensors", max_shard_size="lots"), "is not a size"),
     (dict(out="o.onnx", model="torchvision.models:resnet18"), "input shape"),
@@ -909,3 +909,35 @@ def test_public_api_convert_is_callable_after_the_cli_ran(make, tmp_path):
                        capture_output=True, text=True, cwd=str(tmp_path))
     assert p.returncode == 0, p.stderr[-2000:]
     assert_pt_output(str(tmp_path / "b.pt"), torch.load(src, weights_only=True)["state_dict"])
+
+
+def test_bin_shards_like_hf_load_with_torch_and_keep_ties(tmp_path):
+    """--to pt --max-shard-size: pytorch_model-0000N-of-0000M.bin + pytorch_model.bin.index.json (total_size: the
+    storage bytes in the shards); each shard loads with torch.load(weights_only=True); tensors that share a
+    storage stay in one shard and stay tied; the folder reads back as one checkpoint."""
+    torch.manual_seed(0)
+    emb = torch.randn(100, 8)
+    sd = {"emb.weight": emb, "a": torch.randn(300), "b": torch.randn(300), "head.weight": emb,
+          "half": torch.randn(40, 8)[::2], "c": torch.randn(200)}
+    torch.save(sd, tmp_path / "s.pt")
+    out = tmp_path / "bins"
+    r = convert(str(tmp_path / "s.pt"), str(out), to="pt", max_shard_size="2KB", check=True)
+    listing = sorted(os.listdir(out))
+    shards = [f for f in listing if f.endswith(".bin")]
+    assert listing == shards + ["pytorch_model.bin.index.json"] and len(shards) >= 3
+    assert shards == [f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin" for i in range(1, len(shards) + 1)]
+    with open(out / "pytorch_model.bin.index.json") as f:
+        index = json.load(f)
+    loaded, storages = {}, {}
+    for name in shards:
+        part = torch.load(out / name, weights_only=True)
+        assert {k for k, v in index["weight_map"].items() if v == name} == set(part)
+        loaded.update(part)
+        for t in part.values():
+            storages[(name, t.untyped_storage().data_ptr())] = t.untyped_storage().nbytes()
+    assert index["metadata"]["total_size"] == sum(storages.values())
+    assert set(loaded) == set(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
+    assert loaded["emb.weight"].data_ptr() == loaded["head.weight"].data_ptr()  # still tied
+    assert r.checked["bytes_compared"] == len(sd)
+    from ckpttool import diff, open as open_checkpoint
+    assert open_checkpoint(str(out)).format == "torch_sharded" and diff(str(out), str(tmp_path / "s.pt")).equal

@@ -1,8 +1,9 @@
 """Writing a state_dict of torch tensors as a torch.save file or a safetensors file."""
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import FileAccessError, UsageError
 from ..writing import atomic_output
@@ -106,6 +107,76 @@ def write_safetensors_shards(tensors: Mapping[str, Any], out: str, max_bytes: in
             write_safetensors(p, shard, {"format": "pt"})
         with open(os.path.join(tmpdir, "model.safetensors.index.json"), "wb") as f:
             f.write(index_json(shards, names, {"format": "pt"}))
+        for n in os.listdir(tmpdir):
+            with open(os.path.join(tmpdir, n), "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(os.path.join(tmpdir, n), 0o666 & ~_umask())
+        if check is not None:
+            check(tmpdir)
+        folder_into_place(tmpdir, out)
+    except OSError as e:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise FileAccessError(f"cannot write the output: {e.strerror or e}", out) from None
+    except BaseException:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+
+
+def plan_storage_shards(items: Sequence[Tuple[str, Any, int]], max_bytes: int) -> List[List[str]]:
+    """Names in order, split into shards of at most ``max_bytes`` of storage bytes; ``items`` is
+    (name, storage identity, storage bytes). Tensors that share a storage stay in one shard (torch.save
+    keeps them tied there); a storage bigger than ``max_bytes`` gets a shard of its own."""
+    shards: List[List[str]] = [[]]
+    where: Dict[Any, int] = {}
+    size = 0
+    for name, ident, nbytes in items:
+        if ident in where:
+            shards[where[ident]].append(name)
+            continue
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        where[ident] = len(shards) - 1
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def torch_shard_names(count: int) -> List[str]:
+    """HF's names for torch.save shards: ``pytorch_model-00001-of-00003.bin``..."""
+    return [f"pytorch_model-{i + 1:05d}-of-{count:05d}.bin" for i in range(count)]
+
+
+TORCH_INDEX = "pytorch_model.bin.index.json"
+
+
+def torch_index_json(shards: Sequence[Sequence[str]], names: Sequence[str], total_size: int) -> bytes:
+    """``pytorch_model.bin.index.json``: total_size (tensor bytes in the shards) and each tensor's shard."""
+    weight_map = {t: name for shard, name in zip(shards, names) for t in shard}
+    return (json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2) + "\n"
+            ).encode("utf-8")
+
+
+def write_torch_shards(tensors: Mapping[str, Any], out: str, max_bytes: int,
+                       check: Optional[Callable[[str], None]] = None) -> None:
+    """Write ``tensors`` (name -> torch.Tensor) as torch.save shards + ``pytorch_model.bin.index.json`` in ``out``.
+
+    Built in a temporary folder beside ``out``; ``check(tmp_folder)`` runs before it is renamed into place.
+    """
+    import shutil
+    import tempfile
+    import torch
+    from ..writing import folder_into_place
+    items = [(n, t.untyped_storage().data_ptr() or id(t), t.untyped_storage().nbytes()) for n, t in tensors.items()]
+    total = sum({ident: nbytes for _, ident, nbytes in items}.values())
+    tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(out))
+    try:
+        shards = plan_storage_shards(items, max_bytes)
+        names = torch_shard_names(len(shards))
+        for shard, name in zip(shards, names):
+            torch.save({n: tensors[n] for n in shard}, os.path.join(tmpdir, name))
+        with open(os.path.join(tmpdir, TORCH_INDEX), "wb") as f:
+            f.write(torch_index_json(shards, names, total))
         for n in os.listdir(tmpdir):
             with open(os.path.join(tmpdir, n), "rb+") as f:
                 os.fsync(f.fileno())
