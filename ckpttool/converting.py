@@ -12,8 +12,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import shutil
-import tempfile
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .dtypes import itemsize
@@ -25,7 +23,7 @@ from .formats.torch_writer import StorageOut, TensorOut, write_torch_zip
 from .formats.write import target_format
 from .records import Checkpoint, ConvertResult, TensorRef
 from .tree import StateDict, find_state_dict, open_state_dict
-from .writing import atomic_output, check_output, default_mode, folder_into_place
+from .writing import atomic_output, check_output, folder_output
 
 Progress = Optional[Callable[[int, int], None]]
 CHUNK = 1 << 24  # 16 MiB of source bytes per read
@@ -245,28 +243,14 @@ def _writing(out: str) -> Iterator[None]:
 def _write_shards(out: str, entries: List[EntryOut], meta: Dict[str, str], max_bytes: int, sd: StateDict,
                   cast: Optional[str], check: bool, dropped: Dict[str, str], tick) -> Tuple[List[str], Dict[str, Any]]:
     """OUT as a folder: shards + model.safetensors.index.json, built in a temporary folder then renamed."""
-    parent = os.path.dirname(out)
-    tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=parent)
-    try:
+    with folder_output(out) as tmpdir:
         shards = plan_shards(entries, max_bytes)
         names = shard_names(len(shards))
         for shard, name in zip(shards, names):
-            p = os.path.join(tmpdir, name)
-            write_safetensors(p, shard, meta, progress=tick)
-            with open(p, "rb+") as f:
-                os.fsync(f.fileno())
-            os.chmod(p, default_mode())
-        index = os.path.join(tmpdir, "model.safetensors.index.json")
-        with open(index, "wb") as f:
+            write_safetensors(os.path.join(tmpdir, name), shard, meta, progress=tick)
+        with open(os.path.join(tmpdir, "model.safetensors.index.json"), "wb") as f:
             f.write(index_json(shards, names, {k: v for k, v in meta.items() if k == "format"}))
-            f.flush()
-            os.fsync(f.fileno())
         checked = _check(tmpdir, sd, {e.name: e for e in entries}, cast, check, dropped)
-        os.chmod(index, default_mode())
-        folder_into_place(tmpdir, out)
-    except BaseException:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-        raise
     return [os.path.join(out, n) for n in names + ["model.safetensors.index.json"]], checked
 
 
@@ -278,25 +262,13 @@ def _write_torch_shards(out: str, tree: Mapping[str, Any], max_bytes: int, sd: S
     storages = {id(t.storage): t.storage for t in tree.values()}
     shards = plan_storage_shards([(n, id(t.storage), t.storage.nbytes) for n, t in tree.items()], max_bytes)
     names = torch_shard_names(len(shards))
-    tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(out))
-    try:
+    with folder_output(out) as tmpdir:
         for shard, name in zip(shards, names):
-            p = os.path.join(tmpdir, name)
-            write_torch_zip(p, collections.OrderedDict((n, tree[n]) for n in shard), progress=tick)
-            with open(p, "rb+") as f:
-                os.fsync(f.fileno())
-            os.chmod(p, default_mode())
-        index = os.path.join(tmpdir, TORCH_INDEX)
-        with open(index, "wb") as f:
+            write_torch_zip(os.path.join(tmpdir, name), collections.OrderedDict((n, tree[n]) for n in shard),
+                            progress=tick)
+        with open(os.path.join(tmpdir, TORCH_INDEX), "wb") as f:
             f.write(torch_index_json(shards, names, sum(s.nbytes for s in storages.values())))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(index, default_mode())
         checked = _check(tmpdir, sd, dict(tree), cast, check, dropped={})
-        folder_into_place(tmpdir, out)
-    except BaseException:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-        raise
     return [os.path.join(out, n) for n in names + [TORCH_INDEX]], checked
 
 
@@ -336,22 +308,15 @@ def _write_dcp(out: str, sd: StateDict, cast: Optional[str], check: bool) -> Tup
             dst = _out_dtype(t, cast)
             return x.to(torch_dtype(dst)) if dst != t.dtype else x
 
-    tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(out))
-    try:
+    with folder_output(out) as tmpdir:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # no process group: dcp says it assumes a single process
             total = sum(t.nbytes for t in sd.tensors.values())
             writer = dcp.FileSystemWriter(tmpdir, single_file_per_rank=total <= DCP_SINGLE_FILE, thread_count=1,
                                           sync_files=True)
             dcp.save(plan, storage_writer=writer, planner=_ReadWhenWritten())
-        for n in os.listdir(tmpdir):
-            os.chmod(os.path.join(tmpdir, n), default_mode())
         checked = _check(tmpdir, sd, plan, cast, check, {})
         files = sorted(os.listdir(tmpdir))
-        folder_into_place(tmpdir, out)
-    except BaseException:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-        raise
     return [os.path.join(out, n) for n in files], checked
 
 

@@ -29,7 +29,7 @@ from .formats.torch_zip import find_record_folder, open_zip
 from .records import Checkpoint, RemapResult
 from .tree import all_tensors
 from .converting import _writing
-from .writing import atomic_output, check_output
+from .writing import atomic_output, check_output, folder_output
 
 _DEVICE = re.compile(r"^[a-z_]+(?::\d+)?$")
 Mapping_ = List[Tuple[str, str]]
@@ -452,8 +452,6 @@ def _remap_shards(path: str, out: str, rules: Mapping_, force: bool, check: bool
     """An HF-style folder of torch.save shards (``pytorch_model-0000N-of-0000M.bin`` + index): OUT is a folder
     with every shard remapped and the index copied; it is built in a temporary folder and renamed into place."""
     import shutil
-    import tempfile
-    from .writing import default_mode, folder_into_place
     from .formats.sharded import inside
     src = open_checkpoint(path)
     index = src.files[0]
@@ -465,25 +463,15 @@ def _remap_shards(path: str, out: str, rules: Mapping_, force: bool, check: bool
     counts: Counter = Counter()
     checks: List[Dict[str, object]] = []
     with _writing(out):
-        tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(out))
-        try:
+        with folder_output(out) as tmpdir:
             for name, shard in shards:
                 fmt = detect(shard)
                 dest = os.path.join(tmpdir, name)
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
-                with atomic_output(dest) as tmp:
-                    c, checked = _remap_file(open_checkpoint(shard), fmt, _target(fmt, to, shard), tmp, rules, check)
+                c, checked = _remap_file(open_checkpoint(shard), fmt, _target(fmt, to, shard), dest, rules, check)
                 counts.update(c)
                 checks.append(checked)
-            dest = os.path.join(tmpdir, os.path.basename(index))
-            shutil.copyfile(index, dest)
-            with open(dest, "rb+") as f:
-                os.fsync(f.fileno())
-            os.chmod(dest, default_mode())
-            folder_into_place(tmpdir, out)
-        except BaseException:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-            raise
+            shutil.copyfile(index, os.path.join(tmpdir, os.path.basename(index)))
     checked = {"ok": True, "tensors": sum(c["tensors"] for c in checks), "devices": True}
     if check:
         checked["bytes_compared"] = sum(c["bytes_compared"] for c in checks)

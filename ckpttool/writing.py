@@ -89,3 +89,27 @@ def folder_into_place(tmpdir: str, out: str) -> None:
     os.rename(tmpdir, out)
     if old:
         shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.unlink(old)
+
+
+@contextlib.contextmanager
+def folder_output(out: str) -> Iterator[str]:
+    """A temporary folder beside ``out`` to build a folder output in (shards + index, a DCP folder).
+
+    When the block ends normally every file in it is fsynced and given the default mode, and
+    the folder is renamed to ``out``; when it raises (a failed check, a full disk, Ctrl-C) the
+    folder is removed and ``out`` is left as it was.
+    """
+    import shutil
+    tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(out))
+    try:
+        yield tmpdir
+        for base, _, names in os.walk(tmpdir):
+            for n in names:
+                p = os.path.join(base, n)
+                with open(p, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.chmod(p, default_mode())
+        folder_into_place(tmpdir, out)
+    except BaseException:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise

@@ -154,24 +154,30 @@ def test_full_disk(monkeypatch, make, tmp_path, fixture):
     assert files_in(tmp_path) == set()
 
 
-def test_hf_bin_shards_are_remapped_shard_by_shard(tmp_path):
-    """An HF folder of GPU-tagged torch.save shards (one zip, one legacy) + pytorch_model.bin.index.json: OUT is a
-    folder with every shard remapped (each loads with a plain torch.load here), the index copied, and --force
-    needed to replace it. Sharded safetensors carry no tags and are refused."""
+def _gpu_bin_shards(folder):
+    """An HF folder of torch.save shards tagged cuda:1 (one zip, one legacy) + pytorch_model.bin.index.json."""
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures"))
     from make_fixtures import location_tags
-    src = tmp_path / "hf"
-    src.mkdir()
+    folder.mkdir()
     torch.manual_seed(0)
     parts = {"pytorch_model-00001-of-00002.bin": {"a.weight": torch.randn(3, 4), "a.bias": torch.randn(3)},
              "pytorch_model-00002-of-00002.bin": {"b.weight": torch.randn(5, 3)}}
     with location_tags(lambda storage: "cuda:1"):
-        torch.save(parts["pytorch_model-00001-of-00002.bin"], src / "pytorch_model-00001-of-00002.bin")
-        torch.save(parts["pytorch_model-00002-of-00002.bin"], src / "pytorch_model-00002-of-00002.bin",
+        torch.save(parts["pytorch_model-00001-of-00002.bin"], folder / "pytorch_model-00001-of-00002.bin")
+        torch.save(parts["pytorch_model-00002-of-00002.bin"], folder / "pytorch_model-00002-of-00002.bin",
                    _use_new_zipfile_serialization=False)
     index = {"metadata": {"total_size": 120}, "weight_map": {k: f for f, sd in parts.items() for k in sd}}
-    (src / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    return parts, index
+
+
+def test_hf_bin_shards_are_remapped_shard_by_shard(tmp_path):
+    """An HF folder of GPU-tagged torch.save shards (one zip, one legacy) + pytorch_model.bin.index.json: OUT is a
+    folder with every shard remapped (each loads with a plain torch.load here), the index copied, and --force
+    needed to replace it. Sharded safetensors carry no tags and are refused."""
+    src = tmp_path / "hf"
+    parts, index = _gpu_bin_shards(src)
     assert devices(src) == {"cuda:1"}
     out = tmp_path / "cpu"
     d = js("remap", src, "-o", out, "--map", "cuda=cpu", "--check")
@@ -192,3 +198,15 @@ def test_hf_bin_shards_are_remapped_shard_by_shard(tmp_path):
     r = run("remap", st, "-o", tmp_path / "x", "--map", "cuda=cpu")
     assert r.exit_code == 2 and "safetensors_sharded" in r.stderr and not (tmp_path / "x").exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")], "temporary folder left behind"
+
+
+def test_hf_bin_shards_with_a_truncated_shard_write_nothing(tmp_path):
+    """One shard cut short: a one-line error naming it, exit 2, no OUT folder and no temporary folder left."""
+    src = tmp_path / "hf"
+    _gpu_bin_shards(src)
+    shard = src / "pytorch_model-00002-of-00002.bin"
+    shard.write_bytes(shard.read_bytes()[:-40])
+    r = run("remap", src, "-o", tmp_path / "cpu", "--map", "cuda=cpu")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert "pytorch_model-00002-of-00002.bin" in r.stderr
+    assert files_in(tmp_path) == {"hf"}

@@ -6,7 +6,7 @@ import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import FileAccessError, UsageError
-from ..writing import atomic_output
+from ..writing import atomic_output, folder_output
 
 TORCH_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 TARGETS = {"state_dict": "state_dict", "pt": "state_dict", "torch": "state_dict", "safetensors": "safetensors",
@@ -86,10 +86,7 @@ def write_safetensors_shards(tensors: Mapping[str, Any], out: str, max_bytes: in
 
     Built in a temporary folder beside ``out``; ``check(tmp_folder)`` runs before it is renamed into place.
     """
-    import shutil
-    import tempfile
     import torch
-    from ..writing import folder_into_place
     from .safetensors_writer import EntryOut, dtype_code, index_json, plan_shards, shard_names, write_safetensors
     entries = []
     for name, t in tensors.items():
@@ -98,28 +95,18 @@ def write_safetensors_shards(tensors: Mapping[str, Any], out: str, max_bytes: in
         entries.append(EntryOut(name, dtype, tuple(t.shape),
                                 lambda t=t: iter([t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
                                                   if t.numel() else b""])))
-    tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(out))
     try:
-        shards = plan_shards(entries, max_bytes)
-        names = shard_names(len(shards))
-        for shard, name in zip(shards, names):
-            p = os.path.join(tmpdir, name)
-            write_safetensors(p, shard, {"format": "pt"})
-        with open(os.path.join(tmpdir, "model.safetensors.index.json"), "wb") as f:
-            f.write(index_json(shards, names, {"format": "pt"}))
-        for n in os.listdir(tmpdir):
-            with open(os.path.join(tmpdir, n), "rb+") as f:
-                os.fsync(f.fileno())
-            os.chmod(os.path.join(tmpdir, n), 0o666 & ~_umask())
-        if check is not None:
-            check(tmpdir)
-        folder_into_place(tmpdir, out)
+        with folder_output(out) as tmpdir:
+            shards = plan_shards(entries, max_bytes)
+            names = shard_names(len(shards))
+            for shard, name in zip(shards, names):
+                write_safetensors(os.path.join(tmpdir, name), shard, {"format": "pt"})
+            with open(os.path.join(tmpdir, "model.safetensors.index.json"), "wb") as f:
+                f.write(index_json(shards, names, {"format": "pt"}))
+            if check is not None:
+                check(tmpdir)
     except OSError as e:
-        shutil.rmtree(tmpdir, ignore_errors=True)
         raise FileAccessError(f"cannot write the output: {e.strerror or e}", out) from None
-    except BaseException:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-        raise
 
 
 def plan_storage_shards(items: Sequence[Tuple[str, Any, int]], max_bytes: int) -> List[List[str]]:
@@ -163,36 +150,18 @@ def write_torch_shards(tensors: Mapping[str, Any], out: str, max_bytes: int,
 
     Built in a temporary folder beside ``out``; ``check(tmp_folder)`` runs before it is renamed into place.
     """
-    import shutil
-    import tempfile
     import torch
-    from ..writing import folder_into_place
     items = [(n, t.untyped_storage().data_ptr() or id(t), t.untyped_storage().nbytes()) for n, t in tensors.items()]
     total = sum({ident: nbytes for _, ident, nbytes in items}.values())
-    tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(out))
     try:
-        shards = plan_storage_shards(items, max_bytes)
-        names = torch_shard_names(len(shards))
-        for shard, name in zip(shards, names):
-            torch.save({n: tensors[n] for n in shard}, os.path.join(tmpdir, name))
-        with open(os.path.join(tmpdir, TORCH_INDEX), "wb") as f:
-            f.write(torch_index_json(shards, names, total))
-        for n in os.listdir(tmpdir):
-            with open(os.path.join(tmpdir, n), "rb+") as f:
-                os.fsync(f.fileno())
-            os.chmod(os.path.join(tmpdir, n), 0o666 & ~_umask())
-        if check is not None:
-            check(tmpdir)
-        folder_into_place(tmpdir, out)
+        with folder_output(out) as tmpdir:
+            shards = plan_storage_shards(items, max_bytes)
+            names = torch_shard_names(len(shards))
+            for shard, name in zip(shards, names):
+                torch.save({n: tensors[n] for n in shard}, os.path.join(tmpdir, name))
+            with open(os.path.join(tmpdir, TORCH_INDEX), "wb") as f:
+                f.write(torch_index_json(shards, names, total))
+            if check is not None:
+                check(tmpdir)
     except OSError as e:
-        shutil.rmtree(tmpdir, ignore_errors=True)
         raise FileAccessError(f"cannot write the output: {e.strerror or e}", out) from None
-    except BaseException:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
