@@ -625,10 +625,11 @@ class SafeUnpickler(pickle._Unpickler):
     def load_in_memory(self, data: bytes):
         """``load()`` for a protocol 0-3 pickle held in memory: the hot opcodes run inline.
 
-        The same opcodes, checks and objects as ``load()``; what differs is that the ten
+        The same opcodes, checks and objects as ``load()``; what differs is that the eleven
         opcodes that make up almost all of a torch data.pkl (memo, ints, strings, marks, tuples,
         calls, persistent ids) are decoded from ``data`` directly instead of through
-        ``read()`` and a method each. Everything else goes through the dispatch table as
+        ``read()`` and a method each, on a local stack (``self.stack`` is brought up to date
+        only for the other opcodes). Everything else goes through the dispatch table as
         usual, with the file positioned after its opcode byte.
         """
         bio = self._file_for_fallback
@@ -642,17 +643,18 @@ class SafeUnpickler(pickle._Unpickler):
         self.proto = 0
         memo = self.memo
         dispatch = self.dispatch
+        persistent_load = self.persistent_load
         n = len(data)
         pos = 0
-        frm = int.from_bytes
+        u32 = _U32  # unpack_from: the length is checked first, so it never reads short
         while True:
             if pos >= n:
                 raise EOFError
             op = data[pos]
-            if op == 0x72:  # LONG_BINPUT
+            if op == 0x72:  # LONG_BINPUT (an index below 2**32: always in range)
                 if pos + 5 > n:
                     raise EOFError
-                memo[frm(data[pos + 1:pos + 5], "little")] = stack[-1]
+                memo[u32(data, pos + 1)[0]] = stack[-1]
                 pos += 5
             elif op == 0x68:  # BINGET
                 if pos + 2 > n:
@@ -666,13 +668,12 @@ class SafeUnpickler(pickle._Unpickler):
                 pos += 2
             elif op == 0x28:  # MARK
                 metastack.append(stack)
-                self.stack = stack = []
-                self.append = stack.append
+                stack = []
                 pos += 1
             elif op == 0x58:  # BINUNICODE
                 if pos + 5 > n:
                     raise EOFError
-                length = frm(data[pos + 1:pos + 5], "little")
+                length = u32(data, pos + 1)[0]
                 end = pos + 5 + length
                 if end > n:
                     raise FormatError(f"pickle declares a {length}-byte string in a {n}-byte input")
@@ -680,19 +681,24 @@ class SafeUnpickler(pickle._Unpickler):
                 pos = end
             elif op == 0x74:  # TUPLE
                 items = stack
-                self.stack = stack = metastack.pop()
-                self.append = stack.append
+                stack = metastack.pop()
                 stack.append(tuple(items))
                 pos += 1
             elif op == 0x85:  # TUPLE1
                 stack[-1] = (stack[-1],)
                 pos += 1
-            elif op == 0x52:  # REDUCE
-                self.load_reduce()
+            elif op == 0x52:  # REDUCE, as load_reduce
+                args = stack.pop()
+                if type(args) is not tuple:
+                    raise FormatError(f"pickle calls something with arguments that are a {type(args).__name__}")
+                func = stack[-1]
+                if not callable(func):
+                    raise FormatError(f"pickle calls {_short_type(func)}, which is not callable")
+                stack[-1] = func(*args)
                 pos += 1
             elif op == 0x51:  # BINPERSID
                 pid = stack.pop()
-                stack.append(self.persistent_load(pid))
+                stack.append(persistent_load(pid))
                 pos += 1
             elif op == 0x89:  # NEWFALSE
                 stack.append(False)
@@ -705,6 +711,8 @@ class SafeUnpickler(pickle._Unpickler):
             else:
                 if op == 0x95:  # FRAME: protocol 4; its buffering would take reads away from ``pos``
                     raise FormatError("pickle has a FRAME opcode but declares protocol 3 or lower")
+                self.stack = stack
+                self.append = stack.append
                 bio.seek(pos + 1)
                 try:
                     dispatch[op](self)
@@ -715,6 +723,9 @@ class SafeUnpickler(pickle._Unpickler):
                 pos = bio.tell()
                 stack = self.stack
                 metastack = self.metastack
+
+
+_U32 = struct.Struct("<I").unpack_from
 
 
 def _short_type(obj) -> str:
