@@ -53,26 +53,33 @@ def summarize(ckpt: Checkpoint, sd: StateDict, filter: Optional[str] = None, sor
     elif sort == "size":
         items.sort(key=lambda nt: (-nt[1].nbytes, nt[0]))
 
-    groups: Dict[int, List[str]] = collections.OrderedDict()
+    # storage -> the name of its first tensor, or the list of its tensors' names once a second one shares it
+    groups: Dict[int, Any] = {}
     computed = _stats(items, progress) if stats else {}
-    by_dtype: Dict[str, int] = collections.Counter()
-    devices: Dict[str, int] = collections.Counter()
+    by_dtype: Dict[str, int] = {}
+    devices: Dict[str, int] = {}
     infos_list = []
     total_params = total_bytes = 0
     for name, t in items:  # one pass: 20,000-tensor files are inspected too
         storage = t.storage
         if storage is not None:
-            groups.setdefault(id(storage), []).append(name)
+            first = groups.setdefault(id(storage), name)
+            if first is not name:
+                if type(first) is list:
+                    first.append(name)
+                else:
+                    groups[id(storage)] = [first, name]
         numel, nbytes = t.numel, t.nbytes
         total_params += numel
         total_bytes += nbytes
-        by_dtype[t.dtype] += nbytes
-        devices[t.device] += 1
-        infos_list.append(new_tensor_info(name, t.shape, t.dtype, t.device, nbytes, t.stride, t.storage_offset,
+        dtype, device = t.dtype, t.device
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+        devices[device] = devices.get(device, 0) + 1
+        infos_list.append(new_tensor_info(name, t.shape, dtype, device, nbytes, t.stride, t.storage_offset,
                                           storage.key if storage is not None else None,
                                           computed.get(name) if stats else None))
     infos = tuple(infos_list)
-    shared = tuple(tuple(g) for g in groups.values() if len(g) > 1)
+    shared = tuple(tuple(g) for g in groups.values() if type(g) is list)
 
     tree = _fold(items, depth) if depth else None
     stubs = tuple(sorted({g.qualname for g in ckpt.globals if g.handling == "stub"}))
