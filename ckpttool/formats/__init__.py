@@ -87,7 +87,6 @@ def _detect(path: str):
             head = f.read(512)
     except OSError as e:
         raise FileAccessError(f"cannot read: {e.strerror or e}", path) from None
-    from . import safetensors, torch_legacy
     if head[:4] in _ZIP_MAGIC:
         from .torch_zip import open_zip
         from .torchscript import is_torchscript
@@ -103,6 +102,7 @@ def _detect(path: str):
             raise
         zf.close()
         raise FormatError("zip archive is not a PyTorch checkpoint (it has no data.pkl)", path)
+    from . import safetensors, torch_legacy  # not before: a zip checkpoint needs neither
     if torch_legacy.has_magic(head):
         return "torch_legacy", path, None
     if safetensors.looks_like(head, st.st_size):
