@@ -116,8 +116,10 @@ def _notes(ckpt: Checkpoint, sd: StateDict, stubs) -> Tuple[str, ...]:
     for m in top_modules[:3]:
         notes.append(f"holds pickled class {m}; its state_dict is readable here, running it needs its code "
                      f"and --trust")
-    module_classes = {o.qualname for o in _all_stubs(ckpt.root) if module_kind(o)}
-    other = [s for s in stubs if not s.startswith("torch.") and s not in module_classes]
+    other = [s for s in stubs if not s.startswith("torch.")]
+    if other:  # a walk of the whole tree: only when the pickle named classes at all
+        module_classes = {o.qualname for o in _all_stubs(ckpt.root) if module_kind(o)}
+        other = [s for s in other if s not in module_classes]
     if other and ckpt.format not in ("torchscript", "dcp"):
         notes.append(f"references {len(other)} other class(es) the reader did not import: "
                      f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''}")
