@@ -377,3 +377,32 @@ def test_convert_to_dcp_past_the_single_file_size_writes_a_file_per_tensor(resne
     for k, v in ref.items():
         want = v.half() if v.is_floating_point() else v
         assert sd[k].dtype == want.dtype and torch.equal(sd[k], want), k
+
+
+def test_tiles_with_a_strided_chunk():
+    """A chunk saved as a transposed view (torch.save keeps its strides) is gathered into C order."""
+    from ckpttool.formats.dcp import _Gathered, _Tiles
+    from ckpttool.records import BufferSpan, StorageRef, TensorRef
+    full = torch.arange(24, dtype=torch.int32).reshape(4, 6)
+    left = full[:, :3].contiguous()
+    right_t = full[:, 3:].t().contiguous()  # stored (3, 4); the chunk is its (4, 3) transpose
+    storage = StorageRef(key="0", dtype="int32", device="cpu", nbytes=48,
+                         source=BufferSpan(right_t.numpy().tobytes()))
+    right = TensorRef(shape=(4, 3), dtype="int32", stride=(1, 4), storage=storage)
+    assert not right.is_contiguous
+    tiles = _Tiles((4, 6), 4, [((0, 0), (4, 3), BufferSpan(left.numpy().tobytes()), 0),
+                               ((0, 3), (4, 3), _Gathered(right), 0)], "x")
+    assert tiles.read() == full.numpy().tobytes()
+    assert tiles.read(13, 50) == full.numpy().tobytes()[13:63]
+
+
+def test_metadata_dtype_that_disagrees_with_the_chunks_is_refused(tmp_path):
+    folder = dcp_save({"w": torch.arange(12.0).reshape(4, 3)}, tmp_path / "ck")
+    path = os.path.join(folder, ".metadata")
+    with open(path, "rb") as f:
+        meta = pickle.load(f)  # our own file, written by dcp.save just above
+    object.__setattr__(meta.state_dict_metadata["w"].properties, "dtype", torch.int8)
+    with open(path, "wb") as f:
+        pickle.dump(meta, f)
+    with pytest.raises(FormatError, match="says int8 but its chunks hold float32"):
+        ckpttool.open(folder)

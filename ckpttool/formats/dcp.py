@@ -125,6 +125,24 @@ def _parse_blob(path: str, base: int, length: int, what: str) -> Tuple[Any, str]
     return root, folder
 
 
+class _Gathered:
+    """The C-order bytes of a non-contiguous chunk, gathered when read. The last chunk gathered is kept for the
+    next piece of the same read (one such chunk in memory for the whole process, not one per chunk)."""
+
+    _last: List[Any] = [None, b""]
+
+    def __init__(self, t: TensorRef):
+        self.t = t
+
+    def read(self, start: int, size: int) -> bytes:
+        last = _Gathered._last
+        if last[0] is not self:
+            last[0], last[1] = None, b""  # free the previous chunk before gathering this one
+            last[1] = self.t.read_bytes()
+            last[0] = self
+        return last[1][start:start + size]
+
+
 class _Tiles:
     """A tensor's C-order bytes assembled from chunks that tile it (DCP's sharding, along any dimensions).
 
@@ -160,37 +178,74 @@ class _Tiles:
         if start < 0 or start + size > self.size:
             raise FormatError(f"read of {size} bytes at {start} is outside a {self.size}-byte tensor", self.path)
         out = buf if isinstance(buf, memoryview) else memoryview(buf)
+        if out.format != "B" or out.ndim != 1:
+            out = out.cast("B")
         item = self.item
-        lo, hi = start // item, -(-(start + size) // item)  # whole elements covering the read
+        end = start + size
+        lo, hi = start // item, -(-end // item)  # whole elements covering the read
         for offsets, sizes, k, run, source, first in self.chunks:
-            runs = list(self._runs(offsets, sizes, k, run, lo, hi))
-            if not runs:
-                continue
-            r0, r1 = runs[0][1], runs[-1][1]  # the chunk's own runs r0..r1 are one piece of its bytes
-            data = memoryview(source.read(first + r0 * run * item, (r1 - r0 + 1) * run * item))
-            for pos, r in runs:  # pos: the run's first element in the full tensor
-                a, b = max(pos, lo), min(pos + run, hi)
-                src = ((r - r0) * run + a - pos) * item
-                dst_a, dst_b = max(a * item, start), min(b * item, start + size)
-                src += dst_a - a * item
-                out[dst_a - start:dst_b - start] = data[src:src + dst_b - dst_a]
+            for pos, r, n, gap in self._segments(offsets, sizes, k, run, lo, hi):
+                # runs r..r+n-1 of the chunk lie at pos + j*gap; only the first and last may be cut by [lo, hi)
+                src_lo = r * run + max(0, lo - pos)
+                last = pos + (n - 1) * gap
+                src_hi = (r + n - 1) * run + min(run, hi - last)
+                data = memoryview(source.read(first + src_lo * item, (src_hi - src_lo) * item))
 
-    def _runs(self, offsets, sizes, k, run, lo, hi):
-        """(first element in the full tensor, index among the chunk's runs) of each run meeting [lo, hi)."""
+                def copy(j: int) -> None:  # run j, clipped to the bytes asked for
+                    p = pos + j * gap
+                    a, b = max(p * item, start), min((p + run) * item, end)
+                    if a < b:
+                        s0 = ((r + j) * run + (a // item - p)) * item - src_lo * item + a % item
+                        out[a - start:b - start] = data[s0:s0 + b - a]
+
+                copy(0)
+                if n > 1:
+                    copy(n - 1)
+                m = n - 2  # the runs between are whole: each `run` elements, `gap` apart
+                if m <= 0:
+                    continue
+                rb, gb = run * item, gap * item
+                d0 = (pos + gap) * item - start
+                s0 = ((r + 1) * run - src_lo) * item
+                if rb < m:  # many short runs: one strided copy per byte of a run
+                    for i in range(rb):
+                        out[d0 + i:d0 + i + (m - 1) * gb + 1:gb] = data[s0 + i:s0 + i + (m - 1) * rb + 1:rb]
+                else:
+                    for j in range(m):
+                        out[d0 + j * gb:d0 + j * gb + rb] = data[s0 + j * rb:s0 + (j + 1) * rb]
+
+    def _segments(self, offsets, sizes, k, run, lo, hi):
+        """The chunk's runs that meet elements [lo, hi), as (position of the first in the full tensor, its index
+        among the chunk's runs, how many, distance between them): consecutive runs along dim k-1 are one segment."""
         strides = self.strides
+
+        def trimmed(pos: int, r: int, n: int, gap: int):
+            while n and pos + run <= lo:  # a run whose block meets [lo, hi) but which does not
+                pos, r, n = pos + gap, r + 1, n - 1
+            while n and pos + (n - 1) * gap >= hi:
+                n -= 1
+            return (pos, r, n, gap) if n else None
+
+        if k == 0:
+            seg = trimmed(offsets[0] * strides[0], 0, 1, 0)
+            if seg:
+                yield seg
+            return
         counts = sizes[:k]  # the chunk's runs are indexed by its indices along dims 0..k-1
 
         def walk(d: int, base: int, index: int):
-            if d == k:
-                pos = base + offsets[k] * strides[k]
-                if pos < hi and pos + run > lo:
-                    yield pos, index
-                return
             step = strides[d]
             # indices i along d whose block [base + (o+i)*step, + step) meets [lo, hi)
             i0 = max(0, (lo - base) // step - offsets[d])
             i1 = min(sizes[d] - 1, (hi - 1 - base) // step - offsets[d])
             inner = _prod(counts[d + 1:])
+            if d == k - 1:
+                if i0 <= i1:
+                    seg = trimmed(base + (offsets[d] + i0) * step + offsets[k] * strides[k], index + i0,
+                                  i1 - i0 + 1, step)
+                    if seg:
+                        yield seg
+                return
             for i in range(i0, i1 + 1):
                 yield from walk(d + 1, base + (offsets[d] + i) * step, index + i * inner)
 
@@ -203,28 +258,42 @@ def _dims(values: Any, what: str, fqn: str, meta_path: str) -> Tuple[int, ...]:
     return tuple(values)
 
 
-MAX_GRID_CELLS = 1 << 22
+MAX_GRID_CELLS = 1 << 24
 
 
 def _check_tiling(fqn: str, size: Tuple[int, ...], boxes: List[Tuple[Tuple[int, ...], Tuple[int, ...]]],
                   meta_path: str) -> None:
-    """Chunks must cover the tensor exactly once: cut it at every chunk edge and count each cell's owners."""
+    """Chunks must cover the tensor exactly once: cut it at every chunk edge into a grid of cells (one byte each)
+    and mark each chunk's cells, a row of cells along the last dimension at a time."""
     cuts = [sorted({0, n} | {o[d] for o, _ in boxes} | {o[d] + s[d] for o, s in boxes}) for d, n in enumerate(size)]
-    cells = _prod(len(c) - 1 for c in cuts)
+    shape = [len(c) - 1 for c in cuts]
+    cells = _prod(shape)
     if cells > MAX_GRID_CELLS:
         raise FormatError(f"tensor {fqn}: its {len(boxes)} chunks cut it into {cells} pieces, more than "
                           f"{MAX_GRID_CELLS}", meta_path)
     where = [{v: i for i, v in enumerate(c)} for c in cuts]
-    owners: Dict[Tuple[int, ...], int] = {}
+    grid = bytearray(cells)
+    strides = [_prod(shape[d + 1:]) for d in range(len(size))]
     for n, (o, s) in enumerate(boxes):
-        ranges = [range(where[d][o[d]], where[d][o[d] + s[d]]) for d in range(len(size))]
-        for cell in itertools.product(*ranges):
-            if cell in owners:
-                raise FormatError(f"tensor {fqn}: chunks at {list(boxes[owners[cell]][0])} and {list(o)} overlap",
-                                  meta_path)
-            owners[cell] = n
-    if len(owners) != cells:
+        lo = [where[d][o[d]] for d in range(len(size))]
+        hi = [where[d][o[d] + s[d]] for d in range(len(size))]
+        if not size:
+            rows, a, b = [0], 0, 1
+        else:
+            a, b = lo[-1], hi[-1]
+            rows = [sum(i * st for i, st in zip(idx, strides)) for idx in
+                    itertools.product(*[range(lo[d], hi[d]) for d in range(len(size) - 1)])]
+        for row in rows:
+            if grid.find(1, row + a, row + b) != -1:
+                other = next(p for m, (p, q) in enumerate(boxes) if m != n and _meets(p, q, o, s))
+                raise FormatError(f"tensor {fqn}: chunks at {list(other)} and {list(o)} overlap", meta_path)
+            grid[row + a:row + b] = b"\x01" * (b - a)
+    if grid.count(0):
         raise FormatError(f"tensor {fqn}: its chunks do not cover the whole {list(size)} tensor", meta_path)
+
+
+def _meets(o1, s1, o2, s2) -> bool:
+    return all(a < c + m and c < a + n for a, n, c, m in zip(o1, s1, o2, s2))
 
 
 def _tensor(fqn: str, md: Stub, index: Dict[Tuple[str, Any], Dict[str, Any]], folder: str,
@@ -255,6 +324,10 @@ def _tensor(fqn: str, md: Stub, index: Dict[Tuple[str, Any], Dict[str, Any]], fo
         raise FormatError(f"tensor {fqn}: its chunks have different dtypes ({', '.join(sorted(dtypes))})", meta_path)
     chunks.sort(key=lambda c: c[0])
     first = chunks[0][1]
+    props = st.get("properties")
+    declared = props.state[0] if isinstance(props, Stub) and isinstance(props.state, tuple) and props.state else None
+    if isinstance(declared, str) and declared != first.dtype:
+        raise FormatError(f"tensor {fqn}: .metadata says {declared} but its chunks hold {first.dtype}", meta_path)
     if len(chunks) == 1 and tuple(first.shape) == size:
         return first
     chunks = [(o, t) for o, t in chunks if t.numel]  # an empty shard (uneven split) holds nothing
@@ -264,10 +337,12 @@ def _tensor(fqn: str, md: Stub, index: Dict[Tuple[str, Any], Dict[str, Any]], fo
         raise FormatError(f"tensor {fqn}: its chunks are all empty", meta_path)
     parts = []
     for offsets, t in chunks:
-        if not t.has_data or not t.is_contiguous:
-            raise FormatError(f"tensor {fqn}: chunk at {list(offsets)} is {'not contiguous' if t.has_data else 'empty'}"
-                              , meta_path)
-        parts.append((offsets, tuple(t.shape), t.storage.source, t.span()[0]))
+        if not t.has_data:
+            raise FormatError(f"tensor {fqn}: chunk at {list(offsets)} has no data", meta_path)
+        if t.is_contiguous:
+            parts.append((offsets, tuple(t.shape), t.storage.source, t.span()[0]))
+        else:  # a strided view saved as it was (torch.save keeps strides): its C-order bytes, gathered
+            parts.append((offsets, tuple(t.shape), _Gathered(t), 0))
     source = _Tiles(size, itemsize(first.dtype) or 1, parts, meta_path)
     stride = tuple(_prod(size[i + 1:]) for i in range(len(size)))
     storage = StorageRef(key=fqn, dtype=first.dtype, device=first.device, nbytes=source.size, source=source,
