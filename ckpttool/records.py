@@ -612,11 +612,15 @@ class RemapResult:
     unchanged: Dict[str, int]        # tags no rule matched: storages
     checked: Optional[Dict[str, Any]] = None
     exit_code: int = 0
+    copied: Tuple[str, ...] = ()     # a shard folder's other files (config.json...), copied as they are
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"output": self.output, "format": self.format, "tensors": self.tensors, "storages": self.storages,
-                "source": self.source, "mapped": dict(self.mapped), "unchanged": dict(self.unchanged),
-                "checked": self.checked}
+        d = {"output": self.output, "format": self.format, "tensors": self.tensors, "storages": self.storages,
+             "source": self.source, "mapped": dict(self.mapped), "unchanged": dict(self.unchanged),
+             "checked": self.checked}
+        if self.copied:
+            d["copied"] = list(self.copied)
+        return d
 
 
 @dataclass(frozen=True)

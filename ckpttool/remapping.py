@@ -13,6 +13,7 @@ keeps its value. Tensor bytes are copied as they are.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickletools
 import re
@@ -399,9 +400,12 @@ def remap(path: str, out: str, maps: Union[Sequence[str], Mapping_], force: bool
     rules = parse_maps(maps) if maps and isinstance(next(iter(maps)), str) else list(maps)
     if not rules:
         raise UsageError("give at least one --map SRC=DST (e.g. --map cuda=cpu)")
+    bin_index = os.path.join(path, "pytorch_model.bin.index.json")
+    if os.path.isdir(path) and os.path.isfile(bin_index):  # HF folders often hold .bin and safetensors shards
+        return _remap_shards(bin_index, out, rules, force, check, to, whole_folder=True)
     fmt = detect(path)
     if fmt == "index":
-        return _remap_shards(path, out, rules, force, check, to)
+        return _remap_shards(path, out, rules, force, check, to, whole_folder=os.path.isdir(path))
     if fmt not in ("torch_zip", "torch_legacy", "torchscript"):
         raise UsageError(f"remap rewrites torch.save and TorchScript files; this is {fmt}, which carries no "
                          "device tags", path)
@@ -447,19 +451,32 @@ def _result(source: str, out: str, fmt: str, counts: Counter, checked: Dict[str,
                        tensors=checked["tensors"], mapped=mapped, unchanged=kept, checked=checked)
 
 
-def _remap_shards(path: str, out: str, rules: Mapping_, force: bool, check: bool,
-                  to: Optional[str]) -> RemapResult:
+def _remap_shards(path: str, out: str, rules: Mapping_, force: bool, check: bool, to: Optional[str],
+                  whole_folder: bool) -> RemapResult:
     """An HF-style folder of torch.save shards (``pytorch_model-0000N-of-0000M.bin`` + index): OUT is a folder
-    with every shard remapped and the index copied; it is built in a temporary folder and renamed into place."""
+    with every shard remapped and the index copied; it is built in a temporary folder and renamed into place.
+    ``whole_folder`` (the user named the folder): its other files (config.json, tokenizer...) are copied too."""
     import shutil
     from .formats.sharded import inside
     src = open_checkpoint(path)
     index = src.files[0]
-    shards = [(name, inside(os.path.dirname(index), name, index)) for name in src.metadata["shards"]]
-    if src.format != "torch_sharded" or not all(detect(f) in ("torch_zip", "torch_legacy") for _, f in shards):
+    folder = os.path.dirname(index)
+    names = src.metadata.get("shards") or []
+    shards = [(name, inside(folder, name, index)) for name in names]
+    if src.format != "torch_sharded":
         raise UsageError(f"remap rewrites torch.save files; this is {src.format}, whose shards carry no device "
                          "tags", path)
-    out = check_output(os.fspath(out), list(src.files) + [src.path], force, folder=True)
+    for name, full in shards:
+        if detect(full) not in ("torch_zip", "torch_legacy"):
+            raise UsageError(f"remap rewrites torch.save shards; shard {name} of this index is {detect(full)}", path)
+        if os.path.normpath(name) != name or name.startswith(".."):  # OUT gets the same names: they must stay in it
+            raise UsageError(f"the index names shard {name!r} by a path that would leave OUT; name shards by their "
+                             "file names", path)
+    skip = {os.path.realpath(f) for _, f in shards} | {os.path.realpath(index)}
+    others = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))
+                    and os.path.realpath(os.path.join(folder, n)) not in skip) if whole_folder else []
+    out = check_output(os.fspath(out), list(src.files) + [src.path] + [os.path.join(folder, n) for n in others],
+                       force, folder=True)
     counts: Counter = Counter()
     checks: List[Dict[str, object]] = []
     with _writing(out):
@@ -471,12 +488,12 @@ def _remap_shards(path: str, out: str, rules: Mapping_, force: bool, check: bool
                 c, checked = _remap_file(open_checkpoint(shard), fmt, _target(fmt, to, shard), dest, rules, check)
                 counts.update(c)
                 checks.append(checked)
-            shutil.copyfile(index, os.path.join(tmpdir, os.path.basename(index)))
+            for n in [os.path.basename(index)] + others:
+                shutil.copyfile(os.path.join(folder, n), os.path.join(tmpdir, n))
     checked = {"ok": True, "tensors": sum(c["tensors"] for c in checks), "devices": True}
     if check:
         checked["bytes_compared"] = sum(c["bytes_compared"] for c in checks)
-    fmt = "torch_sharded"
-    return _result(src.path, out, fmt, counts, checked)
+    return dataclasses.replace(_result(src.path, out, "torch_sharded", counts, checked), copied=tuple(others))
 
 
 def _check(src: Checkpoint, tmp: str, rules: Mapping_, every_byte: bool) -> Dict[str, object]:

@@ -245,6 +245,9 @@ def remap_text(r: RemapResult) -> str:
             ["remapped", ", ".join(f"{k}: {n} storages" for k, n in r.mapped.items()) or "nothing matched"]]
     if r.unchanged:
         rows.append(["unchanged", ", ".join(f"{k}: {n} storages" for k, n in r.unchanged.items())])
+    if r.copied:
+        rows.append(["copied", f"{len(r.copied)} other files: " + ", ".join(r.copied[:4])
+                     + (" ..." if len(r.copied) > 4 else "")])
     c = r.checked or {}
     if c:
         rows.append(["checked", "ok: read back, every tensor on its mapped device"

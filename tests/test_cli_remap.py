@@ -210,3 +210,39 @@ def test_hf_bin_shards_with_a_truncated_shard_write_nothing(tmp_path):
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
     assert "pytorch_model-00002-of-00002.bin" in r.stderr
     assert files_in(tmp_path) == {"hf"}
+
+
+def test_hf_folder_keeps_its_other_files_and_prefers_the_bin_index(tmp_path):
+    """Remapping an HF model folder gives a whole model folder: config/tokenizer files are copied (and listed), and a
+    folder holding both a safetensors and a .bin index is remapped through the .bin one."""
+    src = tmp_path / "hf"
+    parts, index = _gpu_bin_shards(src)
+    (src / "config.json").write_text('{"model_type": "x"}')
+    (src / "tokenizer.json").write_text("{}")
+    st = tmp_path / "st"
+    assert run("convert", src / "pytorch_model.bin.index.json", "-o", st, "--to", "safetensors",
+               "--max-shard-size", "100B").exit_code == 0
+    for n in os.listdir(st):
+        os.link(st / n, src / n)
+    d = js("remap", src, "-o", tmp_path / "cpu", "--map", "cuda=cpu")
+    assert d["format"] == "torch_sharded" and d["mapped"] == {"cuda:1 -> cpu": 3}
+    assert "config.json" in d["copied"] and "model.safetensors.index.json" in d["copied"]
+    assert sorted(os.listdir(tmp_path / "cpu")) == sorted(os.listdir(src))
+    assert (tmp_path / "cpu" / "config.json").read_text() == '{"model_type": "x"}'
+    assert devices(tmp_path / "cpu" / "pytorch_model.bin.index.json") == {"cpu"}
+
+
+def test_hf_index_naming_a_shard_outside_out_is_refused_and_the_input_untouched(tmp_path):
+    """An index may name a shard as '../hf/x.bin' (inside its own folder once resolved); remap would write that name
+    beside OUT, over the input: it is refused, nothing written, the shard unchanged."""
+    src = tmp_path / "hf"
+    _gpu_bin_shards(src)
+    index = json.loads((src / "pytorch_model.bin.index.json").read_text())
+    index["weight_map"] = {k: "../hf/" + v for k, v in index["weight_map"].items()}
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    before = {n: (src / n).read_bytes() for n in os.listdir(src)}
+    assert devices(src) == {"cuda:1"}  # the index is readable as it is
+    r = run("remap", src, "-o", tmp_path / "out", "--map", "cuda=cpu")
+    assert r.exit_code == 2 and "would leave OUT" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert {n: (src / n).read_bytes() for n in os.listdir(src)} == before
+    assert files_in(tmp_path) == {"hf"}
