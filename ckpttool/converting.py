@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import os
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .dtypes import itemsize
-from .errors import CheckFailedError, FileAccessError, UsageError
+from .errors import CheckFailedError, CkptError, FileAccessError, UsageError
 from .formats import open as open_checkpoint
 from .formats.safetensors_writer import (EntryOut, index_json, parse_size, plan_shards, shard_names,
                                          write_safetensors)
@@ -163,6 +164,9 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
     >>> r.tensors, r.format                                    # doctest: +SKIP
     (19, 'safetensors')
     """
+    sharded = max_shard_size not in (None, "")
+    if sharded and not to and not os.path.splitext(os.fspath(out))[1]:
+        to = "safetensors"  # a folder of shards named without an extension: HF's usual safetensors shards
     fmt = target_format(os.fspath(out), to)
     if fmt == "onnx":
         from .onnx_export import export_onnx
@@ -227,7 +231,8 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
                 files, checked = _write_shards(out, entries, meta, shard, sd, cast, check, dropped, tick)
     n = len(sd.tensors) - len(dropped)
     return ConvertResult(source=ckpt.path, source_format=ckpt.format, entry=sd.entry, entry_source=sd.source,
-                         output=out, format={"state_dict": "torch_zip"}.get(fmt, fmt), tensors=n,
+                         output=out, format=({"state_dict": "torch_sharded", "safetensors": "safetensors_sharded"}
+                                             if shard else {"state_dict": "torch_zip"}).get(fmt, fmt), tensors=n,
                          files=tuple(files), tied=tuple(sorted(dropped.items())), cast_to=cast,
                          bytes_written=sum(os.path.getsize(f) for f in files), checked=checked)
 
@@ -284,11 +289,13 @@ def _write_dcp(out: str, sd: StateDict, cast: Optional[str], check: bool) -> Tup
     dtypes, no bytes) and a planner that reads each tensor from the source at that moment. The
     writer keeps every tensor of a .distcp file until the file is done, so a state_dict of more
     than DCP_SINGLE_FILE bytes is written one file per tensor (DCP's ``single_file_per_rank=False``):
-    one tensor in memory at a time. Either way the folder is DCP's own layout.
+    one tensor in memory at a time (read straight into its torch tensor; torch.save may hold a copy
+    while it writes it). Either way the folder is DCP's own layout.
     """
     import warnings
     import torch
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
     from torch.distributed.checkpoint.planner import WriteItemType
     from .torch_bridge import torch_dtype
@@ -308,13 +315,27 @@ def _write_dcp(out: str, sd: StateDict, cast: Optional[str], check: bool) -> Tup
             dst = _out_dtype(t, cast)
             return x.to(torch_dtype(dst)) if dst != t.dtype else x
 
+    class _Writer(dcp.FileSystemWriter):
+        def storage_meta(self):  # the folder's final name, not the temporary one it is written in
+            meta = super().storage_meta()
+            return dataclasses.replace(meta, checkpoint_id=out) if meta is not None else meta
+
+    total = sum(x.numel() * x.element_size() for x in plan.values())  # bytes as written, after any cast
     with folder_output(out) as tmpdir:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # no process group: dcp says it assumes a single process
-            total = sum(t.nbytes for t in sd.tensors.values())
-            writer = dcp.FileSystemWriter(tmpdir, single_file_per_rank=total <= DCP_SINGLE_FILE, thread_count=1,
-                                          sync_files=True)
-            dcp.save(plan, storage_writer=writer, planner=_ReadWhenWritten())
+            writer = _Writer(tmpdir, single_file_per_rank=total <= DCP_SINGLE_FILE, thread_count=1, sync_files=True)
+            try:
+                dcp.save(plan, storage_writer=writer, planner=_ReadWhenWritten())
+            except CheckpointException as e:  # dcp wraps whatever failed (a full disk, a corrupt source, Ctrl-C)
+                inner = next((f[0] for f in e.failures.values() if isinstance(f, tuple) and f
+                              and isinstance(f[0], BaseException)), None)
+                if isinstance(inner, (CkptError, OSError, KeyboardInterrupt, MemoryError)):
+                    raise inner from None  # ours (a corrupt source), a full disk, Ctrl-C: as anywhere else
+                # torch.save inside dcp turns a failed write (a full disk) into a RuntimeError
+                why = f"{type(inner).__name__}: {inner}" if inner is not None else str(e)
+                raise FileAccessError("cannot write the output: torch.distributed.checkpoint.save failed: "
+                                      + " ".join(why.split())[:200], out) from None
         checked = _check(tmpdir, sd, plan, cast, check, {})
         files = sorted(os.listdir(tmpdir))
     return [os.path.join(out, n) for n in files], checked

@@ -189,7 +189,8 @@ def filter_checkpoint(source: str, out: str, model: Optional[str] = None, model_
     if max_shard_size not in (None, ""):
         from .formats.safetensors_writer import parse_size
         shard = parse_size(max_shard_size)
-        fmt = "torch" if to in ("pt", "state_dict", "torch") else "safetensors"  # shards: safetensors unless --to pt
+        # shards: --to, else OUT's extension if it has one (m.bin/ -> .bin shards), else HF's safetensors shards
+        fmt = output_format(out, to) if to or os.path.splitext(out)[1] else "safetensors"
     else:
         fmt = output_format(out, to)
     built = None

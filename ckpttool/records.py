@@ -198,8 +198,14 @@ class TensorRef:
 
         A strided view is read as the storage region it spans and gathered by torch.
         """
-        from .torch_bridge import tensor_from_bytes
+        from .torch_bridge import tensor_from_bytes, torch_dtype
         if self.is_contiguous or self.numel <= 1:
+            source = self.storage.source if self.has_data else None
+            if hasattr(source, "readinto") and self.nbytes:  # read straight into the tensor: one copy in memory
+                import torch
+                flat = torch.empty(self.nbytes, dtype=torch.uint8)
+                source.readinto(self.span()[0], memoryview(flat.numpy()))
+                return flat.view(torch_dtype(self.dtype)).reshape(self.shape)
             return tensor_from_bytes(self.read_bytes(), self.dtype, self.shape)
         if not self.has_data:
             return tensor_from_bytes(self.read_bytes(), self.dtype, self.shape)  # raises the no-data error

@@ -63,7 +63,12 @@ def atomic_output(out: str) -> Iterator[str]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
+    fsync_dir(folder)  # make the rename itself durable
+
+
+def fsync_dir(folder: str) -> None:
+    """fsync a folder, so that the names created or renamed in it survive a crash (best effort)."""
+    with contextlib.suppress(OSError):
         dfd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dfd)
@@ -82,11 +87,18 @@ def folder_into_place(tmpdir: str, out: str) -> None:
     """Rename a finished temporary folder to ``out``, replacing what was there (--force was checked)."""
     import shutil
     os.chmod(tmpdir, default_mode(folder=True))  # mkdtemp makes 0700 folders
+    fsync_dir(tmpdir)
     old = None
     if os.path.lexists(out):
         old = out + f".old-{os.getpid()}"
         os.rename(out, old)
-    os.rename(tmpdir, out)
+    try:
+        os.rename(tmpdir, out)
+    except BaseException:
+        if old:
+            os.rename(old, out)  # put the replaced output back
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(out)))
     if old:
         shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.unlink(old)
 

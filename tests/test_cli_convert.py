@@ -94,7 +94,7 @@ def test_json_fields_safetensors_with_key_dtype_metadata(committed, tmp_path):
 def test_json_fields_shards(resnet18_sd, tmp_path):
     out = tmp_path / "hf"
     d = js("convert", resnet18_sd, "-o", out, "--to", "safetensors", "--max-shard-size", "20MB", "--check")
-    assert d["output"] == str(out) and d["format"] == "safetensors" and d["tensors"] == 122
+    assert d["output"] == str(out) and d["format"] == "safetensors_sharded" and d["tensors"] == 122
     assert d["checked"]["bytes_compared"] == 122
     names = sorted(os.listdir(out))
     assert names[-1] == "model.safetensors.index.json"

@@ -278,7 +278,7 @@ def test_to_sharded_safetensors(source_of, tmp_path, name):
     max_bytes = total // 3
     out = tmp_path / "hf"
     r = convert(src.path, str(out), to="safetensors", key=src.key, max_shard_size=str(max_bytes))
-    assert r.format == "safetensors" and r.output == str(out)
+    assert r.format == "safetensors_sharded" and r.output == str(out)
     assert sorted(r.files) == sorted(str(out / f) for f in os.listdir(out))
     assert_shards_output(str(out), src.want, max_bytes)
     assert files_in(tmp_path) == {"hf"}
@@ -922,6 +922,7 @@ def test_bin_shards_like_hf_load_with_torch_and_keep_ties(tmp_path):
     torch.save(sd, tmp_path / "s.pt")
     out = tmp_path / "bins"
     r = convert(str(tmp_path / "s.pt"), str(out), to="pt", max_shard_size="2KB", check=True)
+    assert r.format == "torch_sharded"
     listing = sorted(os.listdir(out))
     shards = [f for f in listing if f.endswith(".bin")]
     assert listing == shards + ["pytorch_model.bin.index.json"] and len(shards) >= 3
@@ -941,3 +942,18 @@ def test_bin_shards_like_hf_load_with_torch_and_keep_ties(tmp_path):
     assert r.checked["bytes_compared"] == len(sd)
     from ckpttool import diff, open as open_checkpoint
     assert open_checkpoint(str(out)).format == "torch_sharded" and diff(str(out), str(tmp_path / "s.pt")).equal
+
+
+@pytest.mark.parametrize("out,to,kind", [("hf", None, "safetensors"), ("m.bin", None, "torch"),
+                                         ("m.safetensors", None, "safetensors"), ("hf", "pt", "torch")])
+def test_shard_format_from_to_then_extension_then_safetensors(tmp_path, out, to, kind):
+    """--max-shard-size: the shards' format is --to's, else OUT's extension's, else (a bare folder name) HF's
+    safetensors; convert and filter agree."""
+    torch.save({"a": torch.zeros(300), "b": torch.ones(300)}, tmp_path / "s.pt")
+    r = convert(str(tmp_path / "s.pt"), str(tmp_path / out), to=to, max_shard_size="1KB")
+    index = "pytorch_model.bin.index.json" if kind == "torch" else "model.safetensors.index.json"
+    assert r.format == f"{kind}_sharded" and os.path.isfile(tmp_path / out / index)
+    from ckpttool.filtering import filter_checkpoint
+    f = filter_checkpoint(str(tmp_path / "s.pt"), str(tmp_path / ("f_" + out)), target=str(tmp_path / "s.pt"),
+                          to=to, max_shard_size="1KB")
+    assert f.output_format == f"{kind}_sharded" and os.path.isfile(tmp_path / ("f_" + out) / index)

@@ -406,3 +406,30 @@ def test_metadata_dtype_that_disagrees_with_the_chunks_is_refused(tmp_path):
         pickle.dump(meta, f)
     with pytest.raises(FormatError, match="says int8 but its chunks hold float32"):
         ckpttool.open(folder)
+
+
+@pytest.mark.parametrize("failure,message", [
+    (FormatError("record archive/data/3 is corrupt", "src.pt"), "record archive/data/3 is corrupt"),
+    (OSError(28, "No space left on device"), "No space left on device"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+     "cannot write the output: torch.distributed.checkpoint.save failed: RuntimeError"),
+])
+def test_convert_to_dcp_failing_midway_is_one_error_line_and_writes_nothing(resnet, tmp_path, monkeypatch,
+                                                                            failure, message):
+    """dcp.save wraps whatever fails while it writes (a corrupt source tensor, a full disk, which torch.save reports
+    as a RuntimeError) in a CheckpointException: the user gets the one-line error, exit 2, no folder left."""
+    from ckpttool.records import TensorRef
+    _, plain, _ = resnet
+    calls = []
+    real = TensorRef.to_torch
+
+    def flaky(self):
+        calls.append(1)
+        if len(calls) == 5:
+            raise failure
+        return real(self)
+    monkeypatch.setattr(TensorRef, "to_torch", flaky)
+    r = run("convert", plain, "-o", tmp_path / "out", "--to", "dcp")
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr
+    assert os.listdir(tmp_path) == []
