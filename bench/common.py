@@ -6,6 +6,7 @@ measuring process never imports torch and its children's peak RSS (wait4) is the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -26,22 +27,58 @@ with open(sys.argv[1], "rb") as src, open(sys.argv[2], "wb") as dst:
 """
 
 
-def measure(cmd, runs, ok=(0,)):
+def _run_once(cmd, ok, prepare=None):
+    if prepare:
+        prepare()
+    os.sync()  # every run starts with no dirty pages of an earlier run still to write back
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    if code not in ok:
+        raise SystemExit(f"{cmd} failed with {code}")
+    return elapsed, usage.ru_maxrss / 1024
+
+
+def measure(cmd, runs, ok=(0,), prepare=None):
     """Median wall time and peak RSS (MB, this child alone, via wait4) of ``runs`` runs.
 
     ``ok``: the exit codes that mean the command worked (diff exits 1 when files differ).
+    ``prepare()`` runs before each run, untimed (e.g. removing the last run's output, so that every
+    run writes a new file rather than paying to free the old one).
     """
-    times, rss = [], []
+    results = [_run_once(cmd, ok, prepare) for _ in range(runs)]
+    return statistics.median(r[0] for r in results), max(r[1] for r in results)
+
+
+def measure_together(cmds, runs, ok=(0,), prepare=None):
+    """``measure`` for several commands, their runs interleaved (a, b, a, b...): a disk or a machine that
+    slows down for a while slows every command alike, so their ratio holds. One (time, RSS) per command."""
+    results = [[] for _ in cmds]
     for _ in range(runs):
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
-        times.append(time.perf_counter() - t0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode not in ok:
-            raise SystemExit(f"{cmd} failed with {proc.returncode}")
-        rss.append(usage.ru_maxrss / 1024)
-    return statistics.median(times), max(rss)
+        for i, cmd in enumerate(cmds):
+            results[i].append(_run_once(cmd, ok, prepare))
+    return [(statistics.median(r[0] for r in rs), max(r[1] for r in rs)) for rs in results]
+
+
+@contextlib.contextmanager
+def compiled_package():
+    """Give this checkout's ckpttool its bytecode for the block, as a pip install would (an editable install
+    under PYTHONDONTWRITEBYTECODE has none, and would compile every module on every run); torch is installed
+    compiled. Written into ckpttool's own __pycache__ folders (git ignores them), removed afterwards."""
+    import compileall
+    import shutil
+    import ckpttool
+    root = os.path.dirname(ckpttool.__file__)
+    before = {p for p, _, _ in os.walk(root) if os.path.basename(p) == "__pycache__"}
+    compileall.compile_dir(root, quiet=1)
+    try:
+        yield
+    finally:
+        for p, _, _ in list(os.walk(root)):
+            if os.path.basename(p) == "__pycache__" and p not in before:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def sized_parser(doc: str, tensor_mib: int, tensors: int, runs: int = 1) -> argparse.ArgumentParser:

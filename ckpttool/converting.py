@@ -55,12 +55,29 @@ def _cast_chunks(raw: Callable[[], Iterator[bytes]], src: str, dst: str) -> Call
     return gen
 
 
+_POOL: List[bytearray] = []  # read buffers not in use: reused, so reading allocates (and faults in) no new memory
+
+
 def _span_chunks(source: Any, start: int, size: int, elem: int) -> Callable[[], Iterator[bytes]]:
+    """The bytes ``[start, start + size)`` of ``source`` in pieces of whole elements. Where the source can
+    ``readinto``, each piece is a view of one reused buffer, valid until the next piece is asked for (the
+    writers write each piece before asking for the next)."""
     step = max(elem, CHUNK - CHUNK % elem)
 
     def gen() -> Iterator[bytes]:
-        for off in range(0, size, step):
-            yield source.read(start + off, min(step, size - off))
+        if not hasattr(source, "readinto") or size <= 0:
+            for off in range(0, size, step):
+                yield source.read(start + off, min(step, size - off))
+            return
+        buf = _POOL.pop() if _POOL else bytearray(CHUNK + elem)
+        try:
+            view = memoryview(buf)
+            for off in range(0, size, step):
+                n = min(step, size - off)
+                source.readinto(start + off, view[:n])
+                yield view[:n]
+        finally:
+            _POOL.append(buf)
     return gen
 
 

@@ -251,10 +251,24 @@ def _copy_member(zin: zipfile.ZipFile, info: zipfile.ZipInfo, chunk: int = 1 << 
             yield block
 
 
+def _copy_stored(path: str, info: zipfile.ZipInfo, file_size: int, chunk: int = 1 << 24) -> Iterator[memoryview]:
+    """A stored record's bytes, read straight from the file into one reused buffer (each piece is valid until
+    the next is asked for). Unlike zipfile's reader it does not compute the CRC-32: the writer does, once."""
+    from .formats.torch_zip import _StoredMember
+    span = _StoredMember(path, info, file_size)
+    buf = bytearray(max(1, min(chunk, info.file_size)))
+    view = memoryview(buf)
+    for off in range(0, info.file_size, len(buf)):
+        n = min(len(buf), info.file_size - off)
+        span.readinto(off, view[:n])
+        yield view[:n]
+
+
 def _remap_zip(path: str, tmp: str, new_location: Callable[[str], str]) -> Counter:
     from .formats.torch_writer import _AlignedZip
     counts: Counter = Counter()
     zin = open_zip(path)
+    file_size = os.path.getsize(path)
     with zin:
         folder = find_record_folder(zin, path)
         z = _AlignedZip(tmp, "")
@@ -265,6 +279,11 @@ def _remap_zip(path: str, tmp: str, new_location: Callable[[str], str]) -> Count
                     data, c = rewrite_locations(zin.read(info), new_location)
                     counts.update(c)
                     z.add(name, [data], len(data))
+                elif info.compress_type == zipfile.ZIP_STORED:
+                    # copied as it is: the CRC the writer computes must be the one the record declares
+                    written = z.add(name, _copy_stored(path, info, file_size), info.file_size)
+                    if written.CRC != info.CRC:
+                        raise FormatError(f"record {name} is corrupt: its bytes do not match its CRC-32", path)
                 else:
                     z.add(name, _copy_member(zin, info), info.file_size)
         except (zipfile.BadZipFile, zlib.error, EOFError) as e:

@@ -442,19 +442,44 @@ def test_check_compares_every_byte(make, tmp_path):
     assert "bytes_compared" not in (r.checked or {})
 
 
-def test_check_catches_changed_bytes(monkeypatch, make, tmp_path):
+def test_bytes_changed_in_the_copy_are_caught(monkeypatch, make, tmp_path):
+    """A byte that changes between reading and writing a record: the CRC-32 the writer computes no longer matches
+    the record's, so the rewrite fails (with or without --check) and nothing is written."""
     rm = importlib.import_module("ckpttool.remapping")
-    real = rm._copy_member
+    real = rm._copy_stored
 
-    def corrupt(zin, info, *a, **k):
-        for block in real(zin, info, *a, **k):
+    def corrupt(path, info, *a, **k):
+        for block in real(path, info, *a, **k):
             if "/data/" in info.filename and block:
-                block = bytes([block[0] ^ 0xFF]) + block[1:]
+                block = bytes([block[0] ^ 0xFF]) + bytes(block[1:])
             yield block
-    monkeypatch.setattr(rm, "_copy_member", corrupt)
-    with pytest.raises(CkptError, match="bytes differ"):
-        remap(make("gpu_tagged.pt"), str(tmp_path / "o.pt"), ["cuda=cpu"], check=True)
-    assert files_in(tmp_path) == set()
+    monkeypatch.setattr(rm, "_copy_stored", corrupt)
+    for check in (True, False):
+        with pytest.raises(CkptError, match="do not match its CRC-32"):
+            remap(make("gpu_tagged.pt"), str(tmp_path / "o.pt"), ["cuda=cpu"], check=check)
+        assert files_in(tmp_path) == set()
+
+
+def test_a_corrupt_record_in_the_input_is_refused(make, tmp_path):
+    """A tensor byte flipped on disk (the record's CRC-32 no longer matches): a one-line error naming the record."""
+    import shutil
+    import zipfile
+    src = tmp_path / "in.pt"
+    shutil.copyfile(make("gpu_tagged.pt"), src)
+    with zipfile.ZipFile(src) as zf:
+        info = next(i for i in zf.infolist() if "/data/" in i.filename and i.file_size > 16)
+    with open(src, "r+b") as f:
+        head = f.read()[info.header_offset:info.header_offset + 30]
+        start = info.header_offset + 30 + int.from_bytes(head[26:28], "little") + int.from_bytes(head[28:30], "little")
+        f.seek(start + 5)
+        b = f.read(1)
+        f.seek(start + 5)
+        f.write(bytes([b[0] ^ 0x55]))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(CkptError, match=f"record {info.filename} is corrupt"):
+        remap(str(src), str(out / "o.pt"), ["cuda=cpu"])
+    assert files_in(out) == set()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -183,7 +183,7 @@ class _AlignedZip:
         self.zf = zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True)
         self.folder = folder
 
-    def add(self, name: str, chunks: Iterable[bytes], size: int) -> None:
+    def add(self, name: str, chunks: Iterable[bytes], size: int) -> zipfile.ZipInfo:
         info = zipfile.ZipInfo(f"{self.folder}/{name}" if self.folder else name, date_time=(1980, 1, 1, 0, 0, 0))
         info.compress_type = zipfile.ZIP_STORED
         info.file_size = size
@@ -198,6 +198,7 @@ class _AlignedZip:
                 written += len(chunk)
         if written != size:
             raise ValueError(f"record {name}: wrote {written} bytes, expected {size}")
+        return info  # its CRC is the CRC-32 of the bytes written
 
     def close(self) -> None:
         self.zf.close()
