@@ -2,14 +2,16 @@
 
 Values are compared tensor by tensor, a chunk at a time, straight from the
 files: memory stays bounded by a few chunks whatever the checkpoint's size.
-Chunks whose bytes are equal need no arithmetic (and no torch); only where
-bytes differ, or dtypes differ, are values converted and measured.
+Chunks whose bytes are equal need no arithmetic; only where bytes differ, or
+dtypes differ, are values converted and measured, with numpy (``numbers``), never
+torch: a diff of values stays a small process.
 """
 from __future__ import annotations
 
 import math
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
+from . import numbers
 from .align import Alignment, align as find_alignment, pair_names
 from .errors import CkptError, UsageError
 from .records import Checkpoint, DiffResult, TensorDiff, TensorRef
@@ -27,7 +29,7 @@ DEFAULT_TOLERANCES: Dict[str, Tuple[float, float]] = {  # dtype -> (atol, rtol)
     "float8_e4m3fn": (1e-3, 0.125), "float8_e4m3fnuz": (1e-3, 0.125),
     "float8_e5m2": (1e-3, 0.25), "float8_e5m2fnuz": (1e-3, 0.25), "float8_e8m0fnu": (0.0, 1.0),
 }
-# dtypes torch can turn into float64/complex128 for measuring; others are compared as bytes.
+# dtypes ``numbers`` can turn into float64/complex128 for measuring; others are compared as bytes.
 _MEASURABLE = set(DEFAULT_TOLERANCES) | {"int64", "int32", "int16", "int8", "uint64", "uint32", "uint16",
                                          "uint8", "bool"}
 _INTEGER = {"int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8", "bool"}
@@ -122,25 +124,35 @@ def diff(a: Union[str, Checkpoint], b: Union[str, Checkpoint], key_a: Optional[s
         exit_code=0 if equal else 1)
 
 
-def _pieces(t: TensorRef, n: int) -> Iterator[Any]:
-    """The tensor's elements in C order, ``n`` at a time: bytes when contiguous, else torch slices."""
+_READ_BUFFERS: Dict[int, bytearray] = {}
+
+
+def _pieces(t: TensorRef, n: int, slot: Optional[int] = None) -> Iterator[bytes]:
+    """The tensor's C-order bytes, ``n`` elements at a time (a strided view is gathered first).
+
+    With ``slot``, pieces of a contiguous tensor are views of that slot's reused buffer, each valid
+    until the next piece from the same slot is asked for.
+    """
+    source = t.storage.source if t.has_data else None
+    if slot is not None and t.is_contiguous and hasattr(source, "readinto") and t.nbytes:
+        step = n * t.itemsize
+        buf = _READ_BUFFERS.get(slot)
+        if buf is None or len(buf) < min(step, t.nbytes):
+            buf = _READ_BUFFERS[slot] = bytearray(min(step, t.nbytes))
+        view = memoryview(buf)
+        start, total = t.span()[0], t.nbytes
+        for off in range(0, total, step):
+            m = min(step, total - off)
+            source.readinto(start + off, view[:m])
+            yield view[:m]
+        return
     if t.is_contiguous or t.numel <= 1:
         yield from t.iter_chunks(n * t.itemsize)
         return
-    flat = t.to_torch().reshape(-1)
-    for i in range(0, flat.numel(), n):
-        yield flat[i:i + n]
-
-
-def _as_number_tensor(piece: Any, dtype: str):
-    import torch
-    from .torch_bridge import torch_dtype
-    if isinstance(piece, (bytes, bytearray)):
-        if not piece:
-            return torch.empty(0, dtype=torch.float64)
-        piece = torch.frombuffer(bytearray(piece), dtype=torch.uint8).view(torch_dtype(dtype))
-    wide = torch.complex128 if dtype.startswith("complex") else torch.float64
-    return piece.to(wide)
+    data = t.read_bytes()
+    step = n * t.itemsize
+    for i in range(0, len(data), step):
+        yield data[i:i + step]
 
 
 FAST_CHUNK = 8 << 20
@@ -174,17 +186,15 @@ def _bytes_equal(a: TensorRef, b: TensorRef) -> bool:
     return True
 
 
-def _same_bits(pa: Any, pb: Any) -> bool:
-    if isinstance(pa, (bytes, bytearray)) and isinstance(pb, (bytes, bytearray)):
-        return pa == pb
-    import torch
-    pa, pb = (torch.frombuffer(bytearray(p), dtype=torch.uint8) if isinstance(p, (bytes, bytearray))
-              else p.contiguous().view(torch.uint8) for p in (pa, pb))
-    return torch.equal(pa, pb)
+def _same_bits(pa: bytes, pb: bytes) -> bool:
+    if isinstance(pa, memoryview) or isinstance(pb, memoryview):  # a memoryview's == goes element by element
+        import numpy as np
+        return bool(np.array_equal(np.frombuffer(pa, dtype=np.uint8), np.frombuffer(pb, dtype=np.uint8)))
+    return pa == pb
 
 
-def _count(piece: Any, itemsize: int) -> int:
-    return len(piece) // max(itemsize, 1) if isinstance(piece, (bytes, bytearray)) else piece.numel()
+def _count(piece: bytes, itemsize: int) -> int:
+    return len(piece) // max(itemsize, 1)
 
 
 def compare_tensors(d: TensorDiff, a: TensorRef, b: TensorRef, atol: Optional[float] = None,
@@ -213,7 +223,7 @@ def compare_tensors(d: TensorDiff, a: TensorRef, b: TensorRef, atol: Optional[fl
     if a.dtype == b.dtype and _bytes_equal(a, b):  # the common case, at the speed of the disk
         return dataclasses.replace(d, status="exact", max_abs=0.0, max_rel=0.0, atol=at, rtol=rt)
     n_bad, max_abs, max_rel, exact = 0, 0.0, 0.0, True
-    for pa, pb in zip(_pieces(a, chunk_elements), _pieces(b, chunk_elements)):
+    for pa, pb in zip(_pieces(a, chunk_elements, 0), _pieces(b, chunk_elements, 1)):
         if a.dtype == b.dtype and _same_bits(pa, pb):
             continue
         if not measurable:  # same dtype, bytes differ, no numbers to measure (quantized, packed)
@@ -222,10 +232,12 @@ def compare_tensors(d: TensorDiff, a: TensorRef, b: TensorRef, atol: Optional[fl
             max_abs = max_rel = math.nan
             continue
         if a.dtype == b.dtype and a.dtype in _INTEGER:
-            chunk_bad, chunk_abs, chunk_rel, chunk_exact = _measure_ints(pa, pb, a.dtype)
+            chunk_bad, chunk_abs, chunk_rel, chunk_exact = numbers.measure_ints(numbers.as_native(pa, a.dtype),
+                                                                                numbers.as_native(pb, b.dtype))
         else:
-            chunk_bad, chunk_abs, chunk_rel, chunk_exact = _measure(_as_number_tensor(pa, a.dtype),
-                                                                    _as_number_tensor(pb, b.dtype), at, rt)
+            chunk_bad, chunk_abs, chunk_rel, chunk_exact = numbers.measure(numbers.as_numbers(pa, a.dtype, "a"),
+                                                                           numbers.as_numbers(pb, b.dtype, "b"),
+                                                                           at, rt)
         exact = exact and chunk_exact
         n_bad += chunk_bad
         max_abs = max(max_abs, chunk_abs)
@@ -235,57 +247,3 @@ def compare_tensors(d: TensorDiff, a: TensorRef, b: TensorRef, atol: Optional[fl
     status = "mismatch" if n_bad else "close"
     return dataclasses.replace(d, status=status, max_abs=max_abs, max_rel=max_rel, mismatched=n_bad,
                                numel=a.numel, atol=at, rtol=rt)
-
-
-def _native(piece: Any, dtype: str):
-    import torch
-    from .torch_bridge import torch_dtype
-    if isinstance(piece, (bytes, bytearray)):
-        return torch.frombuffer(bytearray(piece), dtype=torch.uint8).view(torch_dtype(dtype)) if piece else \
-            torch.empty(0, dtype=torch_dtype(dtype))
-    return piece
-
-
-def _measure_ints(pa: Any, pb: Any, dtype: str) -> Tuple[int, float, float, bool]:
-    """Integers and bools compare exactly, in their own dtype (float64 would round past 2**53)."""
-    import torch
-    xa, xb = _native(pa, dtype), _native(pb, dtype)
-    if dtype == "uint64":  # torch has few uint64 kernels; equality of the bit patterns is the same thing
-        xa, xb = xa.view(torch.int64), xb.view(torch.int64)
-    ne = xa != xb
-    bad = int(ne.sum())
-    if not bad:
-        return 0, 0.0, 0.0, True
-    # exact differences from Python ints, over at most 100k of the differing elements
-    va = xa[ne][:100_000].tolist()
-    vb = xb[ne][:100_000].tolist()
-    if dtype == "uint64":
-        va = [v % (1 << 64) for v in va]
-        vb = [v % (1 << 64) for v in vb]
-    diffs = [abs(int(x) - int(y)) for x, y in zip(va, vb)]
-    rels = [abs(int(x) - int(y)) / abs(int(y)) if y else math.inf for x, y in zip(va, vb)]
-    return bad, float(max(diffs)), float(max(rels)), False
-
-
-def _measure(xa, xb, atol: float, rtol: float) -> Tuple[int, float, float, bool]:
-    """(elements not close, max abs diff, max rel diff, all equal) of two float64/complex128 tensors."""
-    import torch
-    both_nan = torch.isnan(xa) & torch.isnan(xb)
-    same = (xa == xb) | both_nan
-    if bool(same.all()):
-        return 0, 0.0, 0.0, True
-    bad = int((~torch.isclose(xa, xb, rtol=rtol, atol=atol, equal_nan=True)).sum())
-    diff = (xa - xb).abs()
-    diff = torch.where(same, torch.zeros_like(diff), diff)
-    finite = torch.isfinite(diff)
-    max_abs = float(diff[finite].max()) if bool(finite.any()) else 0.0
-    if not bool(finite.all()):
-        max_abs = math.inf  # a NaN or Inf against a number
-    ref = xb.abs()
-    with torch.no_grad():
-        rel = torch.where(diff == 0, torch.zeros_like(diff), diff / ref)
-    rel_finite = rel[torch.isfinite(rel)]
-    max_rel = float(rel_finite.max()) if rel_finite.numel() else 0.0
-    if not bool(torch.isfinite(rel).all()):
-        max_rel = math.inf
-    return bad, max_abs, max_rel, False

@@ -179,7 +179,8 @@ class TensorRef:
         start, length = self.span()
         if self.is_contiguous or self.numel <= 1:
             return self.storage.source.read(start, self.nbytes)
-        return _gather(self.storage.source.read(start, length), self.shape, self.stride, itemsize(self.dtype))
+        from .numbers import gather
+        return gather(self.storage.source.read(start, length), self.shape, self.stride, itemsize(self.dtype))
 
     def iter_chunks(self, chunk_bytes: int = 1 << 26) -> Iterator[bytes]:
         """Yield the tensor's C-order bytes in bounded pieces (whole elements each)."""
@@ -264,23 +265,6 @@ def new_tensor_ref(shape: Tuple[int, ...], dtype: str, stride: Tuple[int, ...], 
     d["subclass"] = None
     d["explicit_nbytes"] = None
     return t
-
-
-def _gather(buf: bytes, shape, stride, size: int) -> bytes:
-    """Copy a strided view out of ``buf`` (which starts at the view's first element)."""
-    out = bytearray()
-    idx = [0] * len(shape)
-    mv = memoryview(buf)
-    n = math.prod(shape)
-    for _ in range(n):
-        off = sum(i * s for i, s in zip(idx, stride)) * size
-        out += mv[off:off + size]
-        for d in range(len(shape) - 1, -1, -1):
-            idx[d] += 1
-            if idx[d] < shape[d]:
-                break
-            idx[d] = 0
-    return bytes(out)
 
 
 @dataclass(frozen=True)

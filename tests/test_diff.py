@@ -621,6 +621,7 @@ def test_no_values_reads_no_tensor_data(tmp_path, make, monkeypatch):
              save(tmp_path, "a.safetensors", sd), make("torchscript.pt"), make("sharded_safetensors")]
     pb = save(tmp_path, "b.pt", other)
     monkeypatch.setattr(records.FileSpan, "read", refuse)
+    monkeypatch.setattr(records.FileSpan, "readinto", refuse)
     monkeypatch.setattr(records.BufferSpan, "read", refuse)
     for pa in files[:3]:
         r = diff(pa, pb, values=False)
