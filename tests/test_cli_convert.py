@@ -7,43 +7,16 @@ import os
 
 import pytest
 import torch
-from click.testing import CliRunner
 from fulldisk import simulate_full_disk
 
-from ckpttool.cli import cli
+from clitools import assert_error, files_in, js, run
+
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def js(*args):
-    r = run(*args, "--json")
-    assert r.exit_code == 0, (r.output, r.exception)
-    return json.loads(r.stdout)
-
-
 def error_lines(r) -> list:
     return r.stderr.splitlines()
-
-
-def assert_error(r, first_line: str, hint: str = None) -> None:
-    """Exit 2, the one ``ckpttool: error:`` line (and its hint), no traceback, nothing on stdout."""
-    assert r.exit_code == 2, (r.output, r.exception)
-    lines = error_lines(r)
-    assert lines[0] == first_line, lines
-    assert "Traceback" not in r.stderr
-    assert r.stdout == ""
-    if hint is None:
-        assert len(lines) == 1, lines
-    else:
-        assert lines[1:] == [f"hint: {hint}"], lines
-
-
-def files_in(folder) -> set:
-    return set(os.listdir(folder))
 
 
 @pytest.fixture(scope="module")

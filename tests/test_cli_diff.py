@@ -8,15 +8,11 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save_file
 from torch import nn
 
-from ckpttool.cli import cli
+from clitools import run
 
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def _no_constants(name):

@@ -11,23 +11,13 @@ import sys
 import pytest
 import torch
 import torchvision
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ckpttool.cli import cli
+from clitools import js, run
+
 
 from mypkg import ClassNet  # fixtures/mypkg, on sys.path through conftest
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def js(*args):
-    r = run(*args, "--json")
-    assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
-    return json.loads(r.stdout)
 
 
 def sha(path) -> str:

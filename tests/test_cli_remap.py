@@ -6,34 +6,12 @@ import os
 
 import pytest
 import torch
-from click.testing import CliRunner
 from fulldisk import simulate_full_disk
 
+from clitools import assert_error, files_in, js, run
+
 import ckpttool
-from ckpttool.cli import cli
 from ckpttool.tree import all_tensors
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def js(*args):
-    r = run(*args, "--json")
-    assert r.exit_code == 0, (r.output, r.exception)
-    return json.loads(r.stdout)
-
-
-def assert_error(r, first_line: str, hint: str = None) -> None:
-    assert r.exit_code == 2, (r.output, r.exception)
-    lines = r.stderr.splitlines()
-    assert lines[0] == first_line, lines
-    assert "Traceback" not in r.stderr and r.stdout == ""
-    assert lines[1:] == ([f"hint: {hint}"] if hint else []), lines
-
-
-def files_in(folder) -> set:
-    return set(os.listdir(folder))
 
 
 def devices(path) -> set:

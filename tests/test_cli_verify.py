@@ -1,15 +1,14 @@
 """`ckpttool verify` as a user runs it: the report, JSON, exit codes, the exact error lines."""
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from ckpttool.cli import cli
+from clitools import assert_error, js, run
+
 
 R18 = "torchvision.models:resnet18"
 SHAPE = "1x3x32x32"
@@ -17,33 +16,10 @@ CLASSNET = "mypkg:ClassNet"
 CUDA = torch.cuda.is_available()
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def js(*args, code: int = 0) -> dict:
-    r = run(*args, "--json")
-    assert r.exit_code == code, (r.output, r.exception)
-    return json.loads(r.stdout)  # the one JSON object, nothing else on stdout
-
-
 def check(d: dict, name: str, device=None) -> dict:
     found = [c for c in d["checks"] if c["name"] == name and c["device"] == device]
     assert len(found) == 1, [(c["name"], c["device"]) for c in d["checks"]]
     return found[0]
-
-
-def assert_error(r, first_line: str, hint: str = None) -> None:
-    """Exit 2, the one ``ckpttool: error:`` line (and its hint), no traceback, nothing on stdout."""
-    assert r.exit_code == 2, (r.output, r.exception)
-    lines = r.stderr.splitlines()
-    assert lines and lines[0] == first_line, lines
-    assert "Traceback" not in r.stderr
-    assert r.stdout == ""
-    if hint is None:
-        assert len(lines) == 1, lines
-    else:
-        assert lines[1:] == [f"hint: {hint}"], lines
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ import pytest
 import torch
 from fulldisk import simulate_full_disk
 
+from clitools import files_in
+
 from ckpttool.converting import convert  # the module's own function: see test_public_api_*
 from ckpttool.errors import CkptError, TrustRequiredError, UsageError
 
@@ -56,10 +58,6 @@ def tied_twin(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def files_in(folder) -> set:
-    return set(os.listdir(folder))
 
 
 def assert_pt_output(out: str, want, ordered: bool = True) -> dict:

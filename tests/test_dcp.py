@@ -12,10 +12,10 @@ import warnings
 import pytest
 import torch
 import torchvision
-from click.testing import CliRunner
+
+from clitools import run
 
 import ckpttool
-from ckpttool.cli import cli
 from ckpttool.errors import CkptError, FormatError
 from ckpttool.tree import find_state_dict
 
@@ -41,10 +41,6 @@ def resnet(tmp_path_factory):
     plain = str(d / "plain.pt")
     torch.save(m.state_dict(), plain)
     return folder, plain, m.state_dict()
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def test_reads_every_tensor_and_value_bit_for_bit(resnet):

@@ -14,6 +14,8 @@ import zipfile
 import pytest
 import torch
 
+from clitools import files_in
+
 import ckpttool
 from ckpttool.errors import CkptError, UsageError
 from ckpttool.remapping import remap  # the module's own function: see test_public_api_*
@@ -77,10 +79,6 @@ def devices(path: str) -> collections.Counter:
 
 def device_by_name(path: str) -> dict:
     return {n: t.device for n, t in all_tensors(ckpttool.open(path).root)}
-
-
-def files_in(folder) -> set:
-    return set(os.listdir(folder))
 
 
 def plain_load(path, **kw):
