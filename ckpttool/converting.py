@@ -389,23 +389,7 @@ def _check(path: str, sd: StateDict, written: Mapping[str, Any], cast: Optional[
 def _compare_bytes(name: str, src: TensorRef, got: TensorRef, dtype: str) -> None:
     from .diffing import _pieces
     n = max(1, CHUNK // 8)
-    pieces = _pieces(src, n)
-    if dtype != src.dtype:
-        import torch
-        from .torch_bridge import torch_dtype
-        pieces = (_to_bytes(torch.frombuffer(bytearray(p), dtype=torch.uint8).view(torch_dtype(src.dtype))
-                            .to(torch_dtype(dtype))) if isinstance(p, (bytes, bytearray)) and p else
-                  (_to_bytes(p.to(torch_dtype(dtype))) if not isinstance(p, (bytes, bytearray)) else p)
-                  for p in pieces)
-    for a, b in zip(pieces, _pieces(got, n)):
-        if not isinstance(a, (bytes, bytearray)):
-            a = _to_bytes(a)
-        if not isinstance(b, (bytes, bytearray)):
-            b = _to_bytes(b)
+    pieces = _pieces(src, n) if dtype == src.dtype else _cast_chunks(lambda: _pieces(src, n), src.dtype, dtype)()
+    for a, b in zip(pieces, _pieces(got, n)):  # C-order bytes, n elements a piece on both sides
         if a != b:
             raise CheckFailedError(f"tensor {name}: the output's bytes differ from the source's")
-
-
-def _to_bytes(t: Any) -> bytes:
-    import torch
-    return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
