@@ -22,7 +22,7 @@ from .formats.safetensors_writer import (EntryOut, index_json, parse_size, plan_
                                          write_safetensors)
 from .formats.torch_writer import StorageOut, TensorOut, write_torch_zip
 from .formats.write import target_format
-from .records import Checkpoint, ConvertResult, TensorRef
+from .records import Checkpoint, ConvertResult, TensorRef, read_pieces
 from .tree import StateDict, find_state_dict, open_state_dict
 from .writing import atomic_output, check_output, folder_output
 
@@ -55,30 +55,11 @@ def _cast_chunks(raw: Callable[[], Iterator[bytes]], src: str, dst: str) -> Call
     return gen
 
 
-_POOL: List[bytearray] = []  # read buffers not in use: reused, so reading allocates (and faults in) no new memory
-
-
 def _span_chunks(source: Any, start: int, size: int, elem: int) -> Callable[[], Iterator[bytes]]:
-    """The bytes ``[start, start + size)`` of ``source`` in pieces of whole elements. Where the source can
-    ``readinto``, each piece is a view of one reused buffer, valid until the next piece is asked for (the
-    writers write each piece before asking for the next)."""
+    """The bytes ``[start, start + size)`` of ``source`` in pieces of whole elements (``read_pieces``: each
+    a view of a reused buffer where the source can ``readinto``; the writers write each before the next)."""
     step = max(elem, CHUNK - CHUNK % elem)
-
-    def gen() -> Iterator[bytes]:
-        if not hasattr(source, "readinto") or size <= 0:
-            for off in range(0, size, step):
-                yield source.read(start + off, min(step, size - off))
-            return
-        buf = _POOL.pop() if _POOL else bytearray(CHUNK + elem)
-        try:
-            view = memoryview(buf)
-            for off in range(0, size, step):
-                n = min(step, size - off)
-                source.readinto(start + off, view[:n])
-                yield view[:n]
-        finally:
-            _POOL.append(buf)
-    return gen
+    return lambda: read_pieces(source, start, size, step)
 
 
 def _needs_data(name: str, t: TensorRef, path: str) -> None:

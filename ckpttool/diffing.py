@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 from . import numbers
 from .align import Alignment, align as find_alignment, pair_names
 from .errors import CkptError, UsageError
-from .records import Checkpoint, DiffResult, TensorDiff, TensorRef
+from .records import Checkpoint, DiffResult, TensorDiff, TensorRef, read_pieces
 from .tree import open_state_dict
 
 Progress = Optional[Any]
@@ -124,27 +124,14 @@ def diff(a: Union[str, Checkpoint], b: Union[str, Checkpoint], key_a: Optional[s
         exit_code=0 if equal else 1)
 
 
-_READ_BUFFERS: Dict[int, bytearray] = {}
-
-
-def _pieces(t: TensorRef, n: int, slot: Optional[int] = None) -> Iterator[bytes]:
+def _pieces(t: TensorRef, n: int, reuse: bool = False) -> Iterator[bytes]:
     """The tensor's C-order bytes, ``n`` elements at a time (a strided view is gathered first).
 
-    With ``slot``, pieces of a contiguous tensor are views of that slot's reused buffer, each valid
-    until the next piece from the same slot is asked for.
+    With ``reuse``, pieces of a contiguous tensor are views of a reused buffer (``read_pieces``),
+    each valid until the next piece is asked for.
     """
-    source = t.storage.source if t.has_data else None
-    if slot is not None and t.is_contiguous and hasattr(source, "readinto") and t.nbytes:
-        step = n * t.itemsize
-        buf = _READ_BUFFERS.get(slot)
-        if buf is None or len(buf) < min(step, t.nbytes):
-            buf = _READ_BUFFERS[slot] = bytearray(min(step, t.nbytes))
-        view = memoryview(buf)
-        start, total = t.span()[0], t.nbytes
-        for off in range(0, total, step):
-            m = min(step, total - off)
-            source.readinto(start + off, view[:m])
-            yield view[:m]
+    if reuse and t.is_contiguous and t.has_data:
+        yield from read_pieces(t.storage.source, t.span()[0], t.nbytes, n * t.itemsize)
         return
     if t.is_contiguous or t.numel <= 1:
         yield from t.iter_chunks(n * t.itemsize)
@@ -223,7 +210,7 @@ def compare_tensors(d: TensorDiff, a: TensorRef, b: TensorRef, atol: Optional[fl
     if a.dtype == b.dtype and _bytes_equal(a, b):  # the common case, at the speed of the disk
         return dataclasses.replace(d, status="exact", max_abs=0.0, max_rel=0.0, atol=at, rtol=rt)
     n_bad, max_abs, max_rel, exact = 0, 0.0, 0.0, True
-    for pa, pb in zip(_pieces(a, chunk_elements, 0), _pieces(b, chunk_elements, 1)):
+    for pa, pb in zip(_pieces(a, chunk_elements, reuse=True), _pieces(b, chunk_elements, reuse=True)):
         if a.dtype == b.dtype and _same_bits(pa, pb):
             continue
         if not measurable:  # same dtype, bytes differ, no numbers to measure (quantized, packed)

@@ -80,6 +80,32 @@ def _readinto(self, start: int, buf) -> None:
 
 FileSpan.readinto = _readinto
 
+_POOL: list = []  # read buffers not in use: reused, so reading allocates (and faults in) no new memory
+
+
+def read_pieces(source: Any, start: int, size: int, step: int) -> Iterator[bytes]:
+    """Bytes ``[start, start + size)`` of ``source`` in pieces of ``step`` bytes.
+
+    Where the source can ``readinto``, each piece is a view of a pooled buffer, valid until the next
+    piece is asked for (callers write or compare each piece before the next); generators alive at
+    the same time (the two sides of a comparison) each hold their own buffer.
+    """
+    if not hasattr(source, "readinto") or size <= 0:
+        for off in range(0, size, step):
+            yield source.read(start + off, min(step, size - off))
+        return
+    buf = _POOL.pop() if _POOL else bytearray(step)
+    try:
+        if len(buf) < min(step, size):
+            buf = bytearray(step)
+        view = memoryview(buf)
+        for off in range(0, size, step):
+            n = min(step, size - off)
+            source.readinto(start + off, view[:n])
+            yield view[:n]
+    finally:
+        _POOL.append(buf)
+
 
 class BufferSpan:
     """Bytes held in memory (small embedded data, e.g. an ONNX initializer's raw_data)."""
