@@ -21,7 +21,7 @@ from .formats import open as open_checkpoint
 from .formats.safetensors_writer import (EntryOut, index_json, parse_size, plan_shards, shard_names,
                                          write_safetensors)
 from .formats.torch_writer import StorageOut, TensorOut, write_torch_zip
-from .formats.write import target_format
+from .formats.write import shards_to, target_format
 from .records import Checkpoint, ConvertResult, TensorRef, read_pieces
 from .tree import StateDict, find_state_dict, open_state_dict
 from .writing import atomic_output, check_output, folder_output
@@ -162,9 +162,8 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
     >>> r.tensors, r.format                                    # doctest: +SKIP
     (19, 'safetensors')
     """
-    sharded = max_shard_size not in (None, "")
-    if sharded and not to and not os.path.splitext(os.fspath(out))[1]:
-        to = "safetensors"  # a folder of shards named without an extension: HF's usual safetensors shards
+    if max_shard_size not in (None, ""):
+        to = shards_to(os.fspath(out), to)
     fmt = target_format(os.fspath(out), to)
     if fmt == "onnx":
         from .onnx_export import export_onnx

@@ -177,7 +177,7 @@ def filter_checkpoint(source: str, out: str, model: Optional[str] = None, model_
     before it is put in place; with a model it is loaded with ``strict=False`` and
     the missing and unexpected keys must be exactly the report's.
     """
-    from .formats.write import output_format, write_state_dict
+    from .formats.write import output_format, shards_to, write_state_dict
     from .writing import check_output
     if (model is None) == (target is None):
         raise UsageError("give the target as --model SPEC or --target PATH (one of them)")
@@ -189,8 +189,7 @@ def filter_checkpoint(source: str, out: str, model: Optional[str] = None, model_
     if max_shard_size not in (None, ""):
         from .formats.safetensors_writer import parse_size
         shard = parse_size(max_shard_size)
-        # shards: --to, else OUT's extension if it has one (m.bin/ -> .bin shards), else HF's safetensors shards
-        fmt = output_format(out, to) if to or os.path.splitext(out)[1] else "safetensors"
+        fmt = output_format(out, shards_to(out, to))
     else:
         fmt = output_format(out, to)
     built = None

@@ -485,9 +485,11 @@ def _remap_shards(path: str, out: str, rules: Mapping_, force: bool, check: bool
     if src.format != "torch_sharded":
         raise UsageError(f"remap rewrites torch.save files; this is {src.format}, whose shards carry no device "
                          "tags", path)
+    formats = {}
     for name, full in shards:
-        if detect(full) not in ("torch_zip", "torch_legacy"):
-            raise UsageError(f"remap rewrites torch.save shards; shard {name} of this index is {detect(full)}", path)
+        formats[full] = detect(full)
+        if formats[full] not in ("torch_zip", "torch_legacy"):
+            raise UsageError(f"remap rewrites torch.save shards; shard {name} of this index is {formats[full]}", path)
         if os.path.normpath(name) != name or name.startswith(".."):  # OUT gets the same names: they must stay in it
             raise UsageError(f"the index names shard {name!r} by a path that would leave OUT; name shards by their "
                              "file names", path)
@@ -501,7 +503,7 @@ def _remap_shards(path: str, out: str, rules: Mapping_, force: bool, check: bool
     with _writing(out):
         with folder_output(out) as tmpdir:
             for name, shard in shards:
-                fmt = detect(shard)
+                fmt = formats[shard]
                 dest = os.path.join(tmpdir, name)
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
                 c, checked = _remap_file(open_checkpoint(shard), fmt, _target(fmt, to, shard), dest, rules, check)

@@ -36,6 +36,12 @@ def target_format(out: str, to: Optional[str] = None,
     return found
 
 
+def shards_to(out: str, to: Optional[str]) -> Optional[str]:
+    """The --to of a sharded output: the one given, else OUT's extension decides, else (a folder named
+    without one) HF's safetensors shards."""
+    return to or (None if os.path.splitext(out)[1] else "safetensors")
+
+
 def output_format(path: str, to: Optional[str] = None) -> str:
     """``"torch"`` or ``"safetensors"`` for a state_dict output.
 
