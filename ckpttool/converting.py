@@ -18,8 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 from .dtypes import itemsize
 from .errors import CheckFailedError, CkptError, FileAccessError, UsageError
 from .formats import open as open_checkpoint
-from .formats.safetensors_writer import (EntryOut, index_json, parse_size, plan_shards, shard_names,
-                                         write_safetensors)
+from .formats.safetensors_writer import EntryOut, parse_size, write_safetensors, write_shards
 from .formats.torch_writer import StorageOut, TensorOut, write_torch_zip
 from .formats.write import shards_to, target_format
 from .records import Checkpoint, ConvertResult, TensorRef, read_pieces
@@ -246,14 +245,9 @@ def _write_shards(out: str, entries: List[EntryOut], meta: Dict[str, str], max_b
                   cast: Optional[str], check: bool, dropped: Dict[str, str], tick) -> Tuple[List[str], Dict[str, Any]]:
     """OUT as a folder: shards + model.safetensors.index.json, built in a temporary folder then renamed."""
     with folder_output(out) as tmpdir:
-        shards = plan_shards(entries, max_bytes)
-        names = shard_names(len(shards))
-        for shard, name in zip(shards, names):
-            write_safetensors(os.path.join(tmpdir, name), shard, meta, progress=tick)
-        with open(os.path.join(tmpdir, "model.safetensors.index.json"), "wb") as f:
-            f.write(index_json(shards, names, {k: v for k, v in meta.items() if k == "format"}))
+        names = write_shards(tmpdir, entries, max_bytes, meta, progress=tick)
         checked = _check(tmpdir, sd, {e.name: e for e in entries}, cast, check, dropped)
-    return [os.path.join(out, n) for n in names + ["model.safetensors.index.json"]], checked
+    return [os.path.join(out, n) for n in names], checked
 
 
 def _write_torch_shards(out: str, tree: Mapping[str, Any], max_bytes: int, sd: StateDict, cast: Optional[str],

@@ -796,6 +796,8 @@ def test_failure_mid_write_leaves_no_file_and_keeps_the_old_output(monkeypatch, 
     src = source_of("legacy")
     monkeypatch.setattr(cv, "write_torch_zip", _boom_after_some_bytes(cv.write_torch_zip))
     monkeypatch.setattr(cv, "write_safetensors", _boom_after_some_bytes(cv.write_safetensors))
+    sw = importlib.import_module("ckpttool.formats.safetensors_writer")  # shards are written by write_shards
+    monkeypatch.setattr(sw, "write_safetensors", _boom_after_some_bytes(sw.write_safetensors))
     kwargs = {"pt": dict(out="o.pt"), "safetensors": dict(out="o.safetensors"),
               "shards": dict(out="hf", to="safetensors", max_shard_size="2KB")}[target]
     out = tmp_path / kwargs.pop("out")

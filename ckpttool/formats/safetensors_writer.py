@@ -8,6 +8,7 @@ as the safetensors library writes it, so tensors stay aligned.
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -113,6 +114,23 @@ def plan_shards(entries: Sequence[EntryOut], max_bytes: int) -> List[List[EntryO
 def shard_names(count: int, stem: str = "model") -> List[str]:
     """HF's names: ``model-00001-of-00003.safetensors``..."""
     return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+INDEX = "model.safetensors.index.json"
+
+
+def write_shards(folder: str, entries: Sequence[EntryOut], max_bytes: int, metadata: Optional[Dict[str, str]] = None,
+                 progress: Optional[Callable[[int], None]] = None) -> List[str]:
+    """HF-style shards of at most ``max_bytes`` + ``model.safetensors.index.json`` into ``folder``; the file names.
+
+    Each shard's header carries ``metadata``; the index carries its ``format`` entry."""
+    shards = plan_shards(entries, max_bytes)
+    names = shard_names(len(shards))
+    for shard, name in zip(shards, names):
+        write_safetensors(os.path.join(folder, name), shard, metadata, progress=progress)
+    with open(os.path.join(folder, INDEX), "wb") as f:
+        f.write(index_json(shards, names, {k: v for k, v in (metadata or {}).items() if k == "format"}))
+    return names + [INDEX]
 
 
 def index_json(shards: Sequence[Sequence[EntryOut]], names: Sequence[str],

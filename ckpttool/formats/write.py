@@ -93,7 +93,7 @@ def write_safetensors_shards(tensors: Mapping[str, Any], out: str, max_bytes: in
     Built in a temporary folder beside ``out``; ``check(tmp_folder)`` runs before it is renamed into place.
     """
     import torch
-    from .safetensors_writer import EntryOut, dtype_code, index_json, plan_shards, shard_names, write_safetensors
+    from .safetensors_writer import EntryOut, dtype_code, write_shards
     entries = []
     for name, t in tensors.items():
         dtype = str(t.dtype).replace("torch.", "")
@@ -103,12 +103,7 @@ def write_safetensors_shards(tensors: Mapping[str, Any], out: str, max_bytes: in
                                                   if t.numel() else b""])))
     try:
         with folder_output(out) as tmpdir:
-            shards = plan_shards(entries, max_bytes)
-            names = shard_names(len(shards))
-            for shard, name in zip(shards, names):
-                write_safetensors(os.path.join(tmpdir, name), shard, {"format": "pt"})
-            with open(os.path.join(tmpdir, "model.safetensors.index.json"), "wb") as f:
-                f.write(index_json(shards, names, {"format": "pt"}))
+            write_shards(tmpdir, entries, max_bytes, {"format": "pt"})
             if check is not None:
                 check(tmpdir)
     except OSError as e:
