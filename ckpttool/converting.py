@@ -10,7 +10,6 @@ read back through the readers and checked (names, shapes, dtypes; with
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import os
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -23,7 +22,7 @@ from .formats.torch_writer import StorageOut, TensorOut, write_torch_zip
 from .formats.write import shards_to, target_format
 from .records import Checkpoint, ConvertResult, TensorRef, read_pieces
 from .tree import StateDict, find_state_dict, open_state_dict
-from .writing import atomic_output, check_output, folder_output
+from .writing import atomic_output, check_output, folder_output, writing
 
 Progress = Optional[Callable[[int, int], None]]
 CHUNK = 1 << 24  # 16 MiB of source bytes per read
@@ -198,17 +197,17 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
 
     dropped: Dict[str, str] = {}
     if fmt == "dcp":
-        with _writing(out):
+        with writing(out):
             files, checked = _write_dcp(out, sd, cast, check)
     elif fmt == "state_dict" and shard:
         tree = torch_tree(sd.tensors, cast, ckpt.path)
         total = sum(s.nbytes for s in {id(t.storage): t.storage for t in tree.values()}.values())
-        with _writing(out):
+        with writing(out):
             files, checked = _write_torch_shards(out, tree, shard, sd, cast, check, tick)
     elif fmt == "state_dict":
         tree = torch_tree(sd.tensors, cast, ckpt.path)
         total = sum(s.nbytes for s in {id(t.storage): t.storage for t in tree.values()}.values())
-        with _writing(out):
+        with writing(out):
             with atomic_output(out) as tmp:
                 write_torch_zip(tmp, tree, progress=tick)
                 checked = _check(tmp, sd, dict(tree), cast, check, dropped={})
@@ -217,7 +216,7 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
         entries, dropped = safetensors_entries(sd.tensors, cast, ckpt.path)
         meta = {"format": "pt", **dropped, **meta}
         total = sum(e.nbytes for e in entries)
-        with _writing(out):
+        with writing(out):
             if shard is None:
                 with atomic_output(out) as tmp:
                     write_safetensors(tmp, entries, meta, progress=tick)
@@ -231,14 +230,6 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
                                              if shard else {"state_dict": "torch_zip"}).get(fmt, fmt), tensors=n,
                          files=tuple(files), tied=tuple(sorted(dropped.items())), cast_to=cast,
                          bytes_written=sum(os.path.getsize(f) for f in files), checked=checked)
-
-
-@contextlib.contextmanager
-def _writing(out: str) -> Iterator[None]:
-    try:
-        yield
-    except OSError as e:
-        raise FileAccessError(f"cannot write the output: {e.strerror or e}", out) from None
 
 
 def _write_shards(out: str, entries: List[EntryOut], meta: Dict[str, str], max_bytes: int, sd: StateDict,

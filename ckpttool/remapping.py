@@ -29,8 +29,7 @@ from .formats import detect, open as open_checkpoint
 from .formats.torch_zip import find_record_folder, open_zip
 from .records import Checkpoint, RemapResult
 from .tree import all_tensors
-from .converting import _writing
-from .writing import atomic_output, check_output, folder_output
+from .writing import atomic_output, check_output, folder_output, writing
 
 _DEVICE = re.compile(r"^[a-z_]+(?::\d+)?$")
 Mapping_ = List[Tuple[str, str]]
@@ -431,7 +430,7 @@ def remap(path: str, out: str, maps: Union[Sequence[str], Mapping_], force: bool
     src = open_checkpoint(path)  # validates the whole file first
     out = check_output(os.fspath(out), [path], force)
     target = _target(fmt, to, path)
-    with _writing(out), atomic_output(out) as tmp:
+    with writing(out), atomic_output(out) as tmp:
         counts, checked = _remap_file(src, fmt, target, tmp, rules, check)
     return _result(src.path, out, target if fmt != "torchscript" else fmt, counts, checked)
 
@@ -500,7 +499,7 @@ def _remap_shards(path: str, out: str, rules: Mapping_, force: bool, check: bool
                        force, folder=True)
     counts: Counter = Counter()
     checks: List[Dict[str, object]] = []
-    with _writing(out):
+    with writing(out):
         with folder_output(out) as tmpdir:
             for name, shard in shards:
                 fmt = formats[shard]

@@ -44,6 +44,15 @@ def check_output(out: str, inputs: Iterable[str], force: bool = False, folder: b
 
 
 @contextlib.contextmanager
+def writing(out: str) -> Iterator[None]:
+    """Turn an OSError while writing ``out`` (a full disk, a read-only folder) into the one-line error."""
+    try:
+        yield
+    except OSError as e:
+        raise FileAccessError(f"cannot write the output: {e.strerror or e}", out) from None
+
+
+@contextlib.contextmanager
 def atomic_output(out: str) -> Iterator[str]:
     """Yield a temporary path beside ``out``; on success fsync it and rename it to ``out``.
 

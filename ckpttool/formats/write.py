@@ -5,8 +5,8 @@ import json
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..errors import FileAccessError, UsageError
-from ..writing import atomic_output, folder_output
+from ..errors import UsageError
+from ..writing import atomic_output, folder_output, writing
 
 TORCH_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 TARGETS = {"state_dict": "state_dict", "pt": "state_dict", "torch": "state_dict", "safetensors": "safetensors",
@@ -65,25 +65,22 @@ def write_state_dict(tensors: Mapping[str, Any], out: str, fmt: str,
         from .safetensors_writer import dtype_code
         for name, t in tensors.items():
             dtype_code(str(t.dtype).replace("torch.", ""))  # a UsageError naming the dtype safetensors lacks
-    try:
-        with atomic_output(out) as tmp:
-            if fmt == "torch":
-                torch.save(dict(tensors), tmp)
-            else:
-                from safetensors.torch import save_file
-                seen: Dict[int, Any] = {}
-                flat = {}
-                for name, t in tensors.items():
-                    t = t.contiguous()
-                    if id(t) in seen or t.untyped_storage().data_ptr() in seen:
-                        t = t.clone()
-                    seen[id(t)] = seen[t.untyped_storage().data_ptr()] = True
-                    flat[name] = t
-                save_file(flat, tmp, metadata=metadata)
-            if check is not None:
-                check(tmp)
-    except OSError as e:
-        raise FileAccessError(f"cannot write the output: {e.strerror or e}", out) from None
+    with writing(out), atomic_output(out) as tmp:
+        if fmt == "torch":
+            torch.save(dict(tensors), tmp)
+        else:
+            from safetensors.torch import save_file
+            seen: Dict[int, Any] = {}
+            flat = {}
+            for name, t in tensors.items():
+                t = t.contiguous()
+                if id(t) in seen or t.untyped_storage().data_ptr() in seen:
+                    t = t.clone()
+                seen[id(t)] = seen[t.untyped_storage().data_ptr()] = True
+                flat[name] = t
+            save_file(flat, tmp, metadata=metadata)
+        if check is not None:
+            check(tmp)
 
 
 def write_safetensors_shards(tensors: Mapping[str, Any], out: str, max_bytes: int,
@@ -101,13 +98,10 @@ def write_safetensors_shards(tensors: Mapping[str, Any], out: str, max_bytes: in
         entries.append(EntryOut(name, dtype, tuple(t.shape),
                                 lambda t=t: iter([t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
                                                   if t.numel() else b""])))
-    try:
-        with folder_output(out) as tmpdir:
-            write_shards(tmpdir, entries, max_bytes, {"format": "pt"})
-            if check is not None:
-                check(tmpdir)
-    except OSError as e:
-        raise FileAccessError(f"cannot write the output: {e.strerror or e}", out) from None
+    with writing(out), folder_output(out) as tmpdir:
+        write_shards(tmpdir, entries, max_bytes, {"format": "pt"})
+        if check is not None:
+            check(tmpdir)
 
 
 def plan_storage_shards(items: Sequence[Tuple[str, Any, int]], max_bytes: int) -> List[List[str]]:
@@ -154,15 +148,12 @@ def write_torch_shards(tensors: Mapping[str, Any], out: str, max_bytes: int,
     import torch
     items = [(n, t.untyped_storage().data_ptr() or id(t), t.untyped_storage().nbytes()) for n, t in tensors.items()]
     total = sum({ident: nbytes for _, ident, nbytes in items}.values())
-    try:
-        with folder_output(out) as tmpdir:
-            shards = plan_storage_shards(items, max_bytes)
-            names = torch_shard_names(len(shards))
-            for shard, name in zip(shards, names):
-                torch.save({n: tensors[n] for n in shard}, os.path.join(tmpdir, name))
-            with open(os.path.join(tmpdir, TORCH_INDEX), "wb") as f:
-                f.write(torch_index_json(shards, names, total))
-            if check is not None:
-                check(tmpdir)
-    except OSError as e:
-        raise FileAccessError(f"cannot write the output: {e.strerror or e}", out) from None
+    with writing(out), folder_output(out) as tmpdir:
+        shards = plan_storage_shards(items, max_bytes)
+        names = torch_shard_names(len(shards))
+        for shard, name in zip(shards, names):
+            torch.save({n: tensors[n] for n in shard}, os.path.join(tmpdir, name))
+        with open(os.path.join(tmpdir, TORCH_INDEX), "wb") as f:
+            f.write(torch_index_json(shards, names, total))
+        if check is not None:
+            check(tmpdir)
