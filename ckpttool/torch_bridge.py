@@ -22,3 +22,61 @@ def tensor_from_bytes(data: bytes, dtype: str, shape: Sequence[int]):
         return torch.empty(tuple(shape), dtype=dt)
     flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return flat.view(dt).reshape(tuple(shape))
+
+
+def torch_facts() -> dict:
+    """torch's version and build (CUDA / HIP), from the installed package, without importing torch.
+
+    ``torch/version.py`` is a file of plain assignments; once torch is imported, its own answers are used.
+    ``{"torch": None, ...}`` where torch is not installed.
+    """
+    import sys
+    mod = sys.modules.get("torch")
+    if mod is not None and hasattr(mod, "version"):
+        return {"torch": mod.__version__, "cuda": mod.version.cuda, "hip": getattr(mod.version, "hip", None)}
+    import ast
+    import importlib.util
+    import os
+    facts = {"torch": None, "cuda": None, "hip": None}
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return facts
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        try:
+            with open(os.path.join(folder, "version.py"), encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+        except (OSError, SyntaxError, ValueError):
+            continue
+        names = {"__version__": "torch", "cuda": "cuda", "hip": "hip"}
+        for node in tree.body:
+            target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
+                node.target if isinstance(node, ast.AnnAssign) else None
+            if isinstance(target, ast.Name) and target.id in names and isinstance(node.value, ast.Constant):
+                facts[names[target.id]] = node.value.value
+        break
+    return facts
+
+
+def accelerator_possible() -> bool:
+    """Could torch see a GPU here? False only when it certainly cannot, decided without importing torch.
+
+    torch imported already: it is asked. Otherwise a CUDA build needs the NVIDIA driver's device files
+    (``/dev/nvidia0``..., or ``/dev/dxg`` under WSL), a ROCm build ``/dev/kfd``; Apple silicon may have MPS.
+    ``import torch`` alone costs ~630 MB and 2 s, so the commands that need it only for a device check
+    skip it where this says no.
+    """
+    import glob
+    import os
+    import platform
+    import sys
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "cuda"):
+        mps = getattr(torch.backends, "mps", None)
+        return bool(torch.cuda.is_available() or (mps is not None and mps.is_available()))
+    if sys.platform == "darwin":
+        return platform.machine() == "arm64"
+    facts = torch_facts()
+    if facts["cuda"] and (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/dxg")):
+        return True
+    return bool(facts["hip"] and os.path.exists("/dev/kfd"))

@@ -6,9 +6,11 @@ Checks, each pass / fail / skip with the reason:
 2. ``format round trip``: the state_dict written as a torch zip and as safetensors (streamed, in a
    temporary folder), read back through the readers, every tensor compared bit for bit, shared
    storages kept.
-3. ``device round trip``: on each device, every tensor moved there the way ``torch.load(map_location=)``
-   would, brought back and compared bit for bit, one tensor at a time; device tags the machine lacks
-   are reported with the ``ckpttool remap`` command that fixes the file.
+3. ``device round trip``: on each device other than the CPU (where the bytes are read), every tensor moved
+   there the way ``torch.load(map_location=)`` would, brought back and compared bit for bit, one tensor at
+   a time; device tags the machine lacks are reported with the ``ckpttool remap`` command that fixes the
+   file. Without a model and without a GPU, nothing here needs torch, and torch is not imported (its
+   import alone is ~630 MB and 2 s).
 4. ``loads into model``: ``load_state_dict(strict=True)`` on each device (``--model SPEC``, or the
    file's own pickled model with ``--trust``).
 5. ``computes the same``: a seeded forward pass in eval mode, TF32 off, on each device, compared with
@@ -35,29 +37,39 @@ OUTPUT_TOLERANCE = {"float32": (1e-4, 1e-4), "float64": (1e-7, 1e-7), "float16":
 
 
 def environment() -> Dict[str, Any]:
-    """torch, CUDA and device facts, as torch reports them."""
-    import torch
-    env: Dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "cuda_build": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-                           "device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+    """torch, CUDA and device facts, as torch reports them; read from torch's files where torch is not needed."""
+    from .torch_bridge import accelerator_possible, torch_facts
+    env: Dict[str, Any] = {"python": platform.python_version(),
                            "devices": [{"device": "cpu", "name": platform.processor() or platform.machine()}]}
-    for i in range(env["device_count"]):
-        props = torch.cuda.get_device_properties(i)
-        env["devices"].append({"device": f"cuda:{i}", "name": torch.cuda.get_device_name(i),
-                               "memory": int(props.total_memory)})
-    with contextlib.suppress(ImportError):
-        import onnxruntime
-        env["onnxruntime"] = onnxruntime.__version__
+    if not accelerator_possible():  # no GPU torch could see: its version from its files, no 630 MB import
+        facts = torch_facts()
+        env.update(torch=facts["torch"], cuda_build=facts["cuda"], cuda_available=False, device_count=0)
+    else:
+        import torch
+        env.update(torch=torch.__version__, cuda_build=torch.version.cuda, cuda_available=torch.cuda.is_available(),
+                   device_count=torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        for i in range(env["device_count"]):
+            props = torch.cuda.get_device_properties(i)
+            env["devices"].append({"device": f"cuda:{i}", "name": torch.cuda.get_device_name(i),
+                                   "memory": int(props.total_memory)})
+    from importlib import metadata
+    for dist in ("onnxruntime", "onnxruntime-gpu"):  # its version without its import (~60 MB)
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            env["onnxruntime"] = metadata.version(dist)
+            break
     return env
 
 
 def resolve_devices(devices: Sequence[str]) -> Tuple[List[str], Optional[str]]:
     """The devices to check and a note on what the default skipped. Unavailable named devices: UsageError."""
+    from .torch_bridge import accelerator_possible
+    if not devices or all(d == "cpu" for d in devices):  # decided without importing torch where it can be
+        if not devices and accelerator_possible():
+            import torch
+            if torch.cuda.is_available():
+                return ["cpu", "cuda:0"], None
+        return ["cpu"], None if devices else "no CUDA device on this machine: cuda skipped"
     import torch
-    if not devices:
-        if torch.cuda.is_available():
-            return ["cpu", "cuda:0"], None
-        return ["cpu"], "no CUDA device on this machine: cuda skipped"
     out = []
     for d in devices:
         try:
@@ -95,7 +107,6 @@ def verify(path: str, model: Optional[str] = None, model_args: Sequence[str] = (
     >>> r.ok, [(c.name, c.device, c.status) for c in r.checks][:2]  # doctest: +SKIP
     (True, [('readable', None, 'pass'), ('format round trip', 'torch_zip', 'pass')])
     """
-    import torch
     for name, v in (("--atol", atol), ("--rtol", rtol)):
         if v is not None and not v >= 0:
             raise UsageError(f"{name} must be >= 0")
@@ -136,6 +147,7 @@ def verify(path: str, model: Optional[str] = None, model_args: Sequence[str] = (
     elif not runner.can_run:
         checks.append(CheckResult("computes the same", None, "skip", runner.why_not))
     else:
+        import torch
         saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -328,12 +340,14 @@ def _device_round_trip(ckpt: Checkpoint, sd: StateDict, devs: List[str]) -> List
         fix = " ".join(f"--map {k}=cpu" for k in kinds)  # cuda=cpu covers every cuda:N
         out.append(CheckResult("device tags", None, "skip",
                                f"the file's storages say {', '.join(missing)}, which this machine lacks: a plain "
-                               f"torch.load fails here (map_location works, checked below); to fix the file: "
+                               f"torch.load fails here, torch.load(map_location='cpu') is needed; to fix the file: "
                                f"ckpttool remap {shlex.quote(ckpt.path)} -o FIXED.pt {fix}"))
     else:
         out.append(CheckResult("device tags", None, "pass", f"storages tagged {', '.join(tags) or 'nothing'}, "
                                                             f"all present here"))
     for dev in devs:
+        if dev == "cpu":  # where the bytes are read and compared (format round trip): nothing to move
+            continue
         bad = None
         count = 0
         for name, t in sd.tensors.items():
@@ -367,10 +381,13 @@ def _bits(x: Any) -> Any:
 
 
 def _device_present(tag: str) -> bool:
-    import torch
+    from .torch_bridge import accelerator_possible
     kind, _, index = tag.partition(":")
     if kind == "cpu":
         return True
+    if not accelerator_possible():
+        return False
+    import torch
     if kind == "cuda":
         return torch.cuda.is_available() and (not index or int(index) < torch.cuda.device_count())
     if kind == "mps":

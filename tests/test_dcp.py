@@ -179,7 +179,7 @@ def test_tensors_split_along_columns_are_reassembled(two_ranks, tmp_path):
     v = run("verify", out, "--json")
     assert v.exit_code == 0, v.output
     statuses = {(c["name"], c["device"]): c["status"] for c in json.loads(v.stdout)["checks"]}
-    assert statuses[("format round trip", "torch_zip")] == "pass" and statuses[("device round trip", "cpu")] == "pass"
+    assert statuses[("format round trip", "torch_zip")] == "pass" and ("device round trip", "cpu") not in statuses
 
 
 def test_metadata_naming_a_foreign_class_is_refused_and_not_run(tmp_path, resnet):
