@@ -396,18 +396,45 @@ def scan(paths, as_json: bool, quiet: bool) -> None:
     sys.exit(result.exit_code)
 
 
+_SIGNALLED = []  # the signal that stopped the command, for its exit code
+
+
+def _on_signal(signum, frame) -> None:
+    _SIGNALLED.append(signum)
+    raise KeyboardInterrupt()
+
+
 def main(argv=None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    SIGTERM (a cancelled CI job, ``timeout``, ``docker stop``) unwinds like Ctrl-C: click prints
+    "Aborted!" and the temporary file or folder the command was writing is removed (SIGTERM's default
+    action kills the process where it stands and leaves them). The exit code is 128 + the signal's
+    number (130, 143), as a shell reports for a process the signal stopped.
+    """
+    import signal
+    _SIGNALLED.clear()
+    installed = []
+    for sig, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+        if signal.getsignal(sig) is default:  # a caller's own handler stays
+            with contextlib.suppress(ValueError):  # not the main thread: leave it
+                signal.signal(sig, _on_signal)
+                installed.append((sig, default))
     try:
-        cli.main(args=argv, prog_name="ckpttool")
+        try:
+            cli.main(args=argv, prog_name="ckpttool")
+        finally:
+            for sig, default in installed:  # main() called from other code leaves its signals as they were
+                signal.signal(sig, default)
     except BrokenPipeError:  # `ckpttool inspect x | head`
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(1)
     except SystemExit as e:
+        code = 128 + int(_SIGNALLED[0]) if _SIGNALLED else e.code
         if argv is None and "torch" in sys.modules:
-            _exit_now(e.code)
-        raise
+            _exit_now(code)
+        raise SystemExit(code) from None
 
 
 def _exit_now(code) -> None:
