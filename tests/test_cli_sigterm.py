@@ -19,7 +19,8 @@ import torch
 # stderr and sleeps, so the test's SIGTERM lands while the temporary output exists. Held at os.rename /
 # os.replace, the output is finished and not yet in place.
 HELD = """
-import importlib, sys, time
+import importlib, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal (a background job ignores it)
 def held(real):
     def f(*a, **k):
         sys.stderr.write("READY\\n"); sys.stderr.flush()
