@@ -432,16 +432,18 @@ def main(argv=None) -> None:
         sys.exit(1)
     except SystemExit as e:
         code = 128 + int(_SIGNALLED[0]) if _SIGNALLED else e.code
-        if argv is None and "torch" in sys.modules:
+        if argv is None:  # the console script: no interpreter teardown
             _exit_now(code)
         raise SystemExit(code) from None
 
 
 def _exit_now(code) -> None:
-    """Leave without torch's teardown (0.4-0.7 s at exit): the work is done and its output written.
+    """Leave without the interpreter's teardown: the work is done and its output written.
 
-    Only for the console script (``argv is None``), never when called as a library function.
-    Every file the commands write is fsynced and renamed before they return.
+    Teardown frees every object one by one (30 ms after a 20,000-tensor inspect) and, once torch is
+    imported, runs its exit hooks (0.4-0.7 s). Only for the console script (``argv is None``), never
+    when called as a library function. Every file the commands write is fsynced and renamed, and every
+    temporary file removed, before they return; stdout and stderr are flushed here.
     """
     status = code if isinstance(code, int) else (0 if code is None else 1)
     if not isinstance(code, (int, type(None))):

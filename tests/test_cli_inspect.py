@@ -196,6 +196,21 @@ def test_console_script_runs(committed):
     assert out.returncode == 0 and "cuda:1" in out.stdout
 
 
+def test_console_script_output_is_whole_when_it_skips_teardown(tmp_path):
+    """The console script leaves with os._exit after flushing: JSON far larger than a pipe's buffer
+    arrives whole, and a text table ends with its last row."""
+    p = tmp_path / "many.pt"
+    torch.save({f"block{i}.weight": torch.zeros(i % 5 + 1) for i in range(3000)}, p)
+    out = subprocess.run([sys.executable, "-m", "ckpttool", "inspect", str(p), "--json"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout) > 1 << 18
+    d = json.loads(out.stdout)
+    assert [t["name"] for t in d["tensors"]] == [f"block{i}.weight" for i in range(3000)]
+    text = subprocess.run([sys.executable, "-m", "ckpttool", "inspect", str(p)], capture_output=True, text=True)
+    assert text.returncode == 0 and text.stdout.rstrip().splitlines()[-1].split()[0] == "block2999.weight"
+
+
 def test_debug_shows_the_traceback(tmp_path):
     p = tmp_path / "empty.pt"
     p.write_bytes(b"")
