@@ -30,10 +30,87 @@ ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, Not
 _KNOWN_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 
 
+_CENTRAL = struct.Struct(zipfile.structCentralDir)
+
+
+class _ZipFile(zipfile.ZipFile):
+    """A ZipFile whose central directory is read in one tight loop where it is plain, as torch writes it.
+
+    zipfile's own reader makes each entry through four reads of a BytesIO and an extra-field parse:
+    51 ms for the 20,006 records of a 20,000-tensor checkpoint, against 32 ms here. An entry with
+    extra fields or a comment (zip64 sizes, timestamps), a version zipfile cannot read, or anything
+    malformed hands the whole directory back to zipfile's reader, which also makes its errors.
+    """
+
+    def _RealGetContents(self):
+        if not self._plain_contents():
+            self.filelist, self.NameToInfo = [], {}
+            super()._RealGetContents()
+
+    def _plain_contents(self) -> bool:
+        if self.debug or getattr(self, "metadata_encoding", None):
+            return False
+        fp = self.fp
+        try:
+            endrec = zipfile._EndRecData(fp)
+        except OSError:
+            return False
+        if not endrec:
+            return False
+        size_cd, offset_cd = endrec[zipfile._ECD_SIZE], endrec[zipfile._ECD_OFFSET]
+        concat = endrec[zipfile._ECD_LOCATION] - size_cd - offset_cd
+        if endrec[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:
+            concat -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator
+        start = offset_cd + concat
+        if start < 0:
+            return False
+        fp.seek(start, 0)
+        data = fp.read(size_cd)
+        if len(data) != size_cd:
+            return False
+        unpack, info_of, newest = _CENTRAL.unpack_from, zipfile.ZipInfo, zipfile.MAX_EXTRACT_VERSION
+        filelist, by_name = [], {}
+        pos = 0
+        while pos < size_cd:
+            if pos + 46 > size_cd:
+                return False
+            (sig, create_version, create_system, extract_version, reserved, flags, compress_type, t, d, crc,
+             compress_size, file_size, name_len, extra_len, comment_len, volume, internal_attr, external_attr,
+             header_offset) = unpack(data, pos)
+            if sig != zipfile.stringCentralDir or extra_len or comment_len or extract_version > newest:
+                return False
+            raw = data[pos + 46:pos + 46 + name_len]
+            pos += 46 + name_len
+            if len(raw) != name_len:
+                return False
+            x = info_of(raw.decode("utf-8") if flags & zipfile._MASK_UTF_FILENAME else raw.decode("cp437"))
+            x.create_version, x.create_system, x.extract_version, x.reserved = (create_version, create_system,
+                                                                               extract_version, reserved)
+            x.flag_bits, x.compress_type, x.CRC = flags, compress_type, crc
+            x.compress_size, x.file_size = compress_size, file_size
+            x.volume, x.internal_attr, x.external_attr = volume, internal_attr, external_attr
+            x._raw_time = t
+            x.date_time = ((d >> 9) + 1980, (d >> 5) & 0xF, d & 0x1F, t >> 11, (t >> 5) & 0x3F, (t & 0x1F) * 2)
+            x.header_offset = header_offset + concat
+            filelist.append(x)
+            by_name[x.filename] = x
+        if pos != size_cd:
+            return False
+        if "_end_offset" in getattr(info_of, "__slots__", ()):  # zipfile's overlap check (newer Pythons)
+            end = start
+            for x in sorted(filelist, key=lambda i: i.header_offset, reverse=True):
+                x._end_offset = end
+                end = x.header_offset
+        self._comment = endrec[zipfile._ECD_COMMENT]
+        self.start_dir = start
+        self.filelist, self.NameToInfo = filelist, by_name
+        return True
+
+
 def open_zip(path: str) -> zipfile.ZipFile:
     """Open a zip archive; anything wrong with its directory is a FormatError."""
     try:
-        return zipfile.ZipFile(path)
+        return _ZipFile(path)
     except zipfile.BadZipFile as e:
         raise FormatError(f"not a valid zip archive, or truncated: {e}", path) from None
     except (OSError, ValueError, EOFError, struct.error, NotImplementedError) as e:
