@@ -400,8 +400,12 @@ _SIGNALLED = []  # the signal that stopped the command, for its exit code
 
 
 def _on_signal(signum, frame) -> None:
+    if _SIGNALLED:  # a second signal while the first one's cleanup runs: let that cleanup finish
+        return
     _SIGNALLED.append(signum)
-    raise KeyboardInterrupt()
+    from .writing import hold_signal
+    if not hold_signal(signum):  # inside an output's rename into place, it is raised once that is done
+        raise KeyboardInterrupt()
 
 
 def main(argv=None) -> None:
@@ -409,8 +413,10 @@ def main(argv=None) -> None:
 
     SIGTERM (a cancelled CI job, ``timeout``, ``docker stop``) unwinds like Ctrl-C: click prints
     "Aborted!" and the temporary file or folder the command was writing is removed (SIGTERM's default
-    action kills the process where it stands and leaves them). The exit code is 128 + the signal's
-    number (130, 143), as a shell reports for a process the signal stopped.
+    action kills the process where it stands and leaves them). A signal that arrives while an output
+    is being renamed into place waits until it is in place; a second one during the cleanup is
+    ignored. Then the console script dies by that signal, as a shell expects (``$?`` 130 or 143, and a
+    loop over files stops); called with ``argv``, main() raises SystemExit(128 + the signal's number).
     """
     import signal
     _SIGNALLED.clear()
@@ -431,10 +437,34 @@ def main(argv=None) -> None:
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(1)
     except SystemExit as e:
+        if _SIGNALLED and argv is None:
+            _flush()
+            sig = _SIGNALLED[0]
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)  # dies here; what follows is for a signal that does not kill
+            os._exit(128 + int(sig))
         code = 128 + int(_SIGNALLED[0]) if _SIGNALLED else e.code
-        if argv is None:  # the console script: no interpreter teardown
+        if argv is None and _teardown_skippable():
             _exit_now(code)
         raise SystemExit(code) from None
+
+
+def _teardown_skippable() -> bool:
+    """No profiler, tracer or coverage is waiting for the interpreter's exit to write its data."""
+    return sys.getprofile() is None and sys.gettrace() is None and "coverage" not in sys.modules
+
+
+def _flush() -> bool:
+    """Flush stdout and stderr; False when one could not take it (a closed pipe, a full disk)."""
+    ok = True
+    for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with the descriptor closed (`>&-`)
+            continue
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            ok = False
+    return ok
 
 
 def _exit_now(code) -> None:
@@ -442,15 +472,13 @@ def _exit_now(code) -> None:
 
     Teardown frees every object one by one (30 ms after a 20,000-tensor inspect) and, once torch is
     imported, runs its exit hooks (0.4-0.7 s). Only for the console script (``argv is None``), never
-    when called as a library function. Every file the commands write is fsynced and renamed, and every
-    temporary file removed, before they return; stdout and stderr are flushed here.
+    when called as a library function, nor under a profiler or coverage (their data is written at
+    exit). Every file the commands write is fsynced and renamed, and every temporary file removed,
+    before they return; stdout and stderr are flushed here.
     """
     status = code if isinstance(code, int) else (0 if code is None else 1)
-    if not isinstance(code, (int, type(None))):
+    if not isinstance(code, (int, type(None))) and sys.stderr is not None:
         print(code, file=sys.stderr)
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (BrokenPipeError, ValueError):
+    if not _flush():
         status = status or 1
     os._exit(status)

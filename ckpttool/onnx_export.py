@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 from .errors import CheckFailedError, MissingDependencyError, TrustRequiredError, UsageError
 from .records import Checkpoint, ConvertResult
 from .tree import open_state_dict
-from .writing import check_output, default_mode
+from .writing import check_output, default_mode, fsync_dir, uninterrupted
 
 # onnxruntime vs torch on the same input: generous enough for kernel differences, tight enough for a wrong graph.
 TOLERANCE = {"float32": (1e-4, 1e-3), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2), "float64": (1e-6, 1e-5)}
@@ -172,8 +172,10 @@ def _export(net: Any, ckpt: Checkpoint, entry: Optional[str], entry_source: str,
     out_names = [f"output{i}" for i in range(len(outs))]
     axes = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
     folder = os.path.dirname(out)
-    tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=folder)
+    tmpdir = None
     try:
+        with uninterrupted():  # the name is known to the cleanup below as soon as it exists
+            tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=folder)
         tmp = os.path.join(tmpdir, os.path.basename(out))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -209,7 +211,8 @@ def _export(net: Any, ckpt: Checkpoint, entry: Optional[str], entry_source: str,
         files = sorted(os.listdir(tmpdir))
         _move_into_place(tmpdir, files, folder)
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
     details.update(opset=opsets.get("ai.onnx"), inputs=[list(s) for s in shapes],
                    outputs=[list(o.shape) for o in outs], max_abs_diff_vs_torch=max_abs,
                    tolerance={"atol": atol, "rtol": rtol}, dynamic_batch=dynamic_batch)
@@ -240,7 +243,10 @@ def _move_into_place(tmpdir: str, files: List[str], folder: str) -> None:
         with open(src, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(src, default_mode())
-        os.replace(src, os.path.join(folder, f))
+    with uninterrupted():  # the graph and its external data move together, or a signal waits until they have
+        for f in files:
+            os.replace(os.path.join(tmpdir, f), os.path.join(folder, f))
+        fsync_dir(folder)
 
 
 def _count_initializers(path: str) -> int:

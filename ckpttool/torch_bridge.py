@@ -61,8 +61,9 @@ def torch_facts() -> dict:
 def accelerator_possible() -> bool:
     """Could torch see a GPU here? False only when it certainly cannot, decided without importing torch.
 
-    torch imported already: it is asked. Otherwise a CUDA build needs the NVIDIA driver's device files
-    (``/dev/nvidia0``..., or ``/dev/dxg`` under WSL), a ROCm build ``/dev/kfd``; Apple silicon may have MPS.
+    torch imported already: it is asked. Otherwise, on Linux, a CUDA build needs the NVIDIA driver's
+    device files (``/dev/nvidia0``..., ``/dev/dxg`` under WSL, ``/dev/nvhost-ctrl-gpu`` on Jetson), a ROCm
+    build ``/dev/kfd``; Apple silicon may have MPS; elsewhere (Windows) only torch can tell.
     ``import torch`` alone costs ~630 MB and 2 s, so the commands that need it only for a device check
     skip it where this says no.
     """
@@ -76,7 +77,13 @@ def accelerator_possible() -> bool:
         return bool(torch.cuda.is_available() or (mps is not None and mps.is_available()))
     if sys.platform == "darwin":
         return platform.machine() == "arm64"
+    if not sys.platform.startswith("linux"):  # Windows and the rest: no device files to look at, ask torch
+        return True
     facts = torch_facts()
-    if facts["cuda"] and (glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/dxg")):
+    if facts["cuda"] and (glob.glob("/dev/nvidia[0-9]*") or any(os.path.exists(p) for p in _CUDA_DEVICE_FILES)):
         return True
     return bool(facts["hip"] and os.path.exists("/dev/kfd"))
+
+
+# Beside /dev/nvidia0...: WSL's GPU, and Jetson's integrated GPU (no /dev/nvidiaN there)
+_CUDA_DEVICE_FILES = ("/dev/dxg", "/dev/nvhost-ctrl-gpu", "/dev/nvgpu/igpu0/ctrl")

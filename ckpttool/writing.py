@@ -52,6 +52,35 @@ def writing(out: str) -> Iterator[None]:
         raise FileAccessError(f"cannot write the output: {e.strerror or e}", out) from None
 
 
+_HOLDING = [0, None]  # [depth of uninterrupted() blocks, the signal that arrived inside one]
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """A block that a SIGTERM or Ctrl-C does not cut in two: the signal (caught by ``cli.main``'s
+    handler, which asks :func:`hold_signal`) is raised as KeyboardInterrupt when the block is done.
+
+    For the few steps that put an output in place: the rename and the removal of what it replaced,
+    and the creation of the temporary name the cleanup must know about.
+    """
+    _HOLDING[0] += 1
+    try:
+        yield
+    finally:
+        _HOLDING[0] -= 1
+    if not _HOLDING[0] and _HOLDING[1] is not None:
+        _HOLDING[1] = None
+        raise KeyboardInterrupt()
+
+
+def hold_signal(signum: int) -> bool:
+    """Called by the signal handler: True when an :func:`uninterrupted` block will raise it later."""
+    if _HOLDING[0]:
+        _HOLDING[1] = signum
+        return True
+    return False
+
+
 @contextlib.contextmanager
 def atomic_output(out: str) -> Iterator[str]:
     """Yield a temporary path beside ``out``; on success fsync it and rename it to ``out``.
@@ -60,19 +89,24 @@ def atomic_output(out: str) -> Iterator[str]:
     ...     torch.save(sd, tmp)
     """
     folder = os.path.dirname(os.path.abspath(out))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
+    tmp = None
     try:
+        with uninterrupted():  # the name is known to the cleanup below as soon as it exists
+            fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=folder)
+            os.close(fd)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, default_mode())  # mkstemp makes 0600 files; an output is an ordinary file
-        os.replace(tmp, out)
+        with uninterrupted():
+            os.replace(tmp, out)
+            tmp = None  # in place: nothing left to remove
+            fsync_dir(folder)  # make the rename itself durable
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
-    fsync_dir(folder)  # make the rename itself durable
 
 
 def fsync_dir(folder: str) -> None:
@@ -98,18 +132,19 @@ def folder_into_place(tmpdir: str, out: str) -> None:
     os.chmod(tmpdir, default_mode(folder=True))  # mkdtemp makes 0700 folders
     fsync_dir(tmpdir)
     old = None
-    if os.path.lexists(out):
-        old = out + f".old-{os.getpid()}"
-        os.rename(out, old)
-    try:
-        os.rename(tmpdir, out)
-    except BaseException:
+    with uninterrupted():  # a signal here waits: neither the old output nor its new one is left half-moved
+        if os.path.lexists(out):
+            old = out + f".old-{os.getpid()}"
+            os.rename(out, old)
+        try:
+            os.rename(tmpdir, out)
+        except BaseException:
+            if old:
+                os.rename(old, out)  # put the replaced output back
+            raise
+        fsync_dir(os.path.dirname(os.path.abspath(out)))
         if old:
-            os.rename(old, out)  # put the replaced output back
-        raise
-    fsync_dir(os.path.dirname(os.path.abspath(out)))
-    if old:
-        shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.unlink(old)
+            shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.unlink(old)
 
 
 @contextlib.contextmanager
@@ -121,8 +156,11 @@ def folder_output(out: str) -> Iterator[str]:
     folder is removed and ``out`` is left as it was.
     """
     import shutil
-    tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(out))
+    tmpdir = None
     try:
+        with uninterrupted():  # the name is known to the cleanup below as soon as it exists
+            tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp",
+                                      dir=os.path.dirname(out))
         yield tmpdir
         for base, _, names in os.walk(tmpdir):
             for n in names:
@@ -132,5 +170,6 @@ def folder_output(out: str) -> Iterator[str]:
                 os.chmod(p, default_mode())
         folder_into_place(tmpdir, out)
     except BaseException:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
         raise

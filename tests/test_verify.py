@@ -820,19 +820,21 @@ def test_torch_facts_read_from_the_files_without_import(tmp_path, monkeypatch):
     assert "torch" not in sys.modules
 
 
-@pytest.mark.parametrize("cuda,devs,wsl,expected", [
-    ("12.4", [], False, False),                 # a CUDA build with no driver: the pip default on a CPU box
-    ("12.4", ["/dev/nvidia0"], False, True),
-    ("12.4", [], True, True),                   # WSL's GPU device
-    (None, ["/dev/nvidia0"], False, False),     # a CPU build sees no GPU whatever the machine has
+@pytest.mark.parametrize("platform,cuda,devs,files,expected", [
+    ("linux", "12.4", [], (), False),                  # a CUDA build with no driver: the pip default on a CPU box
+    ("linux", "12.4", ["/dev/nvidia0"], (), True),
+    ("linux", "12.4", [], ("/dev/dxg",), True),        # WSL's GPU device
+    ("linux", "12.6", [], ("/dev/nvhost-ctrl-gpu",), True),  # Jetson's integrated GPU
+    ("linux", None, ["/dev/nvidia0"], (), False),      # a CPU build sees no GPU whatever the machine has
+    ("win32", "12.4", [], (), True),                   # no device files to look at: torch is asked
 ])
-def test_accelerator_probe(monkeypatch, cuda, devs, wsl, expected):
+def test_accelerator_probe(monkeypatch, platform, cuda, devs, files, expected):
     import ckpttool.torch_bridge as tb
     monkeypatch.delitem(sys.modules, "torch")
-    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(sys, "platform", platform)
     monkeypatch.setattr(tb, "torch_facts", lambda: {"torch": "2.9.0", "cuda": cuda, "hip": None})
     monkeypatch.setattr("glob.glob", lambda pattern: list(devs) if pattern.startswith("/dev/nvidia") else [])
-    monkeypatch.setattr("os.path.exists", lambda p: wsl and p == "/dev/dxg")
+    monkeypatch.setattr("os.path.exists", lambda p: p in files)
     assert tb.accelerator_possible() is expected
 
 

@@ -83,7 +83,7 @@ class _ZipFile(zipfile.ZipFile):
             pos += 46 + name_len
             if len(raw) != name_len:
                 return False
-            x = info_of(raw.decode("utf-8") if flags & zipfile._MASK_UTF_FILENAME else raw.decode("cp437"))
+            x = info_of(raw.decode("utf-8") if flags & 0x800 else raw.decode("cp437"))  # the UTF-8 name flag
             x.create_version, x.create_system, x.extract_version, x.reserved = (create_version, create_system,
                                                                                extract_version, reserved)
             x.flag_bits, x.compress_type, x.CRC = flags, compress_type, crc
