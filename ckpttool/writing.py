@@ -66,8 +66,12 @@ def uninterrupted() -> Iterator[None]:
     _HOLDING[0] += 1
     try:
         yield
-    finally:
+    except BaseException:
         _HOLDING[0] -= 1
+        if not _HOLDING[0]:
+            _HOLDING[1] = None  # the block unwinds anyway: a held signal must not outlive it
+        raise
+    _HOLDING[0] -= 1
     if not _HOLDING[0] and _HOLDING[1] is not None:
         _HOLDING[1] = None
         raise KeyboardInterrupt()

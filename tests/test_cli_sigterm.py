@@ -200,3 +200,20 @@ def test_main_restores_default_signal_handlers(src):
     finally:
         signal.signal(signal.SIGTERM, before[0])
         signal.signal(signal.SIGINT, before[1])
+
+
+def test_held_signal_does_not_outlive_its_block():
+    """A signal held in an uninterrupted() block that then fails is spent with it, not raised by the next."""
+    from ckpttool import writing
+    with pytest.raises(OSError):
+        with writing.uninterrupted():
+            assert writing.hold_signal(signal.SIGTERM) is True
+            raise OSError("disk full")
+    with writing.uninterrupted():  # nothing pending: no KeyboardInterrupt here
+        pass
+    assert writing.hold_signal(signal.SIGTERM) is False  # outside a block: the handler raises it itself
+    with pytest.raises(KeyboardInterrupt):
+        with writing.uninterrupted():
+            with writing.uninterrupted():
+                writing.hold_signal(signal.SIGTERM)
+            # still inside the outer block: held until it ends
