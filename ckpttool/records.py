@@ -33,9 +33,13 @@ class FileSpan:
     @property
     def offset(self) -> int:
         if self._offset is None:
-            self._offset = self._resolve()
-            self._resolve = None
+            self._offset = self._locate()
         return self._offset
+
+    def _locate(self) -> int:
+        """The offset, found on first use (subclasses that know how override this)."""
+        resolve, self._resolve = self._resolve, None
+        return resolve()
 
     def read(self, start: int = 0, size: Optional[int] = None) -> bytes:
         """Read ``size`` bytes from ``start`` within the span; a short read is an error."""

@@ -161,24 +161,13 @@ class _StoredMember(FileSpan):
     checked on first use (a class, not a closure per record: archives hold 20,000 of them)."""
 
     def __init__(self, path: str, info: zipfile.ZipInfo, file_size: int):
-        self.path = path
-        self._offset = None
-        self.size = info.file_size
-        self._resolve = None
+        super().__init__(path, size=info.file_size)
         self._info = info
         self._file_size = file_size
 
-    @property
-    def offset(self) -> int:
-        if self._offset is None:
-            self._offset = _member_start(self._info, self.path, self._file_size)
-            self._info = None
-        return self._offset
-
-
-def member_span(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, file_size: int) -> FileSpan:
-    """A lazy FileSpan over a stored record's bytes (the local header is read on first use)."""
-    return _StoredMember(path, info, file_size)
+    def _locate(self) -> int:
+        info, self._info = self._info, None
+        return _member_start(info, self.path, self._file_size)
 
 
 class _CompressedMember:
