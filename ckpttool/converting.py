@@ -245,18 +245,13 @@ def _write_torch_shards(out: str, tree: Mapping[str, Any], max_bytes: int, sd: S
                         check: bool, tick) -> Tuple[List[str], Dict[str, Any]]:
     """OUT as a folder of torch.save shards (``pytorch_model-0000N-of-0000M.bin``) + ``pytorch_model.bin.index.json``,
     streamed a storage at a time like a single .pt; tensors sharing a storage stay in one shard."""
-    from .formats.write import TORCH_INDEX, plan_storage_shards, torch_index_json, torch_shard_names
-    storages = {id(t.storage): t.storage for t in tree.values()}
-    shards = plan_storage_shards([(n, id(t.storage), t.storage.nbytes) for n, t in tree.items()], max_bytes)
-    names = torch_shard_names(len(shards))
+    from .formats.write import write_torch_shard_files
     with folder_output(out) as tmpdir:
-        for shard, name in zip(shards, names):
-            write_torch_zip(os.path.join(tmpdir, name), collections.OrderedDict((n, tree[n]) for n in shard),
-                            progress=tick)
-        with open(os.path.join(tmpdir, TORCH_INDEX), "wb") as f:
-            f.write(torch_index_json(shards, names, sum(s.nbytes for s in storages.values())))
+        names = write_torch_shard_files(
+            tmpdir, [(n, id(t.storage), t.storage.nbytes) for n, t in tree.items()], max_bytes,
+            lambda p, shard: write_torch_zip(p, collections.OrderedDict((n, tree[n]) for n in shard), progress=tick))
         checked = _check(tmpdir, sd, dict(tree), cast, check, dropped={})
-    return [os.path.join(out, n) for n in names + [TORCH_INDEX]], checked
+    return [os.path.join(out, n) for n in names], checked
 
 
 # up to this many bytes of tensors, --to dcp writes one .distcp file (which DCP's writer holds in memory whole)

@@ -111,9 +111,9 @@ def plan_shards(entries: Sequence[EntryOut], max_bytes: int) -> List[List[EntryO
     return shards
 
 
-def shard_names(count: int, stem: str = "model") -> List[str]:
-    """HF's names: ``model-00001-of-00003.safetensors``..."""
-    return [f"{stem}-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+def shard_names(count: int, stem: str = "model", ext: str = ".safetensors") -> List[str]:
+    """HF's names: ``model-00001-of-00003.safetensors``... (``pytorch_model-00001-of-00003.bin`` for torch.save)"""
+    return [f"{stem}-{i + 1:05d}-of-{count:05d}{ext}" for i in range(count)]
 
 
 INDEX = "model.safetensors.index.json"
@@ -136,8 +136,12 @@ def write_shards(folder: str, entries: Sequence[EntryOut], max_bytes: int, metad
 def index_json(shards: Sequence[Sequence[EntryOut]], names: Sequence[str],
                metadata: Optional[Dict[str, str]] = None) -> bytes:
     """``model.safetensors.index.json``: total_size and the shard of each tensor."""
-    weight_map = {e.name: name for shard, name in zip(shards, names) for e in shard}
     meta: Dict[str, object] = {"total_size": sum(e.nbytes for shard in shards for e in shard)}
     if metadata:
         meta.update({str(k): str(v) for k, v in metadata.items()})
-    return (json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2) + "\n").encode("utf-8")
+    return index_bytes(meta, {e.name: name for shard, name in zip(shards, names) for e in shard})
+
+
+def index_bytes(metadata: Dict[str, object], weight_map: Dict[str, str]) -> bytes:
+    """An HF shard index (``*.index.json``) as written: ``metadata`` and each tensor's shard file."""
+    return (json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2) + "\n").encode("utf-8")

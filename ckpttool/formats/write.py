@@ -1,7 +1,6 @@
 """Writing a state_dict of torch tensors as a torch.save file or a safetensors file."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -124,19 +123,24 @@ def plan_storage_shards(items: Sequence[Tuple[str, Any, int]], max_bytes: int) -
     return shards
 
 
-def torch_shard_names(count: int) -> List[str]:
-    """HF's names for torch.save shards: ``pytorch_model-00001-of-00003.bin``..."""
-    return [f"pytorch_model-{i + 1:05d}-of-{count:05d}.bin" for i in range(count)]
-
-
 TORCH_INDEX = "pytorch_model.bin.index.json"
 
 
-def torch_index_json(shards: Sequence[Sequence[str]], names: Sequence[str], total_size: int) -> bytes:
-    """``pytorch_model.bin.index.json``: total_size (tensor bytes in the shards) and each tensor's shard."""
-    weight_map = {t: name for shard, name in zip(shards, names) for t in shard}
-    return (json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2) + "\n"
-            ).encode("utf-8")
+def write_torch_shard_files(folder: str, items: Sequence[Tuple[str, Any, int]], max_bytes: int,
+                            save: Callable[[str, List[str]], None]) -> List[str]:
+    """HF-style torch.save shards + ``pytorch_model.bin.index.json`` into ``folder``; the file names.
+
+    ``items``: (name, storage identity, storage bytes) as :func:`plan_storage_shards` takes them;
+    ``save(path, names)`` writes one shard of those tensors."""
+    from .safetensors_writer import index_bytes, shard_names
+    shards = plan_storage_shards(items, max_bytes)
+    names = shard_names(len(shards), "pytorch_model", ".bin")
+    for shard, name in zip(shards, names):
+        save(os.path.join(folder, name), shard)
+    total = sum({ident: nbytes for _, ident, nbytes in items}.values())  # each storage once
+    with open(os.path.join(folder, TORCH_INDEX), "wb") as f:  # total_size: the storage bytes in the shards
+        f.write(index_bytes({"total_size": total}, {t: name for shard, name in zip(shards, names) for t in shard}))
+    return names + [TORCH_INDEX]
 
 
 def write_torch_shards(tensors: Mapping[str, Any], out: str, max_bytes: int,
@@ -147,13 +151,7 @@ def write_torch_shards(tensors: Mapping[str, Any], out: str, max_bytes: int,
     """
     import torch
     items = [(n, t.untyped_storage().data_ptr() or id(t), t.untyped_storage().nbytes()) for n, t in tensors.items()]
-    total = sum({ident: nbytes for _, ident, nbytes in items}.values())
     with writing(out), folder_output(out) as tmpdir:
-        shards = plan_storage_shards(items, max_bytes)
-        names = torch_shard_names(len(shards))
-        for shard, name in zip(shards, names):
-            torch.save({n: tensors[n] for n in shard}, os.path.join(tmpdir, name))
-        with open(os.path.join(tmpdir, TORCH_INDEX), "wb") as f:
-            f.write(torch_index_json(shards, names, total))
+        write_torch_shard_files(tmpdir, items, max_bytes, lambda p, shard: torch.save({n: tensors[n] for n in shard}, p))
         if check is not None:
             check(tmpdir)
