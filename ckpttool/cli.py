@@ -7,7 +7,6 @@ CKPTTOOL_DEBUG=1). Anything else is a bug and shows its traceback.
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import sys
 import time
@@ -90,21 +89,6 @@ def _progress(quiet: bool, label: str):
             bar.__exit__(None, None, None)
 
 
-@contextlib.contextmanager
-def _gc_paused():
-    """Pause the cyclic GC for work whose objects all stay alive until it ends (a checkpoint's
-    metadata, the record made of it, its rendering): each collection would only walk them again,
-    a quarter of ``inspect``'s time on a 20,000-tensor file. Refcounting still frees what dies."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
 def _emit(record, as_json: bool, text) -> None:
     from .render import to_json
     if as_json:  # indented for a person at a terminal, one line for a pipe (jq, CI logs): the same object
@@ -134,9 +118,10 @@ def inspect(path: str, key: Optional[str], filter_: Optional[str], sort: str, de
       ckpttool inspect model.pt --depth 2          # a model tree with parameter counts
       ckpttool inspect model.safetensors --stats --json
     """
+    from .formats.safe_pickle import gc_paused
     from .render import inspect_text
     from .summary import inspect as run_inspect
-    with _gc_paused():  # the record and what it is made of live until printed (--stats reads chunks refcount frees)
+    with gc_paused():  # the record and what it is made of live until printed (--stats reads chunks refcount frees)
         with _progress(quiet, "reading tensors") as progress:
             result = run_inspect(path, key=key, filter=filter_, sort=sort, depth=depth, stats=stats,
                                  progress=progress)

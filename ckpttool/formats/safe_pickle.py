@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import contextlib
 import copyreg
 import dataclasses
 import gc
@@ -20,7 +21,7 @@ import io
 import os
 import pickle
 import struct
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from ..dtypes import STORAGE_CLASS_DTYPE, itemsize
 from ..errors import FormatError
@@ -791,16 +792,28 @@ def load_stream(f, persistent_load: Optional[PersistentLoad] = None, path: Optio
     return _finish(up, up.load, path)
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC for work whose objects all stay alive until it ends (an unpickled checkpoint,
+    the record made of it, its rendering): each collection would only walk them again. Refcounting
+    still frees what dies; nested uses leave the GC to the outermost."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def _finish(up: SafeUnpickler, load, path: Optional[str]):
-    # The cyclic GC is paused while unpickling: a pickle's objects all stay alive until it is done,
-    # so each collection would only walk them again (a fifth of the load of a 20,000-tensor file).
+    # The cyclic GC is paused while unpickling (a fifth of the load of a 20,000-tensor file).
     # Cyclic garbage a file makes on purpose waits for the next collection, after the load; it is
     # bounded by the input's size as much as the objects the file keeps are.
-    paused = gc.isenabled()
-    if paused:
-        gc.disable()
     try:
-        obj = load()
+        with gc_paused():
+            obj = load()
     except FormatError as e:
         raise FormatError(f"malformed pickle: {e.message}", path) from None
     except RecursionError:
@@ -810,8 +823,6 @@ def _finish(up: SafeUnpickler, load, path: Optional[str]):
     except Exception as e:  # pickle raises a zoo of types on bad bytes
         raise FormatError(f"malformed pickle: {type(e).__name__}: {e}"[:200], path) from None
     finally:
-        if paused:
-            gc.enable()
         # The unpickler is a cycle (its served builtins are its bound methods): free what it holds
         # (memo, persistent loader and so every StorageRef's cache) now, not at some later collection.
         up.memo.clear()
