@@ -199,19 +199,17 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
     if fmt == "dcp":
         with writing(out):
             files, checked = _write_dcp(out, sd, cast, check)
-    elif fmt == "state_dict" and shard:
-        tree = torch_tree(sd.tensors, cast, ckpt.path)
-        total = sum(s.nbytes for s in {id(t.storage): t.storage for t in tree.values()}.values())
-        with writing(out):
-            files, checked = _write_torch_shards(out, tree, shard, sd, cast, check, tick)
     elif fmt == "state_dict":
         tree = torch_tree(sd.tensors, cast, ckpt.path)
         total = sum(s.nbytes for s in {id(t.storage): t.storage for t in tree.values()}.values())
         with writing(out):
-            with atomic_output(out) as tmp:
-                write_torch_zip(tmp, tree, progress=tick)
-                checked = _check(tmp, sd, dict(tree), cast, check, dropped={})
-        files = [out]
+            if shard is None:
+                with atomic_output(out) as tmp:
+                    write_torch_zip(tmp, tree, progress=tick)
+                    checked = _check(tmp, sd, dict(tree), cast, check, dropped={})
+                files = [out]
+            else:
+                files, checked = _write_torch_shards(out, tree, shard, sd, cast, check, tick)
     else:
         entries, dropped = safetensors_entries(sd.tensors, cast, ckpt.path)
         meta = {"format": "pt", **dropped, **meta}
