@@ -254,13 +254,8 @@ def _copy_stored(path: str, info: zipfile.ZipInfo, file_size: int, chunk: int = 
     """A stored record's bytes, read straight from the file into one reused buffer (each piece is valid until
     the next is asked for). Unlike zipfile's reader it does not compute the CRC-32: the writer does, once."""
     from .formats.torch_zip import _StoredMember
-    span = _StoredMember(path, info, file_size)
-    buf = bytearray(max(1, min(chunk, info.file_size)))
-    view = memoryview(buf)
-    for off in range(0, info.file_size, len(buf)):
-        n = min(len(buf), info.file_size - off)
-        span.readinto(off, view[:n])
-        yield view[:n]
+    from .records import read_pieces
+    return read_pieces(_StoredMember(path, info, file_size), 0, info.file_size, chunk)
 
 
 def _remap_zip(path: str, tmp: str, new_location: Callable[[str], str]) -> Counter:
