@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .errors import CheckFailedError, MissingDependencyError, TrustRequiredError, UsageError
 from .records import Checkpoint, ConvertResult
 from .tree import open_state_dict
-from .writing import check_output, default_mode, fsync_dir, uninterrupted
+from .writing import check_output, default_mode, fsync_dir, scratch_folder, uninterrupted
 
 # onnxruntime vs torch on the same input: generous enough for kernel differences, tight enough for a wrong graph.
 TOLERANCE = {"float32": (1e-4, 1e-3), "float16": (1e-2, 1e-2), "bfloat16": (5e-2, 5e-2), "float64": (1e-6, 1e-5)}
@@ -172,10 +170,7 @@ def _export(net: Any, ckpt: Checkpoint, entry: Optional[str], entry_source: str,
     out_names = [f"output{i}" for i in range(len(outs))]
     axes = {n: {0: "batch"} for n in in_names + out_names} if dynamic_batch else None
     folder = os.path.dirname(out)
-    tmpdir = None
-    try:
-        with uninterrupted():  # the name is known to the cleanup below as soon as it exists
-            tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=folder)
+    with scratch_folder(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=folder) as tmpdir:
         tmp = os.path.join(tmpdir, os.path.basename(out))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -210,9 +205,6 @@ def _export(net: Any, ckpt: Checkpoint, entry: Optional[str], entry_source: str,
         opsets = {imp.domain or "ai.onnx": imp.version for imp in onnx.load(tmp, load_external_data=False).opset_import}
         files = sorted(os.listdir(tmpdir))
         _move_into_place(tmpdir, files, folder)
-    finally:
-        if tmpdir is not None:
-            shutil.rmtree(tmpdir, ignore_errors=True)
     details.update(opset=opsets.get("ai.onnx"), inputs=[list(s) for s in shapes],
                    outputs=[list(o.shape) for o in outs], max_abs_diff_vs_torch=max_abs,
                    tolerance={"atol": atol, "rtol": rtol}, dynamic_batch=dynamic_batch)

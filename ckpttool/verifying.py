@@ -22,15 +22,13 @@ import contextlib
 import os
 import platform
 import shlex
-import shutil
-import tempfile
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .errors import UsageError
 from .formats import open as open_checkpoint
 from .records import Checkpoint, CheckResult, TensorRef, VerifyReport
 from .tree import StateDict, find_state_dict, module_kind, open_state_dict
-from .writing import uninterrupted
+from .writing import scratch_folder
 
 # Outputs across devices / runtimes: kernels differ in summation order, so fp32 gets a little room.
 OUTPUT_TOLERANCE = {"float32": (1e-4, 1e-4), "float64": (1e-7, 1e-7), "float16": (1e-2, 1e-2),
@@ -264,10 +262,7 @@ def _format_round_trip(ckpt: Checkpoint, sd: StateDict, progress) -> List[CheckR
     with_data = {n: t for n, t in sd.tensors.items() if t.has_data and t.kind == "dense"}
     if not with_data:
         return [CheckResult("format round trip", None, "skip", "no tensor with data")]
-    tmpdir = None
-    try:
-        with uninterrupted():  # the name is known to the cleanup below as soon as it exists
-            tmpdir = tempfile.mkdtemp(prefix="ckpttool-verify-")
+    with scratch_folder(prefix="ckpttool-verify-") as tmpdir:
         # torch zip: everything, views and shared storages as they are
         p = os.path.join(tmpdir, "rt.pt")
         try:
@@ -286,9 +281,6 @@ def _format_round_trip(ckpt: Checkpoint, sd: StateDict, progress) -> List[CheckR
         else:
             out.append(_compare_back("format round trip", "safetensors", with_data, p, shared=False,
                                      dropped=dropped))
-    finally:
-        if tmpdir is not None:
-            shutil.rmtree(tmpdir, ignore_errors=True)
     return out
 
 

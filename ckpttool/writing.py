@@ -152,6 +152,21 @@ def folder_into_place(tmpdir: str, out: str) -> None:
 
 
 @contextlib.contextmanager
+def scratch_folder(**mkdtemp_args) -> Iterator[str]:
+    """A new folder (``tempfile.mkdtemp(**mkdtemp_args)``), removed with what it holds when the block ends,
+    however it ends; a signal cannot come between its creation and the cleanup knowing its name."""
+    import shutil
+    path = None
+    try:
+        with uninterrupted():
+            path = tempfile.mkdtemp(**mkdtemp_args)
+        yield path
+    finally:
+        if path is not None:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def folder_output(out: str) -> Iterator[str]:
     """A temporary folder beside ``out`` to build a folder output in (shards + index, a DCP folder).
 
@@ -159,12 +174,7 @@ def folder_output(out: str) -> Iterator[str]:
     the folder is renamed to ``out``; when it raises (a failed check, a full disk, Ctrl-C) the
     folder is removed and ``out`` is left as it was.
     """
-    import shutil
-    tmpdir = None
-    try:
-        with uninterrupted():  # the name is known to the cleanup below as soon as it exists
-            tmpdir = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp",
-                                      dir=os.path.dirname(out))
+    with scratch_folder(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=os.path.dirname(out)) as tmpdir:
         yield tmpdir
         for base, _, names in os.walk(tmpdir):
             for n in names:
@@ -172,8 +182,4 @@ def folder_output(out: str) -> Iterator[str]:
                 with open(p, "rb+") as f:
                     os.fsync(f.fileno())
                 os.chmod(p, default_mode())
-        folder_into_place(tmpdir, out)
-    except BaseException:
-        if tmpdir is not None:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-        raise
+        folder_into_place(tmpdir, out)  # renamed: the scratch folder's removal finds nothing left
