@@ -156,7 +156,7 @@ class _Tiles:
     def __init__(self, shape: Tuple[int, ...], itemsize: int, chunks: List[Tuple[Tuple[int, ...], Tuple[int, ...],
                                                                                Any, int]], path: str):
         self.shape, self.item, self.path = shape, itemsize, path
-        self.strides = tuple(_prod(shape[i + 1:]) for i in range(len(shape)))  # in elements
+        self.strides = _c_strides(shape)  # in elements
         self.size = _prod(shape) * itemsize
         self.chunks = []
         for offsets, sizes, source, start in chunks:  # (offsets, sizes, source, first byte in source)
@@ -273,7 +273,7 @@ def _check_tiling(fqn: str, size: Tuple[int, ...], boxes: List[Tuple[Tuple[int, 
                           f"{MAX_GRID_CELLS}", meta_path)
     where = [{v: i for i, v in enumerate(c)} for c in cuts]
     grid = bytearray(cells)
-    strides = [_prod(shape[d + 1:]) for d in range(len(size))]
+    strides = _c_strides(shape)
     for n, (o, s) in enumerate(boxes):
         lo = [where[d][o[d]] for d in range(len(size))]
         hi = [where[d][o[d] + s[d]] for d in range(len(size))]
@@ -344,10 +344,14 @@ def _tensor(fqn: str, md: Stub, index: Dict[Tuple[str, Any], Dict[str, Any]], fo
         else:  # a strided view saved as it was (torch.save keeps strides): its C-order bytes, gathered
             parts.append((offsets, tuple(t.shape), _Gathered(t), 0))
     source = _Tiles(size, itemsize(first.dtype) or 1, parts, meta_path)
-    stride = tuple(_prod(size[i + 1:]) for i in range(len(size)))
     storage = StorageRef(key=fqn, dtype=first.dtype, device=first.device, nbytes=source.size, source=source,
                          file=meta_path)
-    return TensorRef(shape=size, dtype=first.dtype, stride=stride, storage=storage, device=first.device)
+    return TensorRef(shape=size, dtype=first.dtype, stride=source.strides, storage=storage, device=first.device)
+
+
+def _c_strides(shape) -> Tuple[int, ...]:
+    """A C-order (row-major) layout's strides, in elements."""
+    return tuple(_prod(shape[i + 1:]) for i in range(len(shape)))
 
 
 def _prod(xs) -> int:
