@@ -81,6 +81,16 @@ def compiled_package():
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def rss_limit(text: str, largest_mb: float) -> float:
+    """``"200 MB + 2 x largest tensor"`` -> MB."""
+    base, _, rest = text.partition("+")
+    limit = float(base.split()[0])
+    if rest:
+        k = rest.split("x")[0].strip() if "x" in rest else "1"
+        limit += float(k) * largest_mb
+    return limit
+
+
 def sized_parser(doc: str, tensor_mib: int, tensors: int, runs: int = 1) -> argparse.ArgumentParser:
     """--tensor-mib, --tensors, --runs, and the hidden --make PATH MIB N of the checkpoint benchmarks."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])

@@ -21,7 +21,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import COPY, compiled_package, measure, measure_together  # noqa: E402  (same folder)
+from common import COPY, compiled_package, measure, measure_together, rss_limit  # noqa: E402  (same folder)
 
 PY = sys.executable
 NAIVE = {
@@ -50,16 +50,6 @@ def make(folder: str, size: int, n: int, many: int) -> None:
     sd[f"layer{n - 1}.weight"][per // 2] += 1e-3
     torch.save(sd, os.path.join(folder, "b.pt"))
     torch.save({f"block{i}.weight": torch.zeros(4) for i in range(many)}, os.path.join(folder, "many.pt"))
-
-
-def rss_limit(text: str, largest_mb: float) -> float:
-    """``"200 MB + 2 x largest tensor"`` -> MB."""
-    base, _, rest = text.partition("+")
-    limit = float(base.split()[0])
-    if rest:
-        k = rest.split("x")[0].strip() if "x" in rest else "1"
-        limit += float(k) * largest_mb
-    return limit
 
 
 def parse_size(text: str) -> int:

@@ -18,7 +18,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import make_in_child, measure, sized_parser  # noqa: E402  (same folder)
+from common import make_in_child, measure, rss_limit, sized_parser  # noqa: E402  (same folder)
 
 NAIVE = """
 import os, sys, tempfile, torch
@@ -52,7 +52,7 @@ def main() -> None:
         ours = measure([py, "-m", "ckpttool", "verify", src, "--json"], a.runs)
         naive = measure([py, "-c", NAIVE, src], a.runs)
         print(f"floor: import torch {floor[0]:.2f} s, {floor[1]:.0f} MB")
-        limit = 300 + a.tensor_mib * 1.048576  # MB
+        limit = rss_limit("300 MB + largest tensor", a.tensor_mib * 1.048576)  # MiB of tensor in MB
         print(f"ours:  {ours[0]:.2f} s, {ours[1]:.0f} MB  (target 300 MB + largest tensor = {limit:.0f} MB: "
               f"{'met' if ours[1] <= limit else 'NOT met'})")
         print(f"naive: {naive[0]:.2f} s, {naive[1]:.0f} MB  (ours/naive time {ours[0] / naive[0]:.2f}, "
