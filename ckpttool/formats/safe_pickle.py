@@ -20,6 +20,7 @@ import gc
 import io
 import os
 import pickle
+import re
 import struct
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
@@ -358,6 +359,7 @@ class SafeUnpickler(pickle._Unpickler):
     """
 
     dispatch = dict(pickle._Unpickler.dispatch)
+    fast_records = True  # load_in_memory runs torch.save's tensor records whole (tests compare it with False)
 
     def __init__(self, file, persistent_load: Optional[PersistentLoad] = None, size: Optional[int] = None):
         super().__init__(file, encoding="utf-8")
@@ -623,6 +625,55 @@ class SafeUnpickler(pickle._Unpickler):
     dispatch[pickle.BUILD[0]] = load_build
 
 
+    def _tensor_record(self, m, stack: list, memo: dict) -> int:
+        """Run the opcodes of one tensor record that ``_TENSOR_RECORD`` matched; return where it ends.
+
+        The record is the argument tuple of a call already on the stack (the rebuild function):
+        ``((`` the persistent id ``(GET GET BINUNICODE PUT GET int TUPLE PUT)``, BINPERSID, the
+        storage offset, the size and stride tuples, a bool, ``GET EMPTY_TUPLE REDUCE`` (the
+        backward hooks), TUPLE, REDUCE, each object made PUT in the memo. The regex parses those
+        opcodes exactly as the loop does (each has a fixed length, bar the string, checked here);
+        this does what the loop would do with them, in the same order: the same memo reads and
+        puts, the same objects, the same calls with the same checks, so the same errors. Returns 0
+        (before doing anything) where the string's declared length is not what the regex read.
+        """
+        (g_word, g_type, klen, key, p_key, g_loc, numel, p_pid, offset, size, p_size, stride, p_stride, grad,
+         g_hooks, p_hooks, p_args, p_out) = m.groups()
+        if klen[0] != len(key):
+            return 0
+        u32 = _U32
+        word = memo[g_word[1] if len(g_word) == 2 else u32(g_word, 1)[0]]
+        stype = memo[g_type[1] if len(g_type) == 2 else u32(g_type, 1)[0]]
+        key = key.decode("ascii")  # digits: the str that utf-8 / surrogatepass decoding makes
+        memo[p_key[1] if len(p_key) == 2 else u32(p_key, 1)[0]] = key
+        pid = (word, stype, key, memo[g_loc[1] if len(g_loc) == 2 else u32(g_loc, 1)[0]], _pickled_int(numel))
+        memo[p_pid[1] if len(p_pid) == 2 else u32(p_pid, 1)[0]] = pid
+        storage = self.persistent_load(pid)
+        offset = _pickled_int(offset)
+        if p_size is None:
+            size = ()
+        else:
+            size = _pickled_ints(size)
+            memo[p_size[1] if len(p_size) == 2 else u32(p_size, 1)[0]] = size
+        if p_stride is None:
+            stride = ()
+        else:
+            stride = _pickled_ints(stride)
+            memo[p_stride[1] if len(p_stride) == 2 else u32(p_stride, 1)[0]] = stride
+        hooks = memo[g_hooks[1] if len(g_hooks) == 2 else u32(g_hooks, 1)[0]]
+        if not callable(hooks):
+            raise FormatError(f"pickle calls {_short_type(hooks)}, which is not callable")
+        hooks = hooks()
+        memo[p_hooks[1] if len(p_hooks) == 2 else u32(p_hooks, 1)[0]] = hooks
+        args = (storage, offset, size, stride, grad == b"\x88", hooks)
+        memo[p_args[1] if len(p_args) == 2 else u32(p_args, 1)[0]] = args
+        func = stack[-1]
+        if not callable(func):
+            raise FormatError(f"pickle calls {_short_type(func)}, which is not callable")
+        out = stack[-1] = func(*args)
+        memo[p_out[1] if len(p_out) == 2 else u32(p_out, 1)[0]] = out
+        return m.end()
+
     def load_in_memory(self, data: bytes):
         """``load()`` for a protocol 0-3 pickle held in memory: the hot opcodes run inline.
 
@@ -645,6 +696,7 @@ class SafeUnpickler(pickle._Unpickler):
         memo = self.memo
         dispatch = self.dispatch
         persistent_load = self.persistent_load
+        record = _TENSOR_RECORD.match if self.fast_records else None
         n = len(data)
         pos = 0
         u32 = _U32  # unpack_from: the length is checked first, so it never reads short
@@ -668,6 +720,13 @@ class SafeUnpickler(pickle._Unpickler):
                 stack.append(data[pos + 1])
                 pos += 2
             elif op == 0x28:  # MARK
+                if record is not None and stack:
+                    m = record(data, pos)
+                    if m is not None:
+                        end = self._tensor_record(m, stack, memo)
+                        if end:
+                            pos = end
+                            continue
                 metastack.append(stack)
                 stack = []
                 pos += 1
@@ -727,6 +786,46 @@ class SafeUnpickler(pickle._Unpickler):
 
 
 _U32 = struct.Struct("<I").unpack_from
+_I32 = struct.Struct("<i").unpack_from
+
+
+def _pickled_int(b: bytes) -> int:
+    """The value of a BININT1 (``K``), BININT2 (``M``) or BININT (``J``) opcode and its argument."""
+    if b[0] == 0x4B:
+        return b[1]
+    if b[0] == 0x4D:
+        return b[1] | b[2] << 8
+    return _I32(b, 1)[0]
+
+
+def _pickled_ints(b: bytes) -> tuple:
+    """The tuple a run of BININT* opcodes makes, closed by TUPLE1-3 or opened by MARK and closed by TUPLE."""
+    out = []
+    i = 1 if b[0] == 0x28 else 0
+    end = len(b) - 1
+    while i < end:
+        op = b[i]
+        if op == 0x4B:
+            out.append(b[i + 1])
+            i += 2
+        elif op == 0x4D:
+            out.append(b[i + 1] | b[i + 2] << 8)
+            i += 3
+        else:
+            out.append(_I32(b, i + 1)[0])
+            i += 5
+    return tuple(out)
+
+
+# One tensor record's argument tuple as torch.save pickles it (protocol 2), after the rebuild function:
+# see SafeUnpickler._tensor_record. Every alternative is one opcode with its fixed-length argument, so a
+# match parses the bytes as the opcode loop does. GET: BINGET / LONG_BINGET; PUT: BINPUT / LONG_BINPUT.
+_GET, _PUT, _INT = rb"(h.|j....)", rb"(q.|r....)", rb"(K.|M..|J....)"
+_D = rb"(?:K.|M..|J....)"
+_TUPLE = rb"(?:\)|(" + _D + rb"(?:\x85|" + _D + rb"(?:\x86|" + _D + rb"\x87))|\(" + _D + rb"*t)" + _PUT + rb")"
+_TENSOR_RECORD = re.compile(
+    rb"\(\(" + _GET + _GET + rb"X(.)\x00\x00\x00([0-9]+)" + _PUT + _GET + _INT + rb"t" + _PUT + rb"Q" + _INT
+    + _TUPLE + _TUPLE + rb"([\x88\x89])" + _GET + rb"\)R" + _PUT + rb"t" + _PUT + rb"R" + _PUT, re.S)
 
 
 def _short_type(obj) -> str:
