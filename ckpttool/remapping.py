@@ -255,7 +255,8 @@ def _copy_stored(path: str, info: zipfile.ZipInfo, file_size: int, chunk: int = 
     the next is asked for). Unlike zipfile's reader it does not compute the CRC-32: the writer does, once."""
     from .formats.torch_zip import _StoredMember
     from .records import read_pieces
-    return read_pieces(_StoredMember(path, info, file_size), 0, info.file_size, chunk)
+    return read_pieces(_StoredMember(path, info.filename, info.header_offset, info.file_size, file_size), 0,
+                       info.file_size, chunk)
 
 
 def _remap_zip(path: str, tmp: str, new_location: Callable[[str], str]) -> Counter:

@@ -20,13 +20,34 @@ def slots(info: zipfile.ZipInfo) -> dict:
     return {s: getattr(info, s, "<unset>") for s in names}
 
 
-def assert_same_directory(path) -> _ZipFile:
-    ref, ours = zipfile.ZipFile(path), _ZipFile(path)
+def assert_same_directory(path, read: bool = True) -> _ZipFile:
+    ref = zipfile.ZipFile(path)
+    # one record at a time, before any other ZipInfo is made (what reading a torch checkpoint asks for)
+    ours = _ZipFile(path)
+    plain = ours._pending is not None
+    if plain:  # where each record ends, as newer zipfiles (3.12+) set ZipInfo._end_offset for their overlap check
+        ends, end = {}, ref.start_dir
+        for i in sorted(ref.filelist, key=lambda i: i.header_offset, reverse=True):
+            ends[i.filename], end = end, i.header_offset
+        assert ours._end_offsets() == ends
+    assert ours.names() == ref.namelist()
+    for i in reversed(list(ref.NameToInfo.values())):  # the last record of a name, as getinfo
+        assert ours.entry(i.filename) == (i.file_size, i.compress_type, i.header_offset)
+        assert slots(ours.info(i.filename)) == slots(i)
+    assert ours.entry("no/such/record") is None
+    with pytest.raises(KeyError):
+        ours.info("no/such/record")
+    made_one_by_one = [ours.info(n) for n in ours.names()]
+    assert [slots(i) for i in ours.filelist] == [slots(i) for i in ref.filelist]
+    if plain:  # the ZipInfo records made first are the ones kept
+        assert all(a is b for a, b in zip(made_one_by_one, ours.filelist))
+    # all at once (what zipfile's own methods ask for)
+    ours = _ZipFile(path)
     assert [slots(i) for i in ours.filelist] == [slots(i) for i in ref.filelist]
     assert list(ours.NameToInfo) == list(ref.NameToInfo)
-    assert all(ours.NameToInfo[n] is i for n, i in zip(ours.NameToInfo, ours.filelist))
+    assert ours.NameToInfo == {i.filename: i for i in ours.filelist}  # each name's last record, as zipfile's
     assert (ours.start_dir, ours.comment) == (ref.start_dir, ref.comment)
-    for info in ref.filelist:  # and the records read the same through it
+    for info in ref.filelist if read else ():  # and the records read the same through it
         assert ours.read(info.filename) == ref.read(info.filename)
     return ours
 
@@ -48,7 +69,7 @@ def test_torch_save_directory_is_read_plain(tmp_path, fast_path_calls):
     p = tmp_path / "m.pt"
     torch.save({f"layer{i}.weight": torch.randn(i + 1, 3) for i in range(300)} | {"ünï": torch.ones(2)}, p)
     assert_same_directory(p)
-    assert fast_path_calls == [True]
+    assert fast_path_calls == [True, True]
 
 
 def test_prefixed_archive_offsets(tmp_path, fast_path_calls):
@@ -58,7 +79,7 @@ def test_prefixed_archive_offsets(tmp_path, fast_path_calls):
     q = tmp_path / "prefixed.pt"
     q.write_bytes(b"#!junk prefix\n" * 7 + p.read_bytes())
     z = assert_same_directory(q)
-    assert fast_path_calls == [True] and z.filelist[0].header_offset == 98
+    assert fast_path_calls == [True, True] and z.filelist[0].header_offset == 98
 
 
 @pytest.mark.parametrize("kind", ["zip64", "comment", "extra", "cp437_name", "deflated"])
@@ -82,7 +103,7 @@ def test_other_directories(tmp_path, fast_path_calls, monkeypatch, kind):
     if kind == "zip64":
         assert z.getinfo("arch/version").header_offset > 500 and z.getinfo("arch/version").extra
     plain = kind in ("cp437_name", "deflated")
-    assert fast_path_calls == [plain]
+    assert fast_path_calls == [plain, plain]
 
 
 @pytest.mark.parametrize("cut", [1, 30, 60])
@@ -106,3 +127,38 @@ def test_damaged_directories_fail_as_zipfile_does(tmp_path, fast_path_calls, cut
         zipfile.ZipFile(io.BytesIO(bytes(data[:start + cut])))
     with pytest.raises(torch_zip.FormatError):
         torch_zip.open_zip(str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize("kind", ["duplicate", "nul"])
+def test_names_zipfile_would_keep_twice_or_cut(tmp_path, fast_path_calls, kind):
+    """A name twice (zipfile lists both, maps the last) or a name with a NUL (ZipInfo cuts it): zipfile's reader."""
+    p = tmp_path / f"{kind}.zip"
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("arch/data.pkl", b"\x80\x02}q\x00.")
+        if kind == "duplicate":
+            with pytest.warns(UserWarning, match="Duplicate name"):
+                z.writestr("arch/data.pkl", b"\x80\x02]q\x00.")
+        else:
+            info = zipfile.ZipInfo("arch/version")
+            z.writestr(info, b"3\n")
+    if kind == "nul":  # zipfile will not write a NUL in a name: put it in the central directory by hand
+        data = bytearray(p.read_bytes())
+        at = data.rindex(b"arch/version")
+        data[at + 4] = 0
+        p.write_bytes(bytes(data))
+    z = assert_same_directory(p, read=kind == "duplicate")  # zipfile will not open 'arch\x00version'
+    assert fast_path_calls == [False, False]
+    assert len(z.filelist) == 2
+
+
+def test_reading_a_checkpoint_makes_few_zipinfo_records(tmp_path, monkeypatch):
+    """formats.open on a torch zip reads storages from the directory's fields: no ZipInfo for each record."""
+    from ckpttool.formats import open as open_checkpoint
+    p = tmp_path / "m.pt"
+    torch.save({f"w{i}": torch.ones(2) * i for i in range(200)}, p)
+    made = []
+    real = _ZipFile._info_of
+    monkeypatch.setattr(_ZipFile, "_info_of", lambda self, name, fields: made.append(name) or real(self, name, fields))
+    ckpt = open_checkpoint(str(p))
+    assert len(ckpt.root) == 200 and ckpt.root["w7"].read_bytes() == torch.full((2,), 7.0).numpy().tobytes()
+    assert len(made) <= 6 and all(not n.split("/", 1)[1].startswith("data/") for n in made), made

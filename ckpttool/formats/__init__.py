@@ -92,7 +92,7 @@ def _detect(path: str):
         from .torchscript import is_torchscript
         zf = open_zip(path)
         try:
-            names = zf.namelist()
+            names = zf.names()
             if is_torchscript(names):
                 return "torchscript", path, zf
             if any(n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1) for n in names):

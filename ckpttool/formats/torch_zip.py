@@ -13,7 +13,7 @@ import os
 import struct
 import zipfile
 import zlib
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from ..errors import FormatError
 from ..records import Checkpoint, FileSpan, StorageRef, new_storage_ref
@@ -34,16 +34,33 @@ _CENTRAL = struct.Struct(zipfile.structCentralDir)
 
 
 class _ZipFile(zipfile.ZipFile):
-    """A ZipFile whose central directory is read in one tight loop where it is plain, as torch writes it.
+    """A ZipFile whose central directory is read in one tight loop where it is plain, as torch writes it,
+    and whose ZipInfo records are made only when asked for.
 
-    zipfile's own reader makes each entry through four reads of a BytesIO and an extra-field parse:
-    51 ms for the 20,006 records of a 20,000-tensor checkpoint, against 32 ms here. An entry with
-    extra fields or a comment (zip64 sizes, timestamps), a version zipfile cannot read, or anything
-    malformed hands the whole directory back to zipfile's reader, which also makes its errors.
+    zipfile's own reader makes each entry through four reads of a BytesIO and an extra-field parse, and
+    a ZipInfo for each: 51 ms for the 20,006 records of a 20,000-tensor checkpoint. Here a plain directory
+    is kept as each entry's fields (14 ms); ``names()``, ``entry(name)`` and ``info(name)`` answer from
+    them, and ``filelist`` / ``NameToInfo`` (so all of zipfile's own methods) make every ZipInfo on first
+    use, exactly as zipfile would. An entry with extra fields or a comment (zip64 sizes, timestamps), a
+    version zipfile cannot read, a name it would change (a NUL, a backslash path on Windows), a name twice,
+    or anything malformed hands the whole directory back to zipfile's reader, which also makes its errors.
     """
+
+    _pending: Optional[Dict[str, tuple]] = None  # name -> its directory fields, until the ZipInfo records are made
+
+    def _made(self, attr: str):
+        if self._pending is not None:
+            self._make_all()
+        return self.__dict__[attr]
+
+    filelist = property(lambda self: self._made("_filelist"),
+                        lambda self, value: self.__dict__.__setitem__("_filelist", value))
+    NameToInfo = property(lambda self: self._made("_name_to_info"),
+                          lambda self, value: self.__dict__.__setitem__("_name_to_info", value))
 
     def _RealGetContents(self):
         if not self._plain_contents():
+            self._pending = None
             self.filelist, self.NameToInfo = [], {}
             super()._RealGetContents()
 
@@ -68,43 +85,95 @@ class _ZipFile(zipfile.ZipFile):
         data = fp.read(size_cd)
         if len(data) != size_cd:
             return False
-        unpack, info_of, newest = _CENTRAL.unpack_from, zipfile.ZipInfo, zipfile.MAX_EXTRACT_VERSION
-        filelist, by_name = [], {}
-        pos = 0
+        unpack, newest, central = _CENTRAL.unpack_from, zipfile.MAX_EXTRACT_VERSION, zipfile.stringCentralDir
+        entries: Dict[str, tuple] = {}
+        pos = count = 0
         while pos < size_cd:
             if pos + 46 > size_cd:
                 return False
-            (sig, create_version, create_system, extract_version, reserved, flags, compress_type, t, d, crc,
-             compress_size, file_size, name_len, extra_len, comment_len, volume, internal_attr, external_attr,
-             header_offset) = unpack(data, pos)
-            if sig != zipfile.stringCentralDir or extra_len or comment_len or extract_version > newest:
+            fields = unpack(data, pos)
+            if fields[0] != central or fields[13] or fields[14] or fields[3] > newest:  # extra, comment, version
                 return False
+            name_len = fields[12]
             raw = data[pos + 46:pos + 46 + name_len]
             pos += 46 + name_len
-            if len(raw) != name_len:
+            if len(raw) != name_len or b"\x00" in raw:  # ZipInfo cuts a name at a NUL
                 return False
-            x = info_of(raw.decode("utf-8") if flags & 0x800 else raw.decode("cp437"))  # the UTF-8 name flag
-            x.create_version, x.create_system, x.extract_version, x.reserved = (create_version, create_system,
-                                                                               extract_version, reserved)
-            x.flag_bits, x.compress_type, x.CRC = flags, compress_type, crc
-            x.compress_size, x.file_size = compress_size, file_size
-            x.volume, x.internal_attr, x.external_attr = volume, internal_attr, external_attr
-            x._raw_time = t
-            x.date_time = ((d >> 9) + 1980, (d >> 5) & 0xF, d & 0x1F, t >> 11, (t >> 5) & 0x3F, (t & 0x1F) * 2)
-            x.header_offset = header_offset + concat
-            filelist.append(x)
-            by_name[x.filename] = x
-        if pos != size_cd:
+            entries[raw.decode("utf-8") if fields[5] & 0x800 else raw.decode("cp437")] = fields  # the UTF-8 flag
+            count += 1
+        if pos != size_cd or len(entries) != count:  # a name twice: zipfile keeps both in its filelist
             return False
-        if "_end_offset" in getattr(info_of, "__slots__", ()):  # zipfile's overlap check (newer Pythons)
-            end = start
+        if os.sep != "/" and any(os.sep in name for name in entries):  # ZipInfo would rewrite these names
+            return False
+        self._comment = endrec[zipfile._ECD_COMMENT]
+        self.start_dir = start
+        self._concat = concat
+        self._one = {}  # ZipInfo records made one at a time by info(), reused when all are made
+        self._pending = entries
+        return True
+
+    def _info_of(self, name: str, fields: tuple) -> zipfile.ZipInfo:
+        (_, create_version, create_system, extract_version, reserved, flags, compress_type, t, d, crc,
+         compress_size, file_size, _, _, _, volume, internal_attr, external_attr, header_offset) = fields
+        x = zipfile.ZipInfo(name)
+        x.create_version, x.create_system, x.extract_version, x.reserved = (create_version, create_system,
+                                                                           extract_version, reserved)
+        x.flag_bits, x.compress_type, x.CRC = flags, compress_type, crc
+        x.compress_size, x.file_size = compress_size, file_size
+        x.volume, x.internal_attr, x.external_attr = volume, internal_attr, external_attr
+        x._raw_time = t
+        x.date_time = ((d >> 9) + 1980, (d >> 5) & 0xF, d & 0x1F, t >> 11, (t >> 5) & 0x3F, (t & 0x1F) * 2)
+        x.header_offset = header_offset + self._concat
+        return x
+
+    def _make_all(self) -> None:
+        pending, self._pending = self._pending, None
+        filelist = [self._one.get(n) or self._info_of(n, f) for n, f in pending.items()]
+        if _END_OFFSET:  # zipfile's overlap check (newer Pythons): each record ends where the next one starts
+            end = self.start_dir
             for x in sorted(filelist, key=lambda i: i.header_offset, reverse=True):
                 x._end_offset = end
                 end = x.header_offset
-        self._comment = endrec[zipfile._ECD_COMMENT]
-        self.start_dir = start
-        self.filelist, self.NameToInfo = filelist, by_name
-        return True
+        self.filelist, self.NameToInfo = filelist, {x.filename: x for x in filelist}
+
+    def names(self) -> list:
+        """``namelist()``, without making ZipInfo records."""
+        return list(self._pending) if self._pending is not None else self.namelist()
+
+    def entry(self, name: str) -> Optional[Tuple[int, int, int]]:
+        """A record's ``(file_size, compress_type, header_offset)``, None where there is none (no ZipInfo made)."""
+        pending = self._pending
+        if pending is not None:
+            f = pending.get(name)
+            return None if f is None else (f[11], f[6], f[18] + self._concat)
+        x = self.NameToInfo.get(name)
+        return None if x is None else (x.file_size, x.compress_type, x.header_offset)
+
+    def info(self, name: str) -> zipfile.ZipInfo:
+        """``getinfo(name)``, making only that record's ZipInfo (KeyError where there is none)."""
+        pending = self._pending
+        if pending is None:
+            return self.getinfo(name)
+        x = self._one.get(name)
+        if x is None:
+            x = self._one[name] = self._info_of(name, pending[name])
+            if _END_OFFSET:
+                x._end_offset = self._end_offsets()[name]
+        return x
+
+    def _end_offsets(self) -> Dict[str, int]:
+        """Where each record ends for zipfile's overlap check, as ``_make_all`` sets it (made once)."""
+        ends = self.__dict__.get("_ends")
+        if ends is None:
+            ends, end, concat = {}, self.start_dir, self._concat
+            for name, f in sorted(self._pending.items(), key=lambda nf: nf[1][18], reverse=True):
+                ends[name] = end
+                end = f[18] + concat
+            self._ends = ends
+        return ends
+
+
+_END_OFFSET = "_end_offset" in getattr(zipfile.ZipInfo, "__slots__", ())
 
 
 def open_zip(path: str) -> zipfile.ZipFile:
@@ -119,9 +188,11 @@ def open_zip(path: str) -> zipfile.ZipFile:
 
 def find_record_folder(zf: zipfile.ZipFile, path: str, marker: str = "data.pkl") -> str:
     """The folder holding ``data.pkl`` (``archive/``, the file's stem, or another name)."""
-    hits = [n for n in zf.namelist() if n.endswith("/" + marker) and n.count("/") == 1]
+    names = _names(zf)
+    end = "/" + marker
+    hits = [n for n in names if n.endswith(end) and n.count("/") == 1]
     if not hits:
-        if marker in zf.namelist():
+        if marker in names:
             return ""
         raise FormatError(f"zip archive has no {marker}: not a PyTorch checkpoint", path)
     if len(set(hits)) > 1:
@@ -132,7 +203,7 @@ def find_record_folder(zf: zipfile.ZipFile, path: str, marker: str = "data.pkl")
 def read_member(zf: zipfile.ZipFile, name: str, path: str, limit: Optional[int] = None) -> bytes:
     """Read a whole small record (checked against its CRC)."""
     try:
-        info = zf.getinfo(name)
+        info = zf.info(name) if isinstance(zf, _ZipFile) else zf.getinfo(name)
     except KeyError:
         raise FormatError(f"zip archive has no record {name}", path) from None
     if limit is not None and info.file_size > limit:
@@ -143,16 +214,20 @@ def read_member(zf: zipfile.ZipFile, name: str, path: str, limit: Optional[int] 
         raise FormatError(f"record {name} is corrupt, truncated or encrypted: {e}", path) from None
 
 
-def _member_start(info: zipfile.ZipInfo, path: str, file_size: int) -> int:
+def _names(zf: zipfile.ZipFile) -> list:
+    return zf.names() if isinstance(zf, _ZipFile) else zf.namelist()
+
+
+def _member_start(name: str, header_offset: int, size: int, path: str, file_size: int) -> int:
     """Where a stored record's bytes start, from its local header (checked)."""
     with open(path, "rb") as f:
-        head = os.pread(f.fileno(), _LOCAL_HEADER.size, info.header_offset)
+        head = os.pread(f.fileno(), _LOCAL_HEADER.size, header_offset)
     if len(head) != _LOCAL_HEADER.size or head[:4] != b"PK\x03\x04":
-        raise FormatError(f"record {info.filename} has no valid local header", path)
+        raise FormatError(f"record {name} has no valid local header", path)
     fields = _LOCAL_HEADER.unpack(head)
-    start = info.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]  # name, extra lengths
-    if start + info.file_size > file_size:
-        raise FormatError(f"record {info.filename} runs past the end of the file (truncated?)", path)
+    start = header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]  # name, extra lengths
+    if start + size > file_size:
+        raise FormatError(f"record {name} runs past the end of the file (truncated?)", path)
     return start
 
 
@@ -160,14 +235,14 @@ class _StoredMember(FileSpan):
     """A stored record's bytes: a FileSpan whose offset comes from the local header, read and
     checked on first use (a class, not a closure per record: archives hold 20,000 of them)."""
 
-    def __init__(self, path: str, info: zipfile.ZipInfo, file_size: int):
-        super().__init__(path, size=info.file_size)
-        self._info = info
+    def __init__(self, path: str, name: str, header_offset: int, size: int, file_size: int):
+        super().__init__(path, size=size)
+        self._name = name
+        self._header_offset = header_offset
         self._file_size = file_size
 
     def _locate(self) -> int:
-        info, self._info = self._info, None
-        return _member_start(info, self.path, self._file_size)
+        return _member_start(self._name, self._header_offset, self.size, self.path, self._file_size)
 
 
 class _CompressedMember:
@@ -192,11 +267,11 @@ class _CompressedMember:
         return data
 
 
-def storage_loader(zf: zipfile.ZipFile, folder: str, path: str, file_size: int, data_dir: str = "data/"):
+def storage_loader(zf: _ZipFile, folder: str, path: str, file_size: int, data_dir: str = "data/"):
     """The persistent_load for a zip archive: storage ids -> StorageRef on ``<folder>/data/<key>``."""
     cache: Dict[str, StorageRef] = {}
     prefix = folder + data_dir
-    records = zf.NameToInfo  # what zf.getinfo looks in
+    entry = zf.entry
     stored = zipfile.ZIP_STORED
 
     def load(pid):
@@ -205,17 +280,17 @@ def storage_loader(zf: zipfile.ZipFile, folder: str, path: str, file_size: int, 
         if ref is not None:
             return ref
         name = prefix + key
-        info = records.get(name)
-        if info is None:
+        record = entry(name)
+        if record is None:
             raise FormatError(f"storage {key!r} has no record {name} in the archive")
+        size, compression, header_offset = record
         nbytes = storage_nbytes(stype, numel)
-        if info.file_size < nbytes:
-            raise FormatError(f"storage {key!r} needs {nbytes} bytes but its record holds {info.file_size}")
-        compression = info.compress_type
+        if size < nbytes:
+            raise FormatError(f"storage {key!r} needs {nbytes} bytes but its record holds {size}")
         if compression == stored:
-            source = _StoredMember(path, info, file_size)
+            source = _StoredMember(path, name, header_offset, size, file_size)
         elif compression in _KNOWN_COMPRESSION:
-            source = _CompressedMember(path, name, info.file_size)
+            source = _CompressedMember(path, name, size)
         else:
             raise FormatError(f"storage {key!r} uses unknown zip compression method {compression}")
         ref = cache[key] = new_storage_ref(key, stype.dtype, location, nbytes, source, path)
@@ -224,13 +299,14 @@ def storage_loader(zf: zipfile.ZipFile, folder: str, path: str, file_size: int, 
     return load
 
 
-def read_zip_pickle(path: str, zf: zipfile.ZipFile, folder: str, name: str = "data.pkl"):
+def read_zip_pickle(path: str, zf: _ZipFile, folder: str, name: str = "data.pkl"):
     """Unpickle ``<folder>/<name>`` safely with its storages as lazy StorageRefs."""
     file_size = os.path.getsize(path)
     loader = storage_loader(zf, folder, path, file_size)
-    info = zf.NameToInfo.get(folder + name)
-    if info is None or info.compress_type == zipfile.ZIP_STORED:
+    record = zf.entry(folder + name)
+    if record is None or record[1] == zipfile.ZIP_STORED:
         return safe_load(read_member(zf, folder + name, path, limit=MAX_PICKLE), loader, path)
+    info = zf.info(folder + name)
     # A compressed pickle is streamed, never inflated whole: a tiny record can declare gigabytes, and each
     # one-byte opcode can make a ~64-byte object, so its size is capped far below a stored one's.
     if info.file_size > MAX_COMPRESSED_PICKLE:
@@ -243,11 +319,12 @@ def read_zip_pickle(path: str, zf: zipfile.ZipFile, folder: str, name: str = "da
         raise FormatError(f"record {info.filename} is corrupt, truncated or encrypted: {e}", path) from None
 
 
-def zip_metadata(zf: zipfile.ZipFile, folder: str, path: str) -> Dict[str, str]:
+def zip_metadata(zf: _ZipFile, folder: str, path: str) -> Dict[str, str]:
     meta = {"archive_folder": folder.rstrip("/")}
     for rec in ("byteorder", "version", ".data/version", ".format_version", ".storage_alignment"):
         name = folder + rec
-        if name in zf.NameToInfo and zf.NameToInfo[name].file_size < 64:
+        record = zf.entry(name)
+        if record is not None and record[0] < 64:
             meta[rec.lstrip(".").replace("/", "_")] = read_member(zf, name, path).decode("ascii", "replace").strip()
     if meta.get("byteorder", "little") != "little":
         meta["note"] = "big-endian file: tensor bytes are big-endian"
