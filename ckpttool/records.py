@@ -394,11 +394,12 @@ class InspectResult:
     tree: Optional[Tuple[Tuple[str, int, int], ...]] = None  # (module, tensors, params) with --depth
     exit_code: int = 0
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self, tensors: bool = True) -> Dict[str, Any]:
+        """The JSON object; ``tensors=False`` leaves the ``tensors`` list empty (its writer writes it apart)."""
         d = {
             "path": self.path, "format": self.format, "file_size": self.file_size,
             "entry": self.entry, "entry_source": self.entry_source,
-            "tensors": [t.to_dict() for t in self.tensors],
+            "tensors": [t.to_dict() for t in self.tensors] if tensors else [],
             "tensor_count": len(self.tensors),
             "total_params": self.total_params, "total_bytes": self.total_bytes,
             "bytes_by_dtype": dict(self.bytes_by_dtype), "devices": dict(self.devices),

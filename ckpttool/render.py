@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+from json.encoder import encode_basestring_ascii as _json_str  # json.dumps's own string writer (ensure_ascii)
 from typing import Any, Dict, List, Optional
 
 from .records import (ConvertResult, DiffResult, FilterResult, InspectResult, RemapResult, ScanResult,
-                      VerifyReport)
+                      TensorInfo, VerifyReport)
 from .text import printable
 
 
@@ -26,7 +28,29 @@ def human_bytes(n: int) -> str:
 
 def to_json(record: Any, indent: Optional[int] = 2) -> str:
     """The record's ``to_dict()`` as one JSON object (``indent=None``: one line, by the C encoder, 5x faster)."""
+    if indent is None and type(record) is InspectResult:
+        # The tensor rows written here and the rest by json: the same text, 2x faster for 20,000 tensors.
+        try:
+            rows = ", ".join(map(_info_json, record.tensors))
+        except TypeError:  # a field of a type written otherwise than json writes it
+            rows = None
+        if rows is not None:
+            rest = json.dumps(record.to_dict(tensors=False), default=repr, check_circular=False)
+            return rest.replace('"tensors": []', f'"tensors": [{rows}]', 1)  # the first: a value's quotes are escaped
     return json.dumps(record.to_dict(), indent=indent, default=repr, check_circular=False)  # a fresh tree: no cycles
+
+
+def _info_json(t: TensorInfo) -> str:
+    """``json.dumps(t.to_dict())``. A TypeError where a field is not what readers make: a str (``_json_str``
+    takes str only), an int (``int.__repr__`` takes ints only, as json writes them; bool is not expected)."""
+    if t.stats is not None:
+        return json.dumps(t.to_dict(), default=repr, check_circular=False)
+    shape, storage, number = t.shape, t.storage, int.__repr__
+    return (f'{{"name": {_json_str(t.name)}, "shape": [{", ".join(map(number, shape))}], '
+            f'"dtype": {_json_str(t.dtype)}, "device": {_json_str(t.device)}, "nbytes": {number(t.nbytes)}, '
+            f'"numel": {number(math.prod(shape))}, "stride": [{", ".join(map(number, t.stride))}], '
+            f'"storage_offset": {number(t.storage_offset)}, '
+            f'"storage": {"null" if storage is None else _json_str(storage)}}}')
 
 
 def _shape(shape) -> str:

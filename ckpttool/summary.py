@@ -147,7 +147,7 @@ def _module_stubs(root: Any):
     if module_kind(root) == "pickled":
         return [root]
     if isinstance(root, dict):
-        return [v for v in root.values() if module_kind(v) == "pickled"]
+        return [v for v in root.values() if isinstance(v, Stub) and module_kind(v) == "pickled"]
     return []
 
 
