@@ -24,6 +24,8 @@ class FileSpan:
     checkpoint never touches tensor data.
     """
 
+    __slots__ = ("path", "_offset", "size", "_resolve")  # a 20,000-tensor archive makes 20,000 of them
+
     def __init__(self, path: str, offset: Optional[int] = None, size: int = 0, resolve=None):
         self.path = path
         self._offset = offset

@@ -261,3 +261,21 @@ def test_inspect_takes_the_fast_path(tmp_path, fast_records_taken):
     torch.save({f"w{i}": torch.ones(i % 5 + 1) for i in range(50)}, p)
     ckpt = open_checkpoint(str(p))
     assert len(ckpt.root) == 50 and fast_records_taken[0] == 49
+
+
+@pytest.mark.parametrize("load", [safe_pickle.safe_load, lambda d: safe_pickle.load_stream(io.BytesIO(d))],
+                         ids=["in-memory", "stream"])
+def test_setitems_batches(load):
+    """SETITEMS fills a dict in one C call where it can: the same items, order, last-wins, and errors."""
+    def u(s):
+        return b"X" + struct.pack("<I", len(s)) + s.encode()
+    items = u("b") + b"K\x01" + u("a") + b"K\x02" + u("b") + b"K\x03"
+    assert load(b"\x80\x02}(" + items + b"u.")[0] == {"b": 3, "a": 2}
+    od = load(b"\x80\x02ccollections\nOrderedDict\n)R(" + items + b"u.")[0]
+    assert type(od) is collections.OrderedDict and list(od.items()) == [("b", 3), ("a", 2)]
+    with pytest.raises(safe_pickle.FormatError, match="malformed pickle"):  # an odd count: no key left unset silently
+        load(b"\x80\x02}(" + items + u("c") + b"u.")
+    with pytest.raises(safe_pickle.FormatError, match="as a dict key"):
+        load(b"\x80\x02}(]K\x01u.")
+    stub = load(b"\x80\x02cmod\nThing\n)\x81(" + items + b"u.")[0]
+    assert isinstance(stub, Stub) and stub.items == {"b": 3, "a": 2}

@@ -24,7 +24,7 @@ import re
 import struct
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
-from ..dtypes import STORAGE_CLASS_DTYPE, itemsize
+from ..dtypes import ITEMSIZE as _ITEMSIZE, STORAGE_CLASS_DTYPE, itemsize
 from ..errors import FormatError
 from ..records import GlobalRef, StorageRef, TensorRef, new_tensor_ref
 from ..text import safe_repr
@@ -89,6 +89,8 @@ class _StorageType:
 
     def __init__(self, name: str, dtype: str, cuda: bool = False):
         self.name, self.dtype, self.cuda = name, dtype, cuda
+        # bytes per counted element: UntypedStorage counts bytes, typed ones count elements
+        self.unit = 1 if name == "UntypedStorage" else itemsize(dtype)
 
     def __repr__(self) -> str:
         return f"<storage type {self.name}>"
@@ -121,17 +123,29 @@ def _make_tensor(storage, storage_offset, size, stride, requires_grad=False, dty
         raise FormatError(f"tensor rebuilt from something that is not a storage: {type(storage).__name__}")
     if type(storage_offset) is not int or storage_offset < 0:
         raise FormatError(f"tensor storage offset is not a non-negative int: {safe_repr(storage_offset, 40)}")
-    shape = _check_dims(size, "size")
-    strides = _check_dims(stride, "stride")
-    if len(shape) != len(strides):
-        raise FormatError(f"tensor has {len(shape)} sizes but {len(strides)} strides")
+    shape = None
+    if type(size) is tuple and type(stride) is tuple and len(size) == len(stride):  # torch's: checked as we go
+        numel = 1
+        last = storage_offset
+        for n, st in zip(size, stride):
+            if type(n) is not int or type(st) is not int or n < 0 or st < 0:
+                break
+            numel *= n
+            last += (n - 1) * st
+        else:
+            shape, strides = size, stride
+    if shape is None:  # anything else: the checks in full, with their errors
+        shape = _check_dims(size, "size")
+        strides = _check_dims(stride, "stride")
+        if len(shape) != len(strides):
+            raise FormatError(f"tensor has {len(shape)} sizes but {len(strides)} strides")
+        numel = 1
+        last = storage_offset
+        for n, st in zip(shape, strides):
+            numel *= n
+            last += (n - 1) * st
     dtype = dtype or storage.dtype
-    size_of = itemsize(dtype) or 1
-    numel = 1
-    last = storage_offset
-    for n, st in zip(shape, strides):
-        numel *= n
-        last += (n - 1) * st
+    size_of = _ITEMSIZE.get(dtype, 0) or 1  # itemsize(dtype)
     if numel:
         if (last + 1) * size_of > storage.nbytes:
             raise FormatError(
@@ -440,6 +454,8 @@ class SafeUnpickler(pickle._Unpickler):
                               "strings or small ints")
 
     def _keys(self, items) -> None:
+        if type(items) is list and set(map(type, items)) <= _FREE_KEY_TYPES:  # a state_dict's names: one C pass
+            return
         key = self._key
         for k in items:
             key(k)
@@ -555,6 +571,9 @@ class SafeUnpickler(pickle._Unpickler):
         pairs = self.pop_mark()
         self._keys(pairs[0::2])
         target = self.stack[-1]
+        if type(target) in (dict, collections.OrderedDict) and not len(pairs) % 2:  # the same sets, in order, in C
+            target.update(zip(pairs[0::2], pairs[1::2]))
+            return
         for i in range(0, len(pairs), 2):
             target[pairs[i]] = pairs[i + 1]
     dispatch[pickle.SETITEMS[0]] = load_setitems
@@ -862,7 +881,7 @@ def parse_storage_pid(pid) -> Tuple[_StorageType, str, str, int, Any]:
 
 def storage_nbytes(stype: _StorageType, numel: int) -> int:
     """Bytes of a storage: UntypedStorage counts bytes, typed ones count elements."""
-    return numel if stype.name == "UntypedStorage" else numel * itemsize(stype.dtype)
+    return numel * stype.unit
 
 
 def safe_load(data: bytes, persistent_load: Optional[PersistentLoad] = None, path: Optional[str] = None):

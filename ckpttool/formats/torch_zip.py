@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 
 from ..errors import FormatError
 from ..records import Checkpoint, FileSpan, StorageRef, new_storage_ref
-from .safe_pickle import load_stream, parse_storage_pid, safe_load, storage_nbytes
+from .safe_pickle import load_stream, parse_storage_pid, safe_load
 
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 # data.pkl holds structure, not tensor bytes: even 100k-tensor models stay far below this.
@@ -235,8 +235,10 @@ class _StoredMember(FileSpan):
     """A stored record's bytes: a FileSpan whose offset comes from the local header, read and
     checked on first use (a class, not a closure per record: archives hold 20,000 of them)."""
 
+    __slots__ = ("_name", "_header_offset", "_file_size")
+
     def __init__(self, path: str, name: str, header_offset: int, size: int, file_size: int):
-        super().__init__(path, size=size)
+        super().__init__(path, None, size)
         self._name = name
         self._header_offset = header_offset
         self._file_size = file_size
@@ -271,7 +273,7 @@ def storage_loader(zf: _ZipFile, folder: str, path: str, file_size: int, data_di
     """The persistent_load for a zip archive: storage ids -> StorageRef on ``<folder>/data/<key>``."""
     cache: Dict[str, StorageRef] = {}
     prefix = folder + data_dir
-    entry = zf.entry
+    entry, plain, concat = zf.entry, zf._pending, getattr(zf, "_concat", 0)
     stored = zipfile.ZIP_STORED
 
     def load(pid):
@@ -280,11 +282,17 @@ def storage_loader(zf: _ZipFile, folder: str, path: str, file_size: int, data_di
         if ref is not None:
             return ref
         name = prefix + key
-        record = entry(name)
-        if record is None:
-            raise FormatError(f"storage {key!r} has no record {name} in the archive")
-        size, compression, header_offset = record
-        nbytes = storage_nbytes(stype, numel)
+        if plain is not None:  # zf.entry(name), inline: 20,000 storages in some files
+            fields = plain.get(name)
+            if fields is None:
+                raise FormatError(f"storage {key!r} has no record {name} in the archive")
+            size, compression, header_offset = fields[11], fields[6], fields[18] + concat
+        else:
+            record = entry(name)
+            if record is None:
+                raise FormatError(f"storage {key!r} has no record {name} in the archive")
+            size, compression, header_offset = record
+        nbytes = numel * stype.unit  # storage_nbytes(stype, numel)
         if size < nbytes:
             raise FormatError(f"storage {key!r} needs {nbytes} bytes but its record holds {size}")
         if compression == stored:
