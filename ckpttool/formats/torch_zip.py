@@ -38,8 +38,9 @@ class _ZipFile(zipfile.ZipFile):
     and whose ZipInfo records are made only when asked for.
 
     zipfile's own reader makes each entry through four reads of a BytesIO and an extra-field parse, and
-    a ZipInfo for each: 51 ms for the 20,006 records of a 20,000-tensor checkpoint. Here a plain directory
-    is kept as each entry's fields (14 ms); ``names()``, ``entry(name)`` and ``info(name)`` answer from
+    a ZipInfo for each: 46 ms to open a 20,000-tensor checkpoint (20,006 records), 37 ms with a ZipInfo
+    made here from each entry's fields, 22 ms here keeping the fields (best of 15, this machine).
+    ``names()``, ``entry(name)`` and ``info(name)`` answer from
     them, and ``filelist`` / ``NameToInfo`` (so all of zipfile's own methods) make every ZipInfo on first
     use, exactly as zipfile would. An entry with extra fields or a comment (zip64 sizes, timestamps), a
     version zipfile cannot read, a name it would change (a NUL, a backslash path on Windows), a name twice,
