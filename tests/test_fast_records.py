@@ -28,8 +28,8 @@ def canon(obj, seen: dict):
     if obj is None or type(obj) in (bool, int, float, complex, str, bytes):
         return (type(obj).__name__, obj) if not isinstance(obj, float) or obj == obj else ("float", "nan")
     if id(obj) in seen:
-        return ("same-as", seen[id(obj)])
-    seen[id(obj)] = len(seen)
+        return ("same-as", seen[id(obj)][0])
+    seen[id(obj)] = (len(seen), obj)  # kept alive: a freed temporary's id could be reused by another object
     t = type(obj)
     if t is TensorRef:
         return ("tensor", obj.shape, obj.dtype, obj.stride, obj.storage_offset, canon(obj.storage, seen), obj.device,
@@ -194,7 +194,8 @@ def test_declared_key_length_mismatch_is_left_to_the_loop(tmp_path, fast_records
     assert fast_records_taken[0] == 1  # b's record ran fast (in the fast load), c's was left to the loop
 
 
-@pytest.mark.parametrize("edit", ["not_callable_hooks", "not_callable_func", "missing_memo", "bad_storage_word",
+@pytest.mark.parametrize("edit", ["not_callable_hooks", "not_callable_func", "missing_memo", "missing_long_memo",
+                                  "missing_long_type", "missing_long_location", "missing_long_hooks", "bad_storage_word",
                                   "negative_dim", "negative_offset", "negative_numel", "hooks_call_other", "stack_empty"])
 def test_errors_are_the_loops(tmp_path, edit):
     data, make_loader = _three_tensor_pickle(tmp_path)
@@ -210,6 +211,10 @@ def test_errors_are_the_loops(tmp_path, edit):
     elif edit == "missing_memo":
         s, e = m.span(1)
         edited = data[:s] + b"h\xfe" + data[e:]
+    elif edit.startswith("missing_long"):  # LONG_BINGET of an index never PUT: pickle's UnpicklingError, not KeyError
+        group = {"memo": 1, "type": 2, "location": 6, "hooks": 15}[edit.rsplit("_", 1)[1]]
+        s, e = m.span(group)
+        edited = data[:s] + b"j\x39\x30\x00\x00" + data[e:]
     elif edit == "bad_storage_word":  # 'storage' GET reads the location string
         s, e = m.span(1)
         edited = data[:s] + data[m.start(6):m.end(6)] + data[e:]

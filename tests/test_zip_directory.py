@@ -35,8 +35,11 @@ def assert_same_directory(path, read: bool = True) -> _ZipFile:
         assert ours.entry(i.filename) == (i.file_size, i.compress_type, i.header_offset)
         assert slots(ours.info(i.filename)) == slots(i)
     assert ours.entry("no/such/record") is None
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError) as ref_error:
+        ref.getinfo("no/such/record")
+    with pytest.raises(KeyError) as our_error:
         ours.info("no/such/record")
+    assert str(our_error.value) == str(ref_error.value)
     made_one_by_one = [ours.info(n) for n in ours.names()]
     assert [slots(i) for i in ours.filelist] == [slots(i) for i in ref.filelist]
     if plain:  # the ZipInfo records made first are the ones kept

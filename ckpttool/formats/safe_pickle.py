@@ -661,11 +661,21 @@ class SafeUnpickler(pickle._Unpickler):
         if klen[0] != len(key):
             return 0
         u32 = _U32
-        word = memo[g_word[1] if len(g_word) == 2 else u32(g_word, 1)[0]]
-        stype = memo[g_type[1] if len(g_type) == 2 else u32(g_type, 1)[0]]
+        try:
+            word = memo[g_word[1] if len(g_word) == 2 else u32(g_word, 1)[0]]
+        except KeyError:
+            raise _missing(g_word) from None
+        try:
+            stype = memo[g_type[1] if len(g_type) == 2 else u32(g_type, 1)[0]]
+        except KeyError:
+            raise _missing(g_type) from None
         key = key.decode("ascii")  # digits: the str that utf-8 / surrogatepass decoding makes
         memo[p_key[1] if len(p_key) == 2 else u32(p_key, 1)[0]] = key
-        pid = (word, stype, key, memo[g_loc[1] if len(g_loc) == 2 else u32(g_loc, 1)[0]], _pickled_int(numel))
+        try:
+            location = memo[g_loc[1] if len(g_loc) == 2 else u32(g_loc, 1)[0]]
+        except KeyError:
+            raise _missing(g_loc) from None
+        pid = (word, stype, key, location, _pickled_int(numel))
         memo[p_pid[1] if len(p_pid) == 2 else u32(p_pid, 1)[0]] = pid
         storage = self.persistent_load(pid)
         offset = _pickled_int(offset)
@@ -679,7 +689,10 @@ class SafeUnpickler(pickle._Unpickler):
         else:
             stride = _pickled_ints(stride)
             memo[p_stride[1] if len(p_stride) == 2 else u32(p_stride, 1)[0]] = stride
-        hooks = memo[g_hooks[1] if len(g_hooks) == 2 else u32(g_hooks, 1)[0]]
+        try:
+            hooks = memo[g_hooks[1] if len(g_hooks) == 2 else u32(g_hooks, 1)[0]]
+        except KeyError:
+            raise _missing(g_hooks) from None
         if not callable(hooks):
             raise FormatError(f"pickle calls {_short_type(hooks)}, which is not callable")
         hooks = hooks()
@@ -808,6 +821,15 @@ class SafeUnpickler(pickle._Unpickler):
 
 _U32 = struct.Struct("<I").unpack_from
 _I32 = struct.Struct("<i").unpack_from
+
+
+def _missing(get: bytes) -> Exception:
+    """What the loop raises for a GET of an index never PUT: its inline BINGET a KeyError, and LONG_BINGET
+    (pickle's ``load_long_binget``) an UnpicklingError."""
+    if len(get) == 2:
+        return KeyError(get[1])
+    i = _U32(get, 1)[0]
+    return pickle.UnpicklingError(f"Memo value not found at index {i}")
 
 
 def _pickled_int(b: bytes) -> int:

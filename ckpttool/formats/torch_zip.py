@@ -45,6 +45,8 @@ class _ZipFile(zipfile.ZipFile):
     use, exactly as zipfile would. An entry with extra fields or a comment (zip64 sizes, timestamps), a
     version zipfile cannot read, a name it would change (a NUL, a backslash path on Windows), a name twice,
     or anything malformed hands the whole directory back to zipfile's reader, which also makes its errors.
+    (``zipfile.Path`` copies a ZipFile's attributes into its own class, without these properties: give it
+    a ``zipfile.ZipFile``.)
     """
 
     _pending: Optional[Dict[str, tuple]] = None  # name -> its directory fields, until the ZipInfo records are made
@@ -157,7 +159,10 @@ class _ZipFile(zipfile.ZipFile):
             return self.getinfo(name)
         x = self._one.get(name)
         if x is None:
-            x = self._one[name] = self._info_of(name, pending[name])
+            fields = pending.get(name)
+            if fields is None:
+                raise KeyError(f"There is no item named {name!r} in the archive")  # getinfo's words
+            x = self._one[name] = self._info_of(name, fields)
             if _END_OFFSET:
                 x._end_offset = self._end_offsets()[name]
         return x
