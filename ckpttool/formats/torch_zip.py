@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 
 from ..errors import FormatError
 from ..records import Checkpoint, FileSpan, StorageRef, new_storage_ref
-from .safe_pickle import load_stream, parse_storage_pid, safe_load
+from .safe_pickle import load_stream, parse_storage_pid, safe_load, storage_nbytes
 
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 # data.pkl holds structure, not tensor bytes: even 100k-tensor models stay far below this.
@@ -130,13 +130,12 @@ class _ZipFile(zipfile.ZipFile):
         return x
 
     def _make_all(self) -> None:
+        ends = self._end_offsets() if _END_OFFSET else None
         pending, self._pending = self._pending, None
         filelist = [self._one.get(n) or self._info_of(n, f) for n, f in pending.items()]
-        if _END_OFFSET:  # zipfile's overlap check (newer Pythons): each record ends where the next one starts
-            end = self.start_dir
-            for x in sorted(filelist, key=lambda i: i.header_offset, reverse=True):
-                x._end_offset = end
-                end = x.header_offset
+        if ends is not None:
+            for x in filelist:
+                x._end_offset = ends[x.filename]
         self.filelist, self.NameToInfo = filelist, {x.filename: x for x in filelist}
 
     def names(self) -> list:
@@ -168,7 +167,8 @@ class _ZipFile(zipfile.ZipFile):
         return x
 
     def _end_offsets(self) -> Dict[str, int]:
-        """Where each record ends for zipfile's overlap check, as ``_make_all`` sets it (made once)."""
+        """Where each record ends, for zipfile's overlap check (newer Pythons' ``ZipInfo._end_offset``): where
+        the next record by offset starts, the directory for the last; zipfile's own order (made once)."""
         ends = self.__dict__.get("_ends")
         if ends is None:
             ends, end, concat = {}, self.start_dir, self._concat
@@ -279,7 +279,7 @@ def storage_loader(zf: _ZipFile, folder: str, path: str, file_size: int, data_di
     """The persistent_load for a zip archive: storage ids -> StorageRef on ``<folder>/data/<key>``."""
     cache: Dict[str, StorageRef] = {}
     prefix = folder + data_dir
-    entry, plain, concat = zf.entry, zf._pending, getattr(zf, "_concat", 0)
+    entry = zf.entry
     stored = zipfile.ZIP_STORED
 
     def load(pid):
@@ -288,17 +288,11 @@ def storage_loader(zf: _ZipFile, folder: str, path: str, file_size: int, data_di
         if ref is not None:
             return ref
         name = prefix + key
-        if plain is not None:  # zf.entry(name), inline: 20,000 storages in some files
-            fields = plain.get(name)
-            if fields is None:
-                raise FormatError(f"storage {key!r} has no record {name} in the archive")
-            size, compression, header_offset = fields[11], fields[6], fields[18] + concat
-        else:
-            record = entry(name)
-            if record is None:
-                raise FormatError(f"storage {key!r} has no record {name} in the archive")
-            size, compression, header_offset = record
-        nbytes = numel * stype.unit  # storage_nbytes(stype, numel)
+        record = entry(name)
+        if record is None:
+            raise FormatError(f"storage {key!r} has no record {name} in the archive")
+        size, compression, header_offset = record
+        nbytes = storage_nbytes(stype, numel)
         if size < nbytes:
             raise FormatError(f"storage {key!r} needs {nbytes} bytes but its record holds {size}")
         if compression == stored:
