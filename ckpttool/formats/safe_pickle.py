@@ -107,13 +107,17 @@ _DTYPE_ALIASES = {"float": "float32", "double": "float64", "half": "float16", "l
                   "int": "int32", "short": "int16", "cfloat": "complex64", "cdouble": "complex128"}
 
 
+def _naturals(values) -> bool:
+    """Every value an int >= 0."""
+    for v in values:
+        if type(v) is not int or v < 0:
+            return False
+    return True
+
+
 def _check_dims(values, what: str) -> Tuple[int, ...]:
-    if isinstance(values, (tuple, list)):
-        for v in values:
-            if type(v) is not int or v < 0:
-                break
-        else:
-            return tuple(values)
+    if isinstance(values, (tuple, list)) and _naturals(values):
+        return tuple(values)
     raise FormatError(f"tensor {what} is not a tuple of non-negative ints: {safe_repr(values, 80)}")
 
 
@@ -123,27 +127,18 @@ def _make_tensor(storage, storage_offset, size, stride, requires_grad=False, dty
         raise FormatError(f"tensor rebuilt from something that is not a storage: {type(storage).__name__}")
     if type(storage_offset) is not int or storage_offset < 0:
         raise FormatError(f"tensor storage offset is not a non-negative int: {safe_repr(storage_offset, 40)}")
-    shape = None
-    if type(size) is tuple and type(stride) is tuple and len(size) == len(stride):  # torch's: checked as we go
-        numel = 1
-        last = storage_offset
-        for n, st in zip(size, stride):
-            if type(n) is not int or type(st) is not int or n < 0 or st < 0:
-                break
-            numel *= n
-            last += (n - 1) * st
-        else:
-            shape, strides = size, stride
-    if shape is None:  # anything else: the checks in full, with their errors
+    shape, strides = size, stride
+    if type(size) is not tuple or type(stride) is not tuple or len(size) != len(stride) \
+            or not _naturals(size + stride):  # not torch's own tuples: the checks in full, with their errors
         shape = _check_dims(size, "size")
         strides = _check_dims(stride, "stride")
         if len(shape) != len(strides):
             raise FormatError(f"tensor has {len(shape)} sizes but {len(strides)} strides")
-        numel = 1
-        last = storage_offset
-        for n, st in zip(shape, strides):
-            numel *= n
-            last += (n - 1) * st
+    numel = 1
+    last = storage_offset
+    for n, st in zip(shape, strides):
+        numel *= n
+        last += (n - 1) * st
     dtype = dtype or storage.dtype
     size_of = _ITEMSIZE.get(dtype, 0) or 1  # itemsize(dtype)
     if numel:
