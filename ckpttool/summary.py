@@ -6,7 +6,6 @@ import math
 import re
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .dtypes import ITEMSIZE
 from .errors import CkptError, UsageError
 from .formats import open as open_checkpoint
 from .formats.safe_pickle import Stub
@@ -61,7 +60,6 @@ def summarize(ckpt: Checkpoint, sd: StateDict, filter: Optional[str] = None, sor
     devices: Dict[str, int] = {}
     infos_list = []
     total_params = total_bytes = 0
-    prod, itemsizes = math.prod, ITEMSIZE
     for name, t in items:  # one pass: 20,000-tensor files are inspected too
         storage = t.storage
         if storage is not None:
@@ -72,10 +70,7 @@ def summarize(ckpt: Checkpoint, sd: StateDict, filter: Optional[str] = None, sor
                 else:
                     groups[id(storage)] = [first, name]
         dtype, device = t.dtype, t.device
-        numel = prod(t.shape)  # t.numel
-        nbytes = t.explicit_nbytes  # t.nbytes, without computing numel twice
-        if nbytes is None:
-            nbytes = numel * itemsizes.get(dtype, 0)
+        numel, nbytes = t.numel, t.nbytes
         total_params += numel
         total_bytes += nbytes
         by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
