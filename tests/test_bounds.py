@@ -11,7 +11,8 @@ import torch
 
 import ckpttool
 from ckpttool.errors import FormatError
-from ckpttool.formats.safe_pickle import MAX_KEY_BITS, load_stream, safe_load
+from ckpttool.pickles.machine import MAX_KEY_BITS
+from ckpttool.pickles.reading import load_stream, safe_load
 from ckpttool.formats.torch_zip import MAX_COMPRESSED_PICKLE
 
 

@@ -45,8 +45,8 @@ import ckpttool.render  # noqa: F401
 import ckpttool.summary  # noqa: F401
 from ckpttool.cli import cli
 from ckpttool.errors import CkptError, FormatError
-from ckpttool.formats import safe_pickle
-from ckpttool.formats.safe_pickle import Stub, safe_load
+from ckpttool.pickles import reading as safe_pickle
+from ckpttool.pickles.reading import Stub, safe_load
 from ckpttool.formats.torch_legacy import MAGIC_PREFIX
 from ckpttool.records import TensorRef
 
