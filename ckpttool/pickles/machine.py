@@ -12,8 +12,13 @@ object's methods).
 As in ``_pickle.c`` (Python 3.11):
 
 - any protocol 0-5, with or without a PROTO opcode; PROTO above 5 is an error;
-- FRAME only asks that its bytes be there (the C unpickler reads a frame ahead and then goes on
-  opcode by opcode: opcodes may straddle frames);
+- FRAME asks that its bytes be there. What follows differs by reader: ``pickle.loads`` reads on
+  across a frame's end; the C unpickler over a file without ``peek`` (the ``BytesIO`` torch.load
+  unpickles a zip's data.pkl from) holds the frame as its buffer and, for an opcode that runs past
+  its end, reads afresh from *after* the frame, dropping the frame's tail; Python's own unpickler
+  refuses. So an opcode that straddles a frame's end, a frame inside a frame, and a STOP short of
+  its frame's end are *ambiguous* (:class:`AmbiguousPickle`): no reader can say what the loader
+  would see. Pickles as Python writes them never do any of these;
 - INT/LONG lines are read with C's ``strtol(.., 0)`` then ``int(.., 0)``; ``00``/``01`` are bools;
 - STRING/BINSTRING/SHORT_BINSTRING decode as utf-8 (what torch.load asks for); UNICODE as
   raw-unicode-escape; BINUNICODE* as utf-8 with surrogatepass;
@@ -22,7 +27,8 @@ As in ``_pickle.c`` (Python 3.11):
 - ADDITEMS fills any set (subclasses too) directly; APPEND(S) any exact list; SETITEM(S) any exact
   dict (``collections.OrderedDict`` too: its C ``__setitem__`` is a dict's);
 - STOP returns the top of the stack; what lies under it is dropped;
-- NEXT_BUFFER fails (torch.load gives no out-of-band buffers); READONLY_BUFFER changes nothing here.
+- NEXT_BUFFER fails (torch.load gives no out-of-band buffers); READONLY_BUFFER makes a bytearray a
+  read-only view, and fails on what is not bytes-like.
 
 It is bounded where C is not: the memo is a dict (a 4-byte index allocates nothing), every length
 a pickle declares is checked against the input before it is read, dict keys and set members whose
@@ -57,8 +63,8 @@ _FREE_KEY_TYPES = frozenset({str, bytes, bool, type(None)})
 _DICTS = (dict, collections.OrderedDict)
 
 
-class Mark:
-    """Nothing: the machine keeps marks as a stack of saved stacks, as pickle's own Python code does."""
+class AmbiguousPickle(FormatError):
+    """Readers of these bytes disagree on what the pickle holds (see the module doc on FRAME)."""
 
 
 def bounded_key(key, state: list) -> None:
@@ -266,10 +272,20 @@ class Machine:
             raise FormatError("pickle data was truncated") from None
         except RecursionError:
             raise FormatError("nested too deeply") from None
+        except UnicodeDecodeError as e:
+            raise FormatError(f"pickle text is not {e.encoding}: {e.reason}") from None
+        except OverflowError as e:
+            raise FormatError(f"number out of range: {e}") from None
         except MemoryError:
             raise FormatError("asks for more memory than it can hold") from None
 
-    def _run(self, src: Source, data, pos: int, size: int):  # noqa: C901 - one loop, by design
+    def _run(self, src: Source, data, pos: int, size: int):
+        try:
+            return self._loop(src, data, pos, size)
+        except IndexError:  # stack[-1] of an empty frame, metastack.pop() with no MARK: as C says it
+            raise FormatError("unpickling stack underflow") from None
+
+    def _loop(self, src: Source, data, pos: int, size: int):  # noqa: C901 - one loop, by design
         policy = self.policy
         memo = self.memo
         keys = self.keys
@@ -278,15 +294,26 @@ class Machine:
         append = stack.append
         n = len(data)
         u32 = _U32
+        reduce = policy.reduce
+        persistent_load = policy.persistent_load
+
+        frame_end = -1  # inside a frame, ``n`` is its end: a read past it comes here first
 
         def more(p: int, need: int):
-            nonlocal data, n
+            nonlocal data, n, frame_end
+            if frame_end >= 0:
+                if p < frame_end:
+                    raise AmbiguousPickle(f"ambiguous pickle: an opcode at byte {src.base + p} runs past the end of "
+                                          f"its frame (byte {src.base + frame_end}); readers disagree on what follows")
+                frame_end = -1
+                n = len(data)
+                if p + need <= n:
+                    return p
             data, p = src.more(p, need)
             n = len(data)
             return p
 
         def line(p: int) -> Tuple[bytes, int]:
-            nonlocal data, n
             e = data.find(b"\n", p)
             while e < 0:
                 old = n - p
@@ -315,11 +342,6 @@ class Machine:
                 raise FormatError("unpickling stack underflow")
             return stack[-1]
 
-        def pop():
-            if not stack:
-                raise FormatError("unpickling stack underflow")
-            return stack.pop()
-
         while True:
             if pos >= n:
                 pos = more(pos, 1)
@@ -329,15 +351,11 @@ class Machine:
             if op == 0x71:  # BINPUT
                 if pos >= n:
                     pos = more(pos, 1)
-                if not stack:
-                    raise FormatError("unpickling stack underflow")
                 memo[data[pos]] = stack[-1]
                 pos += 1
             elif op == 0x72:  # LONG_BINPUT
                 if pos + 4 > n:
                     pos = more(pos, 4)
-                if not stack:
-                    raise FormatError("unpickling stack underflow")
                 memo[u32(data, pos)[0]] = stack[-1]
                 pos += 4
             elif op == 0x68:  # BINGET
@@ -373,27 +391,21 @@ class Machine:
                 raw, pos = counted(pos + 4, length, "string")
                 append(str(raw, "utf-8", "surrogatepass"))
             elif op == 0x74:  # TUPLE
-                items = pop_mark()
-                append(tuple(items))
+                items = tuple(stack)
+                stack = metastack.pop()  # IndexError: no MARK
+                append = stack.append
+                append(items)
             elif op == 0x85:  # TUPLE1
-                if not stack:
-                    raise FormatError("unpickling stack underflow")
                 stack[-1] = (stack[-1],)
             elif op == 0x86:  # TUPLE2
-                if len(stack) < 2:
-                    raise FormatError("unpickling stack underflow")
                 stack[-2:] = [(stack[-2], stack[-1])]
             elif op == 0x87:  # TUPLE3
-                if len(stack) < 3:
-                    raise FormatError("unpickling stack underflow")
                 stack[-3:] = [(stack[-3], stack[-2], stack[-1])]
             elif op == 0x52:  # REDUCE
-                if len(stack) < 2:
-                    raise FormatError("unpickling stack underflow")
                 args = stack.pop()
-                stack[-1] = policy.reduce(stack[-1], args)
+                stack[-1] = reduce(stack[-1], args)
             elif op == 0x51:  # BINPERSID
-                stack.append(policy.persistent_load(pop()))
+                stack[-1] = persistent_load(stack[-1])
             elif op == 0x4D:  # BININT2
                 if pos + 2 > n:
                     pos = more(pos, 2)
@@ -422,8 +434,6 @@ class Machine:
                 raw, pos = counted(pos + 1, data[pos], "string")
                 append(str(raw, "utf-8", "surrogatepass"))
             elif op == 0x94:  # MEMOIZE
-                if not stack:
-                    raise FormatError("unpickling stack underflow")
                 memo[len(memo)] = stack[-1]
             elif op == 0x75:  # SETITEMS
                 items = pop_mark()
@@ -503,6 +513,9 @@ class Machine:
                 args = stack.pop()
                 stack[-1] = policy.newobj(stack[-1], args, kwargs)
             elif op == 0x2E:  # STOP
+                if frame_end >= 0 and pos != frame_end:
+                    raise AmbiguousPickle(f"ambiguous pickle: it stops at byte {src.base + pos}, inside a frame that "
+                                          f"ends at byte {src.base + frame_end}")
                 self.end = src.base + pos
                 if not stack:
                     raise FormatError("unpickling stack underflow")
@@ -515,7 +528,10 @@ class Machine:
                 if proto > HIGHEST_PROTOCOL:
                     raise FormatError(f"unsupported pickle protocol: {proto}")
                 self.proto = proto
-            elif op == 0x95:  # FRAME: its bytes must be there; opcodes are then read as usual
+            elif op == 0x95:  # FRAME: its bytes must be there; ``n`` becomes its end (see ``more``)
+                if frame_end >= 0 and pos - 1 != frame_end:
+                    raise AmbiguousPickle(f"ambiguous pickle: a frame begins at byte {src.base + pos - 1}, inside "
+                                          f"another that ends at byte {src.base + frame_end}")
                 if pos + 8 > n:
                     pos = more(pos, 8)
                 length = _U64(data, pos)[0]
@@ -524,6 +540,9 @@ class Machine:
                     raise FormatError(f"pickle declares a {length}-byte frame in a {size}-byte input")
                 if pos + length > n:
                     pos = more(pos, length)
+                if length:
+                    frame_end = pos + length
+                    n = frame_end
             elif op == 0x8E or op == 0x42 or op == 0x43 or op == 0x96:  # BINBYTES8 BINBYTES SHORT_BINBYTES BYTEARRAY8
                 w = 8 if op in (0x8E, 0x96) else 4 if op == 0x42 else 1
                 if pos + w > n:
@@ -677,8 +696,12 @@ class Machine:
                 append(policy.extension(code))
             elif op == 0x97:  # NEXT_BUFFER
                 raise FormatError("pickle stream refers to out-of-band data but no *buffers* argument was given")
-            elif op == 0x98:  # READONLY_BUFFER
-                top()
+            elif op == 0x98:  # READONLY_BUFFER: a bytearray becomes a read-only view; bytes stay
+                obj = top()
+                if type(obj) is bytearray:
+                    stack[-1] = memoryview(obj).toreadonly()
+                elif type(obj) not in (bytes, memoryview):
+                    raise FormatError(f"memoryview: a bytes-like object is required, not '{type(obj).__name__}'")
             else:
                 raise FormatError(f"invalid load key, {chr(op)!r} (byte {src.base + pos - 1})")
 
