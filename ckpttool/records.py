@@ -716,6 +716,8 @@ class ScanFile:
     pickles: int
     globals: Tuple[ScanGlobal, ...]
     format: str = ""
+    advice: Optional[str] = None     # the add_safe_globals line torch.load(weights_only=True) needs
+    problems: Tuple[str, ...] = ()   # where a pickle stopped, what was ambiguous
 
     @property
     def dangerous_names(self) -> Tuple[str, ...]:
@@ -726,11 +728,11 @@ class ScanFile:
         return tuple(g.name for g in self.globals if g.verdict == "needs code")
 
     def to_dict(self) -> Dict[str, Any]:
-        from .scanning import safe_globals_line
         return {"path": self.path, "format": self.format, "pickles": self.pickles,
                 "dangerous": list(self.dangerous_names),
                 "needs_code": list(self.needs_code), "globals": [g.name for g in self.globals],
-                "details": [g.to_dict() for g in self.globals], "add_safe_globals": safe_globals_line(self)}
+                "details": [g.to_dict() for g in self.globals], "add_safe_globals": self.advice,
+                "problems": list(self.problems)}
 
 
 @dataclass(frozen=True)

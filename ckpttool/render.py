@@ -310,7 +310,6 @@ def verify_text(r: VerifyReport) -> str:
 def scan_text(r: ScanResult) -> str:
     """The human view of a ScanResult: per file, the globals by verdict, dangerous first."""
     from tabulate import tabulate
-    from .scanning import safe_globals_line
     order = {"dangerous": 0, "needs code": 1, "safe": 2}
     out = []
     for f in r.files:
@@ -323,9 +322,12 @@ def scan_text(r: ScanResult) -> str:
                                 tablefmt="simple"))
         else:
             out.append("(no globals: nothing to import)")
-        line = safe_globals_line(f)
-        if line:
-            out.append(printable("to read it with torch.load(weights_only=True): " + line))
+        for problem in f.problems[:10]:
+            out.append(printable("note: " + problem))
+        if len(f.problems) > 10:
+            out.append(f"note: ... and {len(f.problems) - 10} more")
+        if f.advice:
+            out.append(printable("to read it with torch.load(weights_only=True): " + f.advice))
         out.append("")
     out.append("result: " + ("DANGEROUS" if r.dangerous else "no dangerous globals"))
     return "\n".join(out)

@@ -1,70 +1,51 @@
-"""``scan``: every global each pickle in a file would import, how it is used, and whether that is safe.
+"""``scan``: every pickle a loader would run from a file, every global it names, and the verdict.
 
-Nothing is unpickled: each pickle is walked opcode by opcode (``pickletools.genops``) with a
-symbolic stack, which tells for every global whether the pickle only refers to it, instantiates it
-and fills it with state (a class: ``NEWOBJ`` + ``BUILD``), or *calls* it (``REDUCE``, ``INST``,
-``OBJ``). Classification:
+The file is read as its loader reads it, and each pickle the loader would unpickle runs on the one
+pickle machine (``ckpttool.pickles``) with the scanning policy, which calls nothing:
 
-- **safe**: what ``torch.load(weights_only=True)`` allows, plus a few benign types
-  (``argparse.Namespace``, numpy scalars and dtypes...);
-- **needs code**: a class that is only instantiated and given state (a pickled ``nn.Module``):
-  loading it runs its class's code, but the pickle itself calls nothing;
-- **dangerous**: anything *called* that is not on the allow list. A deny list names the worst
-  (``os.system``, ``builtins.eval``, ``subprocess.Popen``...) in the message, but an unknown
-  callable is never silently safe.
+- ``torch.load``: a file whose first four bytes are a zip's local header is an archive, read with
+  torch's reader semantics (``formats.archive``: its ``data.pkl``, found as torch finds it), and
+  every other record that is a pickle, a nested archive, a numpy array or native code is looked
+  at too (``.pt2`` archives of torch.export, TorchScript's ``constants.pkl``, AOTInductor's shared
+  libraries); otherwise torch tries ``tarfile`` (the format of torch < 0.4: the pickles of its
+  ``storages``, ``tensors`` and ``pickle`` members), and otherwise unpickles the file from byte 0
+  (the legacy format's magic number, version, sys_info, object and storage keys: a bare pickle is
+  that first pickle);
+- ``torch.distributed.checkpoint.load``: a folder's ``.metadata`` and the ``torch.save`` blobs of
+  its bytes items;
+- ``numpy.load(allow_pickle=True)``: ``.npy`` object arrays (and the members of ``.npz`` archives);
+- pickles nested in bytes inside any of these.
 
-Pickles are found wherever the formats keep them: a zip's ``data.pkl`` and every other ``.pkl``
-record (TorchScript's ``constants.pkl``), the five pickles of the legacy format, a DCP folder's
-``.metadata``, a bare pickle file, and pickles nested in ``bytes`` inside any of these.
+Verdicts, per global (``pickles.allowlist`` is the table; torch is never imported):
+
+- **safe**: what ``torch.load(weights_only=True)`` admits by default, a short list of benign data
+  types, and the format's own classes (DCP's metadata, TorchScript's helpers) where the format uses
+  them;
+- **needs code**: a class the pickle instantiates and gives state or items (a pickled ``nn.Module``:
+  loading it runs its class's code), an enum built from its value (proven from the installed
+  source), or a global only referenced;
+- **dangerous**: anything called that is not admitted (REDUCE, INST/OBJ, BUILD on a class, the
+  implicit calls of the unpickler and of admitted functions: ``pickles.uses``), a call of a computed
+  object, an extension code, a deny-listed global anywhere, native code, and an ambiguous file
+  (an archive or a pickle that two readers would read differently).
 """
 from __future__ import annotations
 
 import io
+import mmap
 import os
-import pickletools
 import re
-import zipfile
-import zlib
+import struct
+import tarfile
 from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-from .errors import FileAccessError, FormatError
-from .opcodes import generic_stack_effect
+from .errors import CkptError, FileAccessError, FormatError
+from .pickles.allowlist import BENIGN, TORCH_FORMAT_INTERNALS, advice, weights_only_admits
+from .pickles.machine import Source
+from .pickles.uses import COMPUTED_CALL, COMPUTED_GLOBAL, MAX_NESTED, PickleUses, scan_pickle
 from .records import ScanFile, ScanGlobal, ScanResult
 
-# Beyond torch's weights_only allow list: types that hold data and run nothing of note when rebuilt.
-BENIGN = {
-    "argparse.Namespace", "builtins.frozenset", "builtins.slice", "builtins.range", "builtins.bytes",
-    "builtins.object", "builtins.tuple", "builtins.list", "builtins.dict", "builtins.int", "builtins.float",
-    "builtins.str", "builtins.bool", "collections.defaultdict", "collections.deque", "copyreg._reconstructor",
-    "datetime.datetime", "datetime.date", "datetime.time", "datetime.timedelta", "datetime.timezone",
-    "decimal.Decimal", "fractions.Fraction", "uuid.UUID", "pathlib.PosixPath", "pathlib.WindowsPath",
-    "pathlib.PurePosixPath", "pathlib.PureWindowsPath", "numpy.dtype", "numpy.core.multiarray.scalar",
-    "numpy._core.multiarray.scalar", "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
-    "numpy.ndarray", "functools.partial",
-    # torch.distributed.checkpoint's own metadata classes (a DCP folder's .metadata)
-    "torch.distributed.checkpoint.metadata.Metadata", "torch.distributed.checkpoint.metadata.MetadataIndex",
-    "torch.distributed.checkpoint.metadata.StorageMeta", "torch.distributed.checkpoint.metadata.TensorProperties",
-    "torch.distributed.checkpoint.metadata.TensorStorageMetadata",
-    "torch.distributed.checkpoint.metadata.BytesStorageMetadata",
-    "torch.distributed.checkpoint.metadata.ChunkStorageMetadata",
-    "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING",
-    "torch.distributed.checkpoint.filesystem._StorageInfo",
-    # TorchScript's own pickle helpers (archives' data.pkl / constants.pkl)
-    "torch.jit._pickle.build_intlist", "torch.jit._pickle.build_tensorlist", "torch.jit._pickle.build_doublelist",
-    "torch.jit._pickle.build_boollist", "torch.jit._pickle.build_tensor_from_id", "torch.jit._pickle.restore_type_tag",
-}
-# torch.load(weights_only=True)'s own list, for when torch is not importable (the names it held in 2.x).
-_WEIGHTS_ONLY_FALLBACK = {
-    "collections.OrderedDict", "collections.Counter", "builtins.set", "builtins.bytearray", "builtins.complex",
-    "_codecs.encode", "torch.Size", "torch.device", "torch.nn.parameter.Parameter",
-    "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3",
-    "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state", "torch._utils._rebuild_qtensor",
-    "torch._utils._rebuild_meta_tensor_no_storage", "torch._utils._rebuild_sparse_tensor",
-    "torch._utils._rebuild_nested_tensor", "torch._utils._rebuild_wrapper_subclass",
-    "torch._utils._rebuild_device_tensor_from_numpy", "torch._utils._rebuild_device_tensor_from_cpu_tensor",
-    "torch._tensor._rebuild_from_type_v2", "torch.serialization._get_layout", "torch.storage.UntypedStorage",
-}
-# The worst, named in messages (anything else called and not allowed is dangerous all the same).
+# The worst, named in messages (anything else called and not admitted is dangerous all the same).
 DENY = {
     "os.system": "runs a shell command", "posix.system": "runs a shell command", "nt.system": "runs a shell command",
     "os.popen": "runs a shell command", "os.execv": "replaces the process", "os.execvp": "replaces the process",
@@ -99,387 +80,347 @@ DENY = {
     "logging.FileHandler": "opens a file", "io.open": "opens a file", "_io.open": "opens a file",
     "codecs.open": "opens a file", "pty.spawn": "starts a process", "asyncio.create_subprocess_exec": "starts a process",
 }
-# BUILD state keys that make the unpickler call what they hold (BUILD -> __setstate__, APPEND -> append...)
-_CALLED_ATTRIBUTES = {"__setstate__", "append", "extend", "add", "update", "__setitem__", "__reduce__",
-                      "__reduce_ex__", "__getattr__", "__getattribute__", "__setattr__", "__init__", "__new__"}
-# allowed functions that call one of their arguments: (name, index called, index instantiated)
-_CALLS_ITS_ARGUMENT = {"torch._tensor._rebuild_from_type_v2": (0, 1), "torch._tensor._rebuild_from_type": (0, 1),
-                       "copyreg._reconstructor": (1, 0), "copyreg.__newobj__": (None, 0),
-                       "torch._utils._rebuild_wrapper_subclass": (None, 0)}
+NATIVE_CODE = "<native code>"
+AMBIGUOUS = "<ambiguous file>"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-_STRING_OPS = {"BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
-_BYTES_OPS = {"BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8"}
-MAX_NESTING = 4
-MAX_PICKLE = 1 << 31
+MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+PROTOCOL_VERSION = 1001
+MAX_PICKLE_IN_MEMORY = 256 << 20   # a record read whole to be scanned; larger ones are streamed
+MAX_ARCHIVE_DEPTH = 3
+_STORAGE_RECORD = re.compile(r"[^/]*/data/\d+")
+_NATIVE_MAGIC = (b"\x7fELF", b"\xcf\xfa\xed\xfe", b"\xce\xfa\xed\xfe", b"\xfe\xed\xfa\xcf", b"\xca\xfe\xba\xbe")
+_NATIVE_SUFFIX = (".so", ".dll", ".dylib", ".pyd")
+_NPY_MAGIC = b"\x93NUMPY"
 
 
-def allowed_globals() -> Set[str]:
-    """What torch.load(weights_only=True) allows by default, plus ``BENIGN``."""
-    try:
-        from torch._weights_only_unpickler import _get_allowed_globals
-        names = set(_get_allowed_globals())
-    except Exception:  # torch missing or its private API moved: the recorded list
-        names = set(_WEIGHTS_ONLY_FALLBACK)
-    return names
+class _Findings:
+    """What a scan of one path collects: per global, per place, its uses; and the advice's inputs."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.uses: Dict[str, Dict[str, Set[str]]] = {}
+        self.pickles = 0
+        self.problems: List[str] = []
+        self.built_types: Set[str] = set()
+        self.internals = False  # the format's own classes (DCP metadata, TorchScript helpers) are in place
+        self.torch_load = False  # a torch.load input (so the add_safe_globals advice applies)
+        self.unreadable: Optional[str] = None
+        self.failed: Optional[str] = None  # the first thing the loader itself would fail on
+
+    def flag(self, name: str, where: str, how: str = "found") -> None:
+        self.uses.setdefault(name, {}).setdefault(where, set()).add(how)
+
+    def pickle(self, where: str, data=None, pos: int = 0, source: Optional[Source] = None,
+               size: Optional[int] = None, depth: int = 0, loader_runs: bool = True) -> PickleUses:
+        """Scan one pickle; ``loader_runs``: the loader really unpickles it (its failure is worth saying)."""
+        r = scan_pickle(data, pos, source, size)
+        self.pickles += 1
+        for name, how in r.uses.items():
+            for h in how:
+                self.flag(name, where, h)
+        self.built_types |= r.built_types
+        if r.ambiguous:
+            self.flag(AMBIGUOUS, where)
+            self.problems.append(f"{where}: {r.error}")
+        elif r.error and loader_runs:
+            self.problems.append(f"{where}: the loader stops here too: {r.error}")
+            self.failed = self.failed or f"malformed pickle ({where}): {r.error}"
+        if depth < MAX_NESTED:
+            for label, blob in r.nested:
+                self.pickle(f"{where} > {label}", blob, depth=depth + 1, loader_runs=False)
+        return r
 
 
-class _G:
-    __slots__ = ("name",)
-
-    def __init__(self, name: str):
-        self.name = name
+# ---------------------------------------------------------------------------------------------
+# What the loaders read
 
 
-class _S:
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-
-class _T:
-    __slots__ = ("items",)
-
-    def __init__(self, items):
-        self.items = items
-
-
-class _D:
-    __slots__ = ("items",)
-
-    def __init__(self):
-        self.items = []
-
-
-class _R:
-    """The result of a call: calling it again is calling something the pickle computed."""
-
-
-_OTHER = object()
-_MARK = object()
-
-
-COMPUTED_CALL = "<call of a computed object>"
-
-
-def scan_pickle(data: bytes, where: str, depth: int = 0) -> Tuple[Dict[str, Set[str]], List[Tuple[str, bytes]]]:
-    """``({global: {uses}}, [(where, nested pickle bytes)])`` of one pickle, from its opcodes alone.
-
-    Uses: ``referenced``, ``instantiated`` (NEWOBJ, copyreg), ``called`` (REDUCE, INST/OBJ, an allowed
-    function that calls its argument, a BUILD that stores it under a name the unpickler calls).
-    A call of something the pickle computed (the result of another call, a persistent id) is
-    recorded as the global ``<call of a computed object>``.
-    """
-    uses: Dict[str, Set[str]] = {}
-    nested: List[Tuple[str, bytes]] = []
-    stack: list = []
-    memo: Dict[int, object] = {}
-
-    def use(item, how: str) -> None:
-        if isinstance(item, _G):
-            uses.setdefault(item.name, set()).add(how)
-        elif isinstance(item, _R) or (how == "called" and not isinstance(item, (_S, _T, _D))):
-            # calling (or instantiating) what another call returned, an object, a persistent id...
-            uses.setdefault(COMPUTED_CALL, set()).add(how)
-
-    def pop_mark() -> list:
-        k = len(stack) - 1 - stack[::-1].index(_MARK)
-        items = stack[k + 1:]
-        del stack[k:]
-        return items
-
-    def state_calls(state) -> None:
-        # BUILD state: {"__setstate__": f} or (dict, {"append": f}) makes the unpickler call f later
-        parts = state.items if isinstance(state, _T) and len(state.items) == 2 else [state]
-        for part in parts:
-            if isinstance(part, _D):
-                for k, v in part.items:
-                    if isinstance(k, _S) and k.value in _CALLED_ATTRIBUTES and v is not None:
-                        use(v, "called")
-
-    try:
-        for op, arg, pos in pickletools.genops(data):
-            name = op.name
-            if name in ("GLOBAL", "INST"):
-                module, _, qual = str(arg).partition(" ")
-                g = _G(_py3_name(module, qual))
-                uses.setdefault(g.name, set()).add("referenced")
-                if name == "GLOBAL":
-                    stack.append(g)
-                else:  # INST: a call of the class/function with the mark-delimited args
-                    pop_mark()
-                    use(g, "called")
-                    stack.append(_R())
-            elif name == "STACK_GLOBAL":
-                qual, module = stack.pop(), stack.pop()
-                if isinstance(qual, _S) and isinstance(module, _S) and isinstance(qual.value, str) \
-                        and isinstance(module.value, str):
-                    g = _G(_py3_name(module.value, qual.value))
-                else:  # names computed at load time: cannot be known statically
-                    g = _G("<computed global>")
-                uses.setdefault(g.name, set()).add("referenced")
-                stack.append(g)
-            elif name in ("EXT1", "EXT2", "EXT4"):
-                g = _G(f"<extension code {arg}>")
-                uses.setdefault(g.name, set()).add("referenced")
-                stack.append(g)
-            elif name in _STRING_OPS:
-                stack.append(_S(arg))
-            elif name in _BYTES_OPS:
-                if isinstance(arg, (bytes, bytearray)) and _looks_like_pickle(arg) and depth < MAX_NESTING:
-                    nested.append((f"{where} > bytes at {pos}", bytes(arg)))
-                stack.append(_S(arg))
-            elif name in ("GET", "BINGET", "LONG_BINGET"):
-                stack.append(memo.get(arg, _OTHER))
-            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[arg] = stack[-1] if stack else _OTHER
-            elif name == "MEMOIZE":
-                memo[len(memo)] = stack[-1] if stack else _OTHER
-            elif name == "DUP":
-                stack.append(stack[-1])
-            elif name == "MARK":
-                stack.append(_MARK)
-            elif name == "TUPLE":
-                stack.append(_T(pop_mark()))
-            elif name in ("TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
-                n = {"EMPTY_TUPLE": 0, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}[name]
-                items = stack[len(stack) - n:] if n else []
-                del stack[len(stack) - n:]
-                stack.append(_T(items))
-            elif name == "EMPTY_DICT":
-                stack.append(_D())
-            elif name == "DICT":
-                items = pop_mark()
-                d = _D()
-                d.items = list(zip(items[0::2], items[1::2]))
-                stack.append(d)
-            elif name == "SETITEM":
-                v, k = stack.pop(), stack.pop()
-                if isinstance(stack[-1], _D):
-                    stack[-1].items.append((k, v))
-            elif name == "SETITEMS":
-                items = pop_mark()
-                if isinstance(stack[-1], _D):
-                    stack[-1].items.extend(zip(items[0::2], items[1::2]))
-            elif name == "REDUCE":
-                args, fn = stack.pop(), stack.pop()
-                use(fn, "called")
-                if isinstance(fn, _G) and fn.name in _CALLS_ITS_ARGUMENT and isinstance(args, _T):
-                    called, made = _CALLS_ITS_ARGUMENT[fn.name]
-                    if called is not None and len(args.items) > called and not (
-                            isinstance(args.items[called], _G) and args.items[called].name == "builtins.object"):
-                        use(args.items[called], "called")
-                    if made is not None and len(args.items) > made:
-                        use(args.items[made], "instantiated")
-                if isinstance(fn, _G) and fn.name == "_codecs.encode" and isinstance(args, _T) and args.items \
-                        and isinstance(args.items[0], _S) and isinstance(args.items[0].value, str):
-                    raw = args.items[0].value.encode("latin-1", "replace")
-                    if _looks_like_pickle(raw) and depth < MAX_NESTING:
-                        nested.append((f"{where} > bytes at {pos}", raw))
-                stack.append(_R())
-            elif name in ("NEWOBJ", "NEWOBJ_EX"):
-                if name == "NEWOBJ_EX":
-                    stack.pop()
-                stack.pop()
-                use(stack.pop(), "instantiated")
-                stack.append(_OTHER)
-            elif name == "OBJ":
-                items = pop_mark()
-                if items:
-                    use(items[0], "called")
-                stack.append(_R())
-            elif name == "BUILD":
-                state = stack.pop()
-                if stack and isinstance(stack[-1], _G):
-                    use(stack[-1], "state set on the class itself")
-                state_calls(state)
-            elif name in ("BINPERSID", "PERSID"):
-                pid = stack.pop() if name == "BINPERSID" else _S(arg)
-                # the legacy format's ('module', cls, file, source) id loads as cls itself
-                if isinstance(pid, _T) and len(pid.items) >= 2 and isinstance(pid.items[0], _S) \
-                        and pid.items[0].value == "module":
-                    stack.append(pid.items[1])
-                else:
-                    stack.append(_OTHER)
-            elif name == "STOP":
-                break
-            elif name in ("PROTO", "FRAME"):
-                continue
-            else:
-                generic_stack_effect(op, stack, _MARK, lambda: _OTHER)
-    except (ValueError, IndexError, KeyError, EOFError, TypeError, UnicodeDecodeError, AttributeError) as e:
-        raise FormatError(f"malformed pickle in {where}: {str(e)[:120]}") from None
-    return uses, nested
-
-
-def _py3_name(module: str, name: str) -> str:
-    """``__builtin__.set`` -> ``builtins.set``: the names protocol-2 pickles use, as pickle maps them."""
-    import _compat_pickle
-    if (module, name) in _compat_pickle.NAME_MAPPING:
-        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-    elif module in _compat_pickle.IMPORT_MAPPING:
-        module = _compat_pickle.IMPORT_MAPPING[module]
-    return f"{module}.{name}"
-
-
-def _looks_like_pickle(b: bytes) -> bool:
-    return len(b) >= 3 and b[0] == 0x80 and 2 <= b[1] <= 5
-
-
-_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, NotImplementedError,
-               UnicodeDecodeError, ValueError)
-
-
-def _pickles(path: str) -> Iterator[Tuple[str, bytes]]:
-    """(name, bytes) of every pickle the file (or folder) holds at top level."""
-    from .formats import detect
+def _scan_path(found: _Findings, path: str) -> str:
+    """Scan ``path`` (a file or a folder) into ``found``; return its format's name."""
     if os.path.isdir(path):
-        yield from _folder_pickles(path)
-        return
-    head = _read(path, 64)
-    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-        yield from _zip_pickles(path)
-        return
-    if _looks_like_pickle(head):
-        # A bare pickle, or the legacy format: torch.load reads up to five pickles in a row
-        # (magic, version, sys_info, the checkpoint, storage keys) whatever their spelling.
-        yield from _pickle_sequence(path)
-        return
-    detect(path)  # raises for what ckpttool does not know; safetensors and ONNX carry no pickles
-
-
-def _pickle_sequence(path: str) -> Iterator[Tuple[str, bytes]]:
-    """A bare pickle; or, when its first pickle's value is the legacy magic number (however it is
-    spelled: torch.load only compares values), the five pickles torch.load reads in a row."""
-    labels = ("magic number", "protocol version", "sys_info", "main pickle", "storage keys")
-    with open(path, "rb") as f:
-        legacy = False
-        for i in range(5):
-            start = f.tell()
-            if i and not _looks_like_pickle(f.read(3)):
-                raise FormatError(f"legacy file ends before its {labels[i]} pickle", path)
-            f.seek(start)
-            try:
-                for op, _, _ in pickletools.genops(f):
-                    if op.name == "STOP":
-                        break
-            except Exception as e:
-                raise FormatError(f"malformed pickle{' (' + labels[i] + ')' if legacy else ''}: {str(e)[:100]}",
-                                  path) from None
-            end = f.tell()
-            f.seek(start)
-            data = f.read(end - start)
-            if i == 0:
-                legacy = _is_magic(data)
-                if not legacy:
-                    yield "pickle", data
-                    return
-            yield labels[i], data
-
-
-def _is_magic(data: bytes) -> bool:
-    from .formats.safe_pickle import safe_load
-    from .formats.torch_legacy import MAGIC_NUMBER
+        return _scan_folder(found, path)
     try:
-        value, _ = safe_load(data)
-    except FormatError:
-        return False
-    return type(value) is int and value == MAGIC_NUMBER
-
-
-def _zip_pickles(path: str, data: Optional[bytes] = None, label: str = "") -> Iterator[Tuple[str, bytes]]:
-    try:
-        with zipfile.ZipFile(io.BytesIO(data) if data is not None else path) as zf:
-            for info in zf.infolist():
-                if info.filename.endswith(".pkl"):
-                    if info.file_size > MAX_PICKLE:
-                        raise FormatError(f"record {info.filename} declares {info.file_size} bytes", path)
-                    yield label + info.filename, zf.read(info)
-    except _ZIP_ERRORS as e:
-        raise FormatError(f"unreadable zip archive{' ' + label if label else ''}: {str(e)[:120]}", path) from None
-
-
-def _folder_pickles(path: str) -> Iterator[Tuple[str, bytes]]:
-    from .formats import detect
-    meta = os.path.join(path, ".metadata")
-    if os.path.isfile(meta):  # torch.distributed.checkpoint: .metadata, and torch.save blobs inside .distcp files
-        yield ".metadata", _read(meta)
-        for n in sorted(os.listdir(path)):
-            if n.endswith(".distcp"):
-                yield from _distcp_pickles(os.path.join(path, n), n)
-        return
-    found = False
-    for n in sorted(os.listdir(path)):
-        p = os.path.join(path, n)
-        if os.path.isfile(p) and n.endswith((".pt", ".pth", ".bin", ".pkl", ".ckpt")):
-            found = True
-            for where, data in _pickles(p):
-                yield f"{n}: {where}", data
-    if not found:
-        detect(path)  # a safetensors / ONNX folder has no pickles; anything else is an error
-
-
-def _distcp_pickles(path: str, label: str) -> Iterator[Tuple[str, bytes]]:
-    """Non-tensor items DCP writes into a .distcp file with torch.save: zip archives, found by their headers."""
-    data = _read(path)
-    pos = data.find(b"PK\x03\x04")
-    while pos >= 0:
-        end = data.find(b"PK\x05\x06", pos)
-        if end < 0:
-            break
-        blob = data[pos:end + 22 + int.from_bytes(data[end + 20:end + 22], "little")]
-        yield from _zip_pickles(path, blob, f"{label} @ {pos}: ")
-        pos = data.find(b"PK\x03\x04", end)
-
-
-def _read(path: str, n: int = -1) -> bytes:
-    try:
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
-            return f.read(n)
+            head = f.read(16)
     except OSError as e:
         raise FileAccessError(f"cannot read: {e.strerror or e}", path) from None
+    if size == 0:
+        raise FormatError("file is empty", path)
+    if head[:4] == b"PK\x03\x04":  # torch.load's own test (torch.serialization._is_zipfile)
+        return _scan_archive(found, path, 0, size, "", 0)
+    if head[:6] == _NPY_MAGIC:
+        _scan_npy(found, path, 0, size, "")
+        return "npy"
+    from .formats import safetensors  # reads no pickle: only its header is checked
+    if safetensors.looks_like(_head(path, 512), size):
+        return "safetensors"
+    if path.lower().endswith(".onnx") or (head[:1] == b"\x08" and not _starts_like_pickle(head)):
+        return "onnx"
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if _scan_tar(found, path):
+        return "torch_tar"
+    found.torch_load = True
+    return _scan_legacy(found, path, size)
 
 
-def scan_file(path: str, allowed: Optional[Set[str]] = None) -> ScanFile:
-    """Scan one path; see the module doc."""
-    if not os.path.exists(path):
-        raise FileAccessError("no such file or directory", path)
-    allowed = allowed_globals() if allowed is None else allowed
-    merged: Dict[str, Dict[str, Set[str]]] = {}  # global -> where -> uses
-    todo = list(_pickles(path))
-    pickles = 0
-    while todo:
-        where, data = todo.pop(0)
-        pickles += 1
-        try:
-            uses, nested = scan_pickle(data, where, depth=where.count(" > "))
-        except FormatError as e:
-            e.path = e.path or path
-            raise
-        for g, how in uses.items():
-            merged.setdefault(g, {}).setdefault(where, set()).update(how)
-        todo.extend(nested)
-    globals_: List[ScanGlobal] = []
-    for g in sorted(merged):
-        how = set().union(*merged[g].values())
-        verdict = classify(g, how, allowed)
-        if len(how) > 1:
-            how.discard("referenced")  # every global is referenced; say the stronger use
-        globals_.append(ScanGlobal(name=g, verdict=verdict, uses=tuple(sorted(how)), where=tuple(sorted(merged[g])),
-                                   note=_denied(g)))
-    from .formats import detect
+def _head(path: str, n: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def _starts_like_pickle(head: bytes) -> bool:
+    return len(head) >= 2 and head[0] == 0x80 and head[1] <= 5
+
+
+def _scan_legacy(found: _Findings, path: str, size: int) -> str:
+    """torch.load's path for what is neither zip nor tar: pickles from byte 0, as many as it reads."""
+    labels = ("magic number", "protocol version", "sys_info", "main pickle", "storage keys")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        pos = 0
+        for i, label in enumerate(labels):
+            r = found.pickle(label if i else "pickle", mm, pos, size=size)
+            if r.error:
+                if i == 0 and not r.uses and not _starts_like_pickle(mm[:2]):
+                    found.unreadable = f"not a checkpoint format ckpttool knows (starts with {bytes(mm[:8])!r}), " \
+                                       f"and torch.load cannot unpickle it: {r.error}"
+                return "pickle" if i == 0 else "torch_legacy"
+            if i == 0 and r.value != MAGIC_NUMBER:
+                return "pickle"  # torch.load stops here: "Invalid magic number"
+            if i == 1 and r.value != PROTOCOL_VERSION:
+                found.problems.append("protocol version: not 1001, torch.load stops here")
+                return "torch_legacy"
+            pos = r.end
+    return "torch_legacy"
+
+
+def _scan_tar(found: _Findings, path: str) -> bool:
+    """The tar format of torch < 0.4, which torch.load still tries first: the pickles it reads."""
     try:
-        fmt = detect(path)
+        tar = tarfile.open(path, mode="r:", format=tarfile.PAX_FORMAT)
+    except (tarfile.TarError, OSError, ValueError, EOFError):
+        return False
+    found.torch_load = True
+    with tar:
+        members = {m.name: m for m in tar.getmembers() if m.isfile()}
+        for name in ("storages", "tensors", "pickle"):
+            m = members.get(name)
+            if m is None:
+                continue
+            data = tar.extractfile(m).read(min(m.size, MAX_PICKLE_IN_MEMORY))
+            where = f"tar member {name}"
+            if name == "pickle":
+                found.pickle(where, data)
+            else:
+                _scan_tar_stream(found, data, where, name)
+        for m in members.values():  # torch reads no other member: anything else is looked at, not run
+            if m.name not in ("storages", "tensors", "pickle", "sys_info"):
+                continue
+        if "sys_info" in members:
+            found.pickle("tar member sys_info", tar.extractfile(members["sys_info"]).read(MAX_PICKLE_IN_MEMORY),
+                         loader_runs=False)
+    return True
+
+
+def _scan_tar_stream(found: _Findings, data: bytes, where: str, kind: str) -> None:
+    """``storages`` / ``tensors`` of the tar format: a count pickle, then per item a pickle and raw data."""
+    r = found.pickle(f"{where} (count)", data)
+    if r.error or type(r.value) is not int or r.value < 0:
+        return
+    pos = r.end
+    from .dtypes import STORAGE_CLASS_DTYPE, itemsize
+    for i in range(min(r.value, 1 << 20)):
+        item = found.pickle(f"{where} (item {i})", data, pos)
+        if item.error:
+            return
+        pos = item.end
+        if kind == "storages":  # (key, location, storage_type); then an 8-byte count and the elements
+            t = item.value[2] if type(item.value) is tuple and len(item.value) == 3 else None
+            name = t.name.rpartition(".")[2] if t is not None and hasattr(t, "name") else ""
+            if name not in STORAGE_CLASS_DTYPE or pos + 8 > len(data):
+                found.problems.append(f"{where}: storage {i} cannot be followed; later pickles not scanned")
+                found.flag(AMBIGUOUS, where)
+                return
+            (numel,) = struct.unpack_from("<q", data, pos)
+            pos += 8 + max(numel, 0) * itemsize(STORAGE_CLASS_DTYPE[name])
+        else:  # (key, storage_id, type); then ndim, a magic int, sizes, strides, offset
+            if pos + 8 > len(data):
+                return
+            (ndim,) = struct.unpack_from("<i", data, pos)
+            pos += 8 + 16 * max(ndim, 0) + 8
+        if pos > len(data):
+            return
+    if kind == "storages":
+        found.pickle(f"{where} (views)", data, pos)
+
+
+def _scan_archive(found: _Findings, path: str, base: int, length: int, label: str, depth: int) -> str:
+    from .formats.archive import AmbiguousArchive, Archive
+    found.torch_load = True
+    where0 = label or os.path.basename(path)
+    try:
+        archive = Archive.open(path, base, length)
+    except AmbiguousArchive as e:
+        found.flag(AMBIGUOUS, where0)
+        found.problems.append(f"{where0}: {e.message}")
+        return "zip"
+    with archive:
+        names = archive.names()
+        lower = {n.lower() for n in names}
+        script = any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in lower)
+        found.internals = found.internals or script
+        main = archive.find("data.pkl")
+        for rec in archive.records:
+            name = rec.name
+            where = f"{label}{name}"
+            if _STORAGE_RECORD.fullmatch(name) and rec != main:
+                continue  # tensor bytes: torch never unpickles these
+            if name.lower().endswith(_NATIVE_SUFFIX):
+                found.flag(NATIVE_CODE, where)
+                continue
+            if rec == main:
+                _scan_record_pickle(found, archive, rec, where, loader_runs=True)
+                continue
+            head = _record_head(archive, rec, 16)
+            if head is None:
+                continue
+            if head[:4] in _NATIVE_MAGIC or head[:2] == b"MZ":
+                found.flag(NATIVE_CODE, where)
+            elif name.lower().endswith(".pkl") or _starts_like_pickle(head):
+                _scan_record_pickle(found, archive, rec, where, loader_runs=False)
+            elif head[:4] == b"PK\x03\x04" and depth < MAX_ARCHIVE_DEPTH:
+                if rec.method == 0:
+                    _scan_archive(found, path, rec.data_offset, rec.size, f"{where} > ", depth + 1)
+                else:
+                    _scan_inflated_archive(found, archive, rec, f"{where} > ", depth + 1)
+            elif head[:6] == _NPY_MAGIC and rec.method == 0:
+                _scan_npy(found, path, rec.data_offset, rec.size, f"{where}")
+        if main is None and not script:
+            found.problems.append(f"{where0}: no data.pkl: torch.load unpickles nothing from it")
+        return "torchscript" if script else "torch_zip" if main is not None else "zip"
+
+
+def _record_head(archive, rec, n: int) -> Optional[bytes]:
+    try:
+        with archive.open_record(rec, check_crc=False) as f:
+            return f.read(n)
     except FormatError:
-        fmt = "dcp" if os.path.isfile(os.path.join(path, ".metadata")) else "unknown"
-    return ScanFile(path=path, pickles=pickles, globals=tuple(globals_), format=fmt)
+        return None
 
 
-def classify(name: str, uses: Set[str], allowed: Set[str]) -> str:
-    """``safe`` | ``needs code`` | ``dangerous`` for one global and how the pickle uses it."""
-    if not _NAME.fullmatch(name) or _denied(name):  # incl. <computed ...> and names that are no Python path
-        return "dangerous"
-    if name in allowed or name in BENIGN or _is_torch_builtin_type(name):
+def _scan_record_pickle(found: _Findings, archive, rec, where: str, loader_runs: bool) -> None:
+    if rec.size <= MAX_PICKLE_IN_MEMORY:
+        try:
+            data = archive.read(rec, limit=MAX_PICKLE_IN_MEMORY, check_crc=False)
+        except FormatError as e:  # the loader cannot read it either
+            found.problems.append(f"{where}: {e.message}")
+            if loader_runs:
+                found.failed = found.failed or e.message
+            return
+        found.pickle(where, data, loader_runs=loader_runs)
+        return
+    with archive.open_record(rec, check_crc=False) as f:  # streamed: never inflated whole
+        found.pickle(where, source=Source.of_stream(f, limit=rec.size), size=rec.size, loader_runs=loader_runs)
+
+
+def _scan_inflated_archive(found: _Findings, archive, rec, label: str, depth: int) -> None:
+    import tempfile
+    if rec.size > MAX_PICKLE_IN_MEMORY:
+        found.flag(AMBIGUOUS, label)
+        found.problems.append(f"{label}: a compressed nested archive of {rec.size} bytes, not scanned")
+        return
+    data = archive.read(rec, limit=MAX_PICKLE_IN_MEMORY, check_crc=False)
+    with tempfile.NamedTemporaryFile(suffix=".zip") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        _scan_archive(found, tmp.name, 0, len(data), label, depth)
+
+
+def _scan_npy(found: _Findings, path: str, base: int, length: int, label: str) -> None:
+    """A ``.npy`` array: numpy.load(allow_pickle=True) unpickles an object array's data."""
+    with open(path, "rb") as f:
+        f.seek(base)
+        head = f.read(min(length, 65536 + 12))
+    if len(head) < 10:
+        return
+    major = head[6]
+    if major == 1:
+        hlen, start = struct.unpack_from("<H", head, 8)[0], 10
+    else:
+        if len(head) < 12:
+            return
+        hlen, start = struct.unpack_from("<I", head, 8)[0], 12
+    header = head[start:start + hlen].decode("latin-1", "replace")
+    if "'O'" in header or '"O"' in header or "|O" in header:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            found.pickle(f"{label or os.path.basename(path)} (object array)", mm, base + start + hlen,
+                         size=length)
+
+
+def _scan_folder(found: _Findings, path: str) -> str:
+    meta = os.path.join(path, ".metadata")
+    if os.path.isfile(meta):  # torch.distributed.checkpoint: dcp.load unpickles .metadata and bytes items
+        found.internals = True
+        with open(meta, "rb") as f:
+            found.pickle(".metadata", f.read(MAX_PICKLE_IN_MEMORY))
+        for n in sorted(os.listdir(path)):
+            if n.endswith(".distcp"):
+                _scan_distcp(found, os.path.join(path, n), n)
+        return "dcp"
+    scanned = False
+    for n in sorted(os.listdir(path)):
+        p = os.path.join(path, n)
+        if os.path.isfile(p) and n.lower().endswith((".pt", ".pth", ".bin", ".pkl", ".ckpt", ".pt2", ".npy", ".npz")):
+            scanned = True
+            sub = _Findings(p)
+            _scan_path(sub, p)
+            for g, places in sub.uses.items():
+                for where, how in places.items():
+                    for h in how:
+                        found.flag(g, f"{n}: {where}", h)
+            found.pickles += sub.pickles
+            found.problems += [f"{n}: {p}" for p in sub.problems]
+            found.built_types |= sub.built_types
+            found.torch_load = found.torch_load or sub.torch_load
+    if not scanned:
+        from .formats import detect
+        return detect(path)  # a safetensors / ONNX folder has no pickles; anything else is an error
+    return "folder"
+
+
+def _scan_distcp(found: _Findings, path: str, label: str) -> None:
+    """A .distcp file: tensor bytes, and the torch.save archives DCP writes for bytes items."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        pos = mm.find(b"PK\x03\x04")
+        while pos >= 0:
+            end = mm.find(b"PK\x05\x06", pos)
+            if end < 0 or end + 22 > size:
+                break
+            stop = end + 22 + int.from_bytes(mm[end + 20:end + 22], "little")
+            _scan_archive(found, path, pos, stop - pos, f"{label} @ {pos}: ", 1)
+            pos = mm.find(b"PK\x03\x04", stop)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdicts
+
+
+def classify(name: str, uses: Set[str], internals: bool = False) -> str:
+    """``safe`` | ``needs code`` | ``dangerous`` for one global and how the pickles use it.
+
+    >>> classify("os.system", {"referenced"}), classify("mypkg.Net", {"instantiated", "built"})
+    ('dangerous', 'needs code')
+    >>> classify("collections.OrderedDict", {"called"}), classify("mypkg.make", {"called"})
+    ('safe', 'dangerous')
+    """
+    if name in (NATIVE_CODE, AMBIGUOUS, COMPUTED_CALL) or not _NAME.fullmatch(name) or _denied(name):
+        return "dangerous"  # incl. <extension code N> and names that are no Python path
+    if weights_only_admits(name) or name in BENIGN or name in _MODELED or \
+            (internals and name in TORCH_FORMAT_INTERNALS):
         return "safe"
     if "called" in uses:
         return "dangerous"
@@ -494,10 +435,43 @@ def _denied(name: str) -> str:
     return DENY.get(name, "")
 
 
-def _is_torch_builtin_type(name: str) -> bool:
-    # storage classes and dtypes torch names by module: torch.FloatStorage, torch.cuda.HalfStorage, torch.float16
-    mod, _, leaf = name.rpartition(".")
-    return mod in ("torch", "torch.cuda") and leaf.endswith("Storage")
+# Admitted here because what they call is modelled by the scanner (pickles.uses): copyreg's helpers call or
+# instantiate their arguments, which are judged on their own; a partial calls nothing until it is called.
+_MODELED = {"copyreg._reconstructor", "copyreg.__newobj__", "copyreg.__newobj_ex__", "functools.partial"}
+
+_NOTES = {COMPUTED_GLOBAL: "a global whose name the pickle computes", NATIVE_CODE: "compiled code the loader can run", AMBIGUOUS: "readers disagree on what the file holds",
+          COMPUTED_CALL: "calls an object the pickle computed"}
+
+
+def scan_file(path: str) -> ScanFile:
+    """Scan one path; see the module doc."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileAccessError("no such file or directory", path)
+    found = _Findings(path)
+    fmt = _scan_path(found, path)
+    if found.unreadable and not found.uses:
+        raise FormatError(found.unreadable, path)
+    globals_: List[ScanGlobal] = []
+    for g in sorted(found.uses):
+        how = set().union(*found.uses[g].values())
+        verdict = classify(g, how, found.internals)
+        if len(how) > 1:
+            how.discard("referenced")  # every global is referenced; say the stronger use
+            how.discard("found")
+        globals_.append(ScanGlobal(name=g, verdict=verdict, uses=tuple(sorted(how)), where=tuple(sorted(found.uses[g])),
+                                   note=_denied(g) or _NOTES.get(g, "")))
+    if found.failed and not any(g.verdict == "dangerous" for g in globals_):
+        # nothing dangerous ran before the loader would fail: the file is unreadable, not clean
+        raise FormatError(found.failed, path)
+    line = None
+    if found.torch_load and fmt != "torchscript" and not any(g.verdict == "dangerous" for g in globals_):
+        try:
+            line = advice([g.name for g in globals_ if not g.name.startswith("<")], sorted(found.built_types))
+        except ValueError:
+            line = None
+    return ScanFile(path=path, pickles=found.pickles, globals=tuple(globals_), format=fmt, advice=line,
+                    problems=tuple(found.problems))
 
 
 def scan(paths: Sequence[str]) -> ScanResult:
@@ -507,28 +481,14 @@ def scan(paths: Sequence[str]) -> ScanResult:
     >>> r.dangerous, r.files[0].dangerous_names   # doctest: +SKIP
     (False, ())
     """
-    allowed = allowed_globals()
-    files = tuple(scan_file(os.fspath(p), allowed) for p in paths)
+    files = tuple(scan_file(os.fspath(p)) for p in paths)
     dangerous = any(f.dangerous_names for f in files)
     return ScanResult(files=files, dangerous=dangerous, exit_code=1 if dangerous else 0)
 
 
 def safe_globals_line(f: ScanFile) -> Optional[str]:
     """The ``add_safe_globals`` line that lets torch.load(weights_only=True) read a file with no dangerous globals."""
-    if f.dangerous_names or f.format == "torchscript":  # TorchScript loads with torch.jit.load, not torch.load
-        return None
-    try:
-        from torch._weights_only_unpickler import _get_allowed_globals
-        default = set(_get_allowed_globals())
-    except Exception:
-        default = set(_WEIGHTS_ONLY_FALLBACK)
-    missing = [g.name for g in f.globals if g.name not in default and not _is_torch_builtin_type(g.name)
-               and not g.name.startswith("<") and g.name not in _HANDLED_BY_OPCODES]
-    if not missing:
-        return None
-    return "torch.serialization.add_safe_globals([" + ", ".join(missing) + "])"
+    return f.advice
 
 
-# builtins the weights_only unpickler rebuilds without an allow-list entry
-_HANDLED_BY_OPCODES = {"builtins.tuple", "builtins.list", "builtins.dict", "builtins.int", "builtins.float",
-                       "builtins.str", "builtins.bool", "builtins.bytes"}
+__all__ = ["DENY", "classify", "safe_globals_line", "scan", "scan_file", "CkptError"]

@@ -109,9 +109,7 @@ def _set_record_header(path: str, **header) -> str:
     return path
 
 
-@pytest.mark.parametrize("header", [pytest.param({"flag": 1}, id="encrypted-flag"),
-                                    pytest.param({"method": 99}, id="unknown-compression-method"),
-                                    pytest.param({"version": 0xFF}, id="version-needed-25.5"),
+@pytest.mark.parametrize("header", [pytest.param({"method": 99}, id="unknown-compression-method"),
                                     pytest.param({"bad_utf8_name": True}, id="name-not-utf8")])
 def test_zip_record_zipfile_cannot_read_exits_2(header, tmp_path, make):
     """zipfile raises RuntimeError / NotImplementedError / UnicodeDecodeError on these: still a one-line error."""
@@ -223,7 +221,8 @@ def test_table_of_a_full_model_prints_the_add_safe_globals_line(make):
     assert r.exit_code == 0
     assert "needs code to load" in r.stdout.splitlines()[0]
     line = next(l for l in r.stdout.splitlines() if "add_safe_globals" in l)
-    assert line.startswith("to read it with torch.load(weights_only=True): torch.serialization.add_safe_globals([")
+    assert line.startswith("to read it with torch.load(weights_only=True): import ")
+    assert "; torch.serialization.add_safe_globals([" in line
     assert "mypkg.ClassNet" in line
 
 

@@ -115,6 +115,10 @@ class Policy:
     def find_class(self, module: str, name: str) -> Any:
         raise FormatError(f"pickle names a global ({module}.{name})")
 
+    def computed_global(self, module: Any, name: Any) -> Any:
+        """STACK_GLOBAL of names that are not both str (C refuses them; a scanner may not know them)."""
+        raise FormatError("STACK_GLOBAL requires str")
+
     def persistent_load(self, pid: Any) -> Any:
         raise FormatError("pickle refers to external data (a persistent id) where none is allowed")
 
@@ -141,6 +145,10 @@ class Policy:
 
     def extension(self, code: int) -> Any:
         raise FormatError(f"pickle uses unregistered extension code {code}")
+
+    def note_bytes(self, data, at: int) -> None:
+        """Bytes the pickle holds (BINBYTES and kin, the opcode at byte ``at``): a scanner looks for pickles
+        nested in them."""
 
 
 class Source:
@@ -499,8 +507,9 @@ class Machine:
                 name = stack.pop()
                 module = stack.pop()
                 if type(name) is not str or type(module) is not str:
-                    raise FormatError("STACK_GLOBAL requires str")
-                append(policy.find_class(module, name))
+                    append(policy.computed_global(module, name))
+                else:
+                    append(policy.find_class(module, name))
             elif op == 0x81:  # NEWOBJ
                 if len(stack) < 2:
                     raise FormatError("unpickling stack underflow")
@@ -545,11 +554,13 @@ class Machine:
                     n = frame_end
             elif op == 0x8E or op == 0x42 or op == 0x43 or op == 0x96:  # BINBYTES8 BINBYTES SHORT_BINBYTES BYTEARRAY8
                 w = 8 if op in (0x8E, 0x96) else 4 if op == 0x42 else 1
+                at = src.base + pos - 1
                 if pos + w > n:
                     pos = more(pos, w)
                 length = _U64(data, pos)[0] if w == 8 else u32(data, pos)[0] if w == 4 else data[pos]
                 raw, pos = counted(pos + w, length, "bytes")
                 append(bytearray(raw) if op == 0x96 else bytes(raw))
+                policy.note_bytes(stack[-1], at)
             elif op == 0x8D:  # BINUNICODE8
                 if pos + 8 > n:
                     pos = more(pos, 8)
