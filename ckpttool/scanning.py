@@ -34,13 +34,14 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import pickletools
 import re
 import struct
 import tarfile
 from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from .errors import CkptError, FileAccessError, FormatError
-from .pickles.allowlist import BENIGN, TORCH_FORMAT_INTERNALS, advice, weights_only_admits
+from .pickles.allowlist import BENIGN, SUPPORTED_OPCODES, TORCH_FORMAT_INTERNALS, advice, weights_only_admits
 from .pickles.machine import Source
 from .pickles.uses import COMPUTED_CALL, COMPUTED_GLOBAL, MAX_NESTED, PickleUses, scan_pickle
 from .records import ScanFile, ScanGlobal, ScanResult
@@ -106,6 +107,17 @@ class _Findings:
         self.torch_load = False  # a torch.load input (so the add_safe_globals advice applies)
         self.unreadable: Optional[str] = None
         self.failed: Optional[str] = None  # the first thing the loader itself would fail on
+        self.advice_blockers: Set[str] = set()  # why no add_safe_globals line can make weights_only read it
+
+    def _census(self, where: str, data, pos: int, end: int) -> None:
+        """The opcodes torch's weights_only loader refuses whatever its allow list (protocol 3+ ones)."""
+        try:
+            names = {op.name for op, _, _ in pickletools.genops(data[pos:end])}
+        except Exception:  # noqa: BLE001 - pickletools' own strictness; the machine read it
+            return
+        refused = sorted(names - SUPPORTED_OPCODES)
+        if refused:
+            self.advice_blockers.add(f"{where} uses opcodes torch's weights_only loader refuses: {', '.join(refused)}")
 
     def flag(self, name: str, where: str, how: str = "found") -> None:
         self.uses.setdefault(name, {}).setdefault(where, set()).add(how)
@@ -119,6 +131,12 @@ class _Findings:
             for h in how:
                 self.flag(name, where, h)
         self.built_types |= r.built_types
+        if loader_runs and data is not None and not r.error and any(
+                not weights_only_admits(n) for n in r.uses if not n.startswith("<")):
+            self._census(where, data, pos, r.end)
+        if any("filled" in how for how in r.uses.values()):
+            self.advice_blockers.add("it fills an object that is not a plain list or dict (torch's weights_only "
+                                     "loader allows that for no class)")
         if r.ambiguous:
             self.flag(AMBIGUOUS, where)
             self.problems.append(f"{where}: {r.error}")
@@ -469,6 +487,9 @@ def scan_file(path: str) -> ScanFile:
         try:
             line = advice([g.name for g in globals_ if not g.name.startswith("<")], sorted(found.built_types))
         except ValueError:
+            line = None
+        if line and found.advice_blockers:
+            found.problems.extend(f"no add_safe_globals line helps: {b}" for b in sorted(found.advice_blockers))
             line = None
     return ScanFile(path=path, pickles=found.pickles, globals=tuple(globals_), format=fmt, advice=line,
                     problems=tuple(found.problems))
