@@ -718,6 +718,7 @@ class ScanFile:
     format: str = ""
     advice: Optional[str] = None     # the add_safe_globals line torch.load(weights_only=True) needs
     problems: Tuple[str, ...] = ()   # where a pickle stopped, what was ambiguous
+    weights_only: Optional[bool] = None  # torch.load(weights_only=True) reads it as it is (None: not torch.load's)
 
     @property
     def dangerous_names(self) -> Tuple[str, ...]:
@@ -732,7 +733,7 @@ class ScanFile:
                 "dangerous": list(self.dangerous_names),
                 "needs_code": list(self.needs_code), "globals": [g.name for g in self.globals],
                 "details": [g.to_dict() for g in self.globals], "add_safe_globals": self.advice,
-                "problems": list(self.problems)}
+                "weights_only_loads": self.weights_only, "problems": list(self.problems)}
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,7 @@ def _scan_path(found: _Findings, path: str) -> str:
     if head[:4] == b"PK\x03\x04":  # torch.load's own test (torch.serialization._is_zipfile)
         return _scan_archive(found, path, 0, size, "", 0)
     if head[:6] == _NPY_MAGIC:
-        _scan_npy(found, path, 0, size, "")
+        _scan_npy_file(found, path, size)
         return "npy"
     from .formats import safetensors  # reads no pickle: only its header is checked
     if safetensors.looks_like(_head(path, 512), size):
@@ -288,7 +288,10 @@ def _scan_archive(found: _Findings, path: str, base: int, length: int, label: st
         lower = {n.lower() for n in names}
         script = any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in lower)
         found.internals = found.internals or script
-        main = archive.find("data.pkl")
+        try:
+            main = archive.find("data.pkl")
+        except FormatError:  # no archive folder torch could use (an .npz): torch.load unpickles nothing
+            main = None
         for rec in archive.records:
             name = rec.name
             where = f"{label}{name}"
@@ -312,8 +315,13 @@ def _scan_archive(found: _Findings, path: str, base: int, length: int, label: st
                     _scan_archive(found, path, rec.data_offset, rec.size, f"{where} > ", depth + 1)
                 else:
                     _scan_inflated_archive(found, archive, rec, f"{where} > ", depth + 1)
-            elif head[:6] == _NPY_MAGIC and rec.method == 0:
-                _scan_npy(found, path, rec.data_offset, rec.size, f"{where}")
+            elif head[:6] == _NPY_MAGIC:
+                if rec.size > MAX_PICKLE_IN_MEMORY:
+                    found.flag(AMBIGUOUS, where)
+                    found.problems.append(f"{where}: a numpy array of {rec.size} bytes, not scanned")
+                else:
+                    data = archive.read(rec, limit=MAX_PICKLE_IN_MEMORY, check_crc=False)
+                    _scan_npy(found, data, 0, len(data), where)
         if main is None and not script:
             found.problems.append(f"{where0}: no data.pkl: torch.load unpickles nothing from it")
         return "torchscript" if script else "torch_zip" if main is not None else "zip"
@@ -355,25 +363,24 @@ def _scan_inflated_archive(found: _Findings, archive, rec, label: str, depth: in
         _scan_archive(found, tmp.name, 0, len(data), label, depth)
 
 
-def _scan_npy(found: _Findings, path: str, base: int, length: int, label: str) -> None:
-    """A ``.npy`` array: numpy.load(allow_pickle=True) unpickles an object array's data."""
-    with open(path, "rb") as f:
-        f.seek(base)
-        head = f.read(min(length, 65536 + 12))
-    if len(head) < 10:
+def _scan_npy(found: _Findings, buf, base: int, length: int, label: str) -> None:
+    """A ``.npy`` array in ``buf`` (bytes, mmap) at ``base``: numpy.load(allow_pickle=True) unpickles an
+    object array's data, which follows the header."""
+    head = bytes(buf[base:base + min(length, 65536 + 12)])
+    if len(head) < 12:
         return
-    major = head[6]
-    if major == 1:
+    if head[6] == 1:
         hlen, start = struct.unpack_from("<H", head, 8)[0], 10
     else:
-        if len(head) < 12:
-            return
         hlen, start = struct.unpack_from("<I", head, 8)[0], 12
     header = head[start:start + hlen].decode("latin-1", "replace")
-    if "'O'" in header or '"O"' in header or "|O" in header:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            found.pickle(f"{label or os.path.basename(path)} (object array)", mm, base + start + hlen,
-                         size=length)
+    if re.search(r"""['"]descr['"]\s*:\s*['"][|<>=]?O""", header):
+        found.pickle(f"{label} (object array)", buf, base + start + hlen, size=length)
+
+
+def _scan_npy_file(found: _Findings, path: str, size: int) -> None:
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        _scan_npy(found, mm, 0, size, os.path.basename(path))
 
 
 def _scan_folder(found: _Findings, path: str) -> str:
@@ -491,8 +498,12 @@ def scan_file(path: str) -> ScanFile:
         if line and found.advice_blockers:
             found.problems.extend(f"no add_safe_globals line helps: {b}" for b in sorted(found.advice_blockers))
             line = None
+    weights_only = None
+    if found.torch_load and fmt != "torchscript":
+        weights_only = not found.advice_blockers and not any(
+            g.name.startswith("<") or not weights_only_admits(g.name) for g in globals_)
     return ScanFile(path=path, pickles=found.pickles, globals=tuple(globals_), format=fmt, advice=line,
-                    problems=tuple(found.problems))
+                    problems=tuple(found.problems), weights_only=weights_only)
 
 
 def scan(paths: Sequence[str]) -> ScanResult:

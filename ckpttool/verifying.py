@@ -2,7 +2,13 @@
 
 Checks, each pass / fail / skip with the reason:
 
-1. ``readable``: the file opens through the safe readers (no code runs); what --trust would import is named.
+1. ``readable``: the file opens through the safe readers (no code runs), and ``scan`` finds nothing
+   dangerous in it (every pickle a loader would run, read as the loader reads it); what --trust would
+   import is named.
+   ``torch.load``: a plain ``torch.load(path, weights_only=True)`` would read the file on this machine
+   (its globals admitted, its opcodes ones the weights_only loader runs, its device tags present here);
+   where it would not, the check fails, naming the ``add_safe_globals`` line or the ``remap`` that makes
+   it, unless ``--trust`` says the file may be loaded with ``weights_only=False``.
 2. ``format round trip``: the state_dict written as a torch zip and as safetensors (streamed, in a
    temporary folder), read back through the readers, every tensor compared bit for bit, shared
    storages kept.
@@ -115,8 +121,12 @@ def verify(path: str, model: Optional[str] = None, model_args: Sequence[str] = (
     env = environment()
     checks: List[CheckResult] = []
 
+    from .scanning import scan_file
+    scanned = scan_file(path)
     ckpt, sd = open_state_dict(path, key)
-    checks.append(_readable(ckpt, sd))
+    checks.append(_readable(ckpt, sd, scanned))
+    if scanned.weights_only is not None:
+        checks.append(_torch_load(ckpt, sd, scanned, trust))
     if skipped_note:
         checks.append(CheckResult("devices", "cuda", "skip", skipped_note))
     checks.append(_integrity(ckpt, sd))
@@ -174,7 +184,11 @@ def _compute(runner: "_Runner", orig: Optional["_Runner"], devs: List[str], shap
 # 1-3: from the bytes
 
 
-def _readable(ckpt: Checkpoint, sd: StateDict) -> CheckResult:
+def _readable(ckpt: Checkpoint, sd: StateDict, scanned) -> CheckResult:
+    if scanned.dangerous_names:
+        return CheckResult("readable", None, "fail",
+                           f"scan calls it DANGEROUS: {', '.join(scanned.dangerous_names[:6])}"
+                           f"{' ...' if len(scanned.dangerous_names) > 6 else ''} (see: ckpttool scan {ckpt.path})")
     stubs = sorted({g.qualname for g in ckpt.globals if g.handling == "stub"},
                    key=lambda n: (n.startswith("torch."), n))
     detail = f"{ckpt.format}, {len(sd.tensors)} tensors in {sd.entry or 'the top level'}, no code run"
@@ -182,6 +196,26 @@ def _readable(ckpt: Checkpoint, sd: StateDict) -> CheckResult:
         detail += f"; running its pickled objects needs --trust (imports {', '.join(stubs[:4])}" \
                   f"{' ...' if len(stubs) > 4 else ''})"
     return CheckResult("readable", None, "pass", detail)
+
+
+def _torch_load(ckpt: Checkpoint, sd: StateDict, scanned, trust: bool) -> CheckResult:
+    """Would a plain ``torch.load(path, weights_only=True)`` read this file here?"""
+    name = "torch.load"
+    missing = sorted({t.device for t in sd.tensors.values() if not _device_present(t.device)})
+    if missing:
+        return CheckResult(name, None, "fail",
+                           f"a plain torch.load fails here: the file puts tensors on {', '.join(missing)}, which this "
+                           f"machine lacks (fix: ckpttool remap {ckpt.path} -o OUT --map "
+                           f"{missing[0].split(':')[0]}=cpu, or torch.load(map_location=...))")
+    if scanned.weights_only:
+        return CheckResult(name, None, "pass", "torch.load(weights_only=True) reads it as it is")
+    how = f"it needs: {scanned.advice}" if scanned.advice else \
+        "no add_safe_globals line makes it (" + "; ".join(p.split(": ", 1)[-1] for p in scanned.problems
+                                                         if "no add_safe_globals" in p)[:300] + ")"
+    if trust:
+        return CheckResult(name, None, "pass", f"loads only with weights_only=False, allowed by --trust; {how}")
+    return CheckResult(name, None, "fail", f"torch.load(weights_only=True) refuses it; {how}; or pass --trust "
+                                           "if the file may run code with weights_only=False")
 
 
 def _integrity(ckpt: Checkpoint, sd: StateDict) -> CheckResult:

@@ -37,6 +37,9 @@ def corpus(tmp_path_factory):
     """{name: (path, meta)} of the corpus, built once into a session folder."""
     root = tmp_path_factory.mktemp("hostile")
     entries = hostile.build_corpus(str(root / "corpus"), str(root / "markers"))
+    # the look-alike classes (the benign enums) are importable here, as a user's installed library is:
+    # scan reads their source (never imports it) to know an enum from a function
+    sys.path.append(str(root / "corpus"))
     return {m["name"]: (p, m) for p, m in entries}
 
 

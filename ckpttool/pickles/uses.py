@@ -131,7 +131,8 @@ class UsePolicy(Policy):
         self.machine: Optional[Machine] = None
         self.uses: Dict[str, Set[str]] = {}
         self.built_types: Set[str] = set()
-        self.nested: List[bytes] = []
+        self.nested: List[Tuple[str, bytes]] = []
+        self.enums: Dict[str, bool] = {}  # is_enum_class, once per name
 
     # -- recording -------------------------------------------------------------------------
     def _use(self, name: str, how: str) -> None:
@@ -183,6 +184,10 @@ class UsePolicy(Policy):
     def reduce(self, func, args):  # noqa: D102
         if type(args) is not tuple:
             raise FormatError(f"pickle calls something with arguments that are a {type(args).__name__}")
+        if isinstance(func, Global) and len(args) == 1 and _plain(args) and func.name not in _PURE \
+                and is_enum_class(func.name, self.enums):
+            self._use(func.name, "instantiated")  # Color(1): an enum member looked up by its value
+            return Made(func, args)
         self._call_value(func)
         if not isinstance(func, Global):
             if isinstance(func, _DATA):
