@@ -983,3 +983,14 @@ def test_to_dict_matches_the_design(tmp_path, make):
     detail = next(x for x in a["details"] if x["name"] == "os.system")
     assert detail == {"name": "os.system", "verdict": "dangerous", "uses": ["called"], "where": ["pickle"],
                       "note": "runs a shell command"}
+
+
+def test_scan_never_imports_torch(make, tmp_path):
+    """The allow list is ckpttool's own table (checked against torch in test_allowlist): a scan costs what
+    reading the file costs, even of a pickled full model or a safetensors file."""
+    paths = [make("full_model.pth"), make("legacy.pt"), os.path.join(FIXTURES, "model.safetensors")]
+    code = ("import json, sys, ckpttool; r = ckpttool.scan(sys.argv[1:]); print(json.dumps("
+            "[r.exit_code, [f.format for f in r.files], 'torch' in sys.modules, 'numpy' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout) == [0, ["torch_zip", "torch_legacy", "safetensors"], False, False]
