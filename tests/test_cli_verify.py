@@ -198,8 +198,10 @@ def test_torchscript_with_trust(r18):
 @pytest.mark.skipif(CUDA, reason="the CPU-only view of a GPU-saved file")
 def test_gpu_saved_file_on_cpu_machine(committed):
     path = committed("gpu_tagged.pt")
-    d = js("verify", path, "--model", CLASSNET, "--input-shape", "1x3x8x8")
-    assert d["ok"] is True and d["entry"] == "model_state_dict" and d["devices"] == ["cpu"]
+    d = js("verify", path, "--model", CLASSNET, "--input-shape", "1x3x8x8", code=1)
+    # a plain torch.load of it fails on this machine: not a pass
+    assert d["ok"] is False and d["entry"] == "model_state_dict" and d["devices"] == ["cpu"]
+    assert check(d, "torch.load")["status"] == "fail" and "cuda:1" in check(d, "torch.load")["detail"]
     tags = check(d, "device tags")
     assert tags["status"] == "skip" and f"ckpttool remap {path} -o FIXED.pt --map" in tags["detail"]
     assert check(d, "devices", "cuda")["status"] == "skip"
@@ -250,9 +252,10 @@ def test_full_pickle_without_trust_never_imports(tmp_path):
         sys.modules.pop(pkg, None)
     marker.unlink()
     try:
-        d = js("verify", tmp_path / "full.pth", "--input-shape", "1x4")
+        d = js("verify", tmp_path / "full.pth", "--input-shape", "1x4", code=1)
         assert not marker.exists() and pkg not in sys.modules
         assert f"{pkg}.Net" in check(d, "readable")["detail"]
+        assert d["ok"] is False and check(d, "torch.load")["status"] == "fail"
         loads = check(d, "loads into model")
         assert loads["status"] == "skip" and "--trust" in loads["detail"]
         assert check(d, "computes the same")["status"] == "skip"
