@@ -16,6 +16,7 @@ from ..dtypes import itemsize
 from ..errors import FormatError
 from ..records import Checkpoint, FileSpan, StorageRef
 from ..text import safe_repr
+from ..pickles.machine import Machine, Policy
 from .safe_pickle import load_stream, parse_storage_pid, storage_nbytes
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -26,16 +27,24 @@ _MAGIC_LONG = b"\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little")
 
 
 def has_magic(head: bytes) -> bool:
-    """Does ``head`` start with the legacy magic number, pickled with any protocol >= 2?
+    """Is the first pickle in ``head`` (a file's first bytes) the legacy magic number, as torch.load reads it?
 
-    torch.save(..., pickle_protocol=4) frames it: PROTO 4, FRAME <8 bytes>, LONG1 10 <magic>.
+    torch.load compares the *value* of the file's first pickle with the magic number, so any spelling
+    counts: protocol 0 (``L...L``), 1, 2, framed protocol 4, opcodes before it that leave it on top.
+    The pickle is run on the pickle machine with a policy that refuses every global.
     """
-    if len(head) < 2 or head[0] != 0x80 or not 2 <= head[1] <= 5:
+    if not head:
         return False
     body = head[2:]
-    if body[:1] == b"\x95":
+    if head[:1] == b"\x80" and body[:1] == b"\x95":
         body = body[9:]
-    return body.startswith(_MAGIC_LONG)
+    if head[:1] == b"\x80" and body.startswith(_MAGIC_LONG):  # how torch.save writes it: no need to run it
+        return True
+    try:
+        value = Machine(Policy()).load(head)
+    except FormatError:
+        return False
+    return type(value) is int and value == MAGIC_NUMBER
 
 
 class _OffsetSpan:
@@ -94,11 +103,9 @@ def read(path: str) -> Checkpoint:
         return offsets[key]
 
     with open(path, "rb") as f:
-        head = f.read(32)
-        f.seek(0)
-        if not has_magic(head):
-            raise FormatError("not a legacy PyTorch file (no magic number)", path)
         magic, _ = load_stream(f, None, path)
+        if type(magic) is not int or magic != MAGIC_NUMBER:
+            raise FormatError("not a legacy PyTorch file (no magic number)", path)
         version, _ = load_stream(f, None, path)
         if version != PROTOCOL_VERSION:
             raise FormatError(f"legacy PyTorch file of unknown protocol version {safe_repr(version, 20)}", path)
