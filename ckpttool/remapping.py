@@ -18,16 +18,15 @@ import os
 import pickletools
 import re
 import struct
-import zipfile
-import zlib
 from collections import Counter
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .errors import CkptError, FormatError, UsageError
 from .opcodes import generic_stack_effect
 from .formats import detect, open as open_checkpoint
-from .formats.torch_zip import find_record_folder, open_zip
-from .records import Checkpoint, RemapResult
+from .formats.archive import STORED, Archive, Record
+from .formats.torch_zip import MAX_PICKLE
+from .records import Checkpoint, FileSpan, RemapResult
 from .tree import all_tensors
 from .writing import atomic_output, check_output, folder_output, writing
 
@@ -241,8 +240,9 @@ def _reshape_pid(pid: _Tup, arity: Optional[int], ops, inserts: Dict[int, bytes]
 # Files
 
 
-def _copy_member(zin: zipfile.ZipFile, info: zipfile.ZipInfo, chunk: int = 1 << 24) -> Iterator[bytes]:
-    with zin.open(info) as f:
+def _copy_member(archive: Archive, record: Record, chunk: int = 1 << 24) -> Iterator[bytes]:
+    """A record's bytes, inflated if compressed, in pieces; a CRC-32 that does not match fails at its end."""
+    with archive.open_record(record) as f:
         while True:
             block = f.read(chunk)
             if not block:
@@ -250,39 +250,33 @@ def _copy_member(zin: zipfile.ZipFile, info: zipfile.ZipInfo, chunk: int = 1 << 
             yield block
 
 
-def _copy_stored(path: str, info: zipfile.ZipInfo, file_size: int, chunk: int = 1 << 24) -> Iterator[memoryview]:
+def _copy_stored(path: str, record: Record, chunk: int = 1 << 24) -> Iterator[memoryview]:
     """A stored record's bytes, read straight from the file into one reused buffer (each piece is valid until
-    the next is asked for). Unlike zipfile's reader it does not compute the CRC-32: the writer does, once."""
-    from .formats.torch_zip import _StoredMember
+    the next is asked for). It does not compute the CRC-32: the writer does, once."""
     from .records import read_pieces
-    return read_pieces(_StoredMember(path, info.filename, info.header_offset, info.file_size, file_size), 0,
-                       info.file_size, chunk)
+    return read_pieces(FileSpan(path, record.data_offset, record.size), 0, record.size, chunk)
 
 
 def _remap_zip(path: str, tmp: str, new_location: Callable[[str], str]) -> Counter:
     from .formats.torch_writer import _AlignedZip
     counts: Counter = Counter()
-    zin = open_zip(path)
-    file_size = os.path.getsize(path)
-    with zin:
-        folder = find_record_folder(zin, path)
+    with Archive.open(path) as archive:
+        folder = archive.folder
         z = _AlignedZip(tmp, "")
         try:
-            for info in zin.infolist():
-                name = info.filename
-                if name.endswith(".pkl") and name.startswith(folder) and "/" not in name[len(folder):]:
-                    data, c = rewrite_locations(zin.read(info), new_location)
+            for record in archive.records:
+                name = record.name
+                if name.endswith(".pkl") and "/" not in name[len(folder):]:
+                    data, c = rewrite_locations(archive.read(record, limit=MAX_PICKLE), new_location)
                     counts.update(c)
                     z.add(name, [data], len(data))
-                elif info.compress_type == zipfile.ZIP_STORED:
-                    # copied as it is: the CRC the writer computes must be the one the record declares
-                    written = z.add(name, _copy_stored(path, info, file_size), info.file_size)
-                    if written.CRC != info.CRC:
-                        raise FormatError(f"record {name} is corrupt: its bytes do not match its CRC-32", path)
+                elif record.method == STORED:
+                    # copied as it is: the CRC the writer computes must be the one the record declares (0: none)
+                    written = z.add(name, _copy_stored(path, record), record.size)
+                    if record.crc and written.CRC != record.crc:
+                        raise FormatError(f"record {name} fails its CRC-32 check: corrupt", path)
                 else:
-                    z.add(name, _copy_member(zin, info), info.file_size)
-        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-            raise FormatError(f"record is corrupt: {e}", path) from None
+                    z.add(name, _copy_member(archive, record), record.size)
         finally:
             z.close()
     return counts
@@ -366,11 +360,12 @@ def _zip_to_legacy(src: Checkpoint, tmp: str, new_location: Callable[[str], str]
     from .dtypes import STORAGE_CLASS_DTYPE, itemsize
     from .formats.torch_legacy import MAGIC_NUMBER, PROTOCOL_VERSION
     from .formats.torch_writer import pickle_tree
-    zin = open_zip(src.path)
-    with zin:
-        folder = find_record_folder(zin, src.path)
+    with Archive.open(src.path) as archive:
+        main = archive.find("data.pkl")
+        if main is None:
+            raise FormatError(f"zip archive has no record {archive.folder}data.pkl", src.path)
         seen: Dict[str, StorageSeen] = {}
-        data, counts = rewrite_locations(zin.read(folder + "data.pkl"), new_location, arity=6, seen=seen)
+        data, counts = rewrite_locations(archive.read(main, limit=MAX_PICKLE), new_location, arity=6, seen=seen)
         sys_info = {"protocol_version": PROTOCOL_VERSION, "little_endian": True,
                     "type_sizes": {"short": 2, "int": 4, "long": 4}}
         with open(tmp, "wb") as out:
@@ -386,12 +381,14 @@ def _zip_to_legacy(src: Checkpoint, tmp: str, new_location: Callable[[str], str]
                     raise UsageError("this file holds tensors of dtypes the legacy format has no storage class for "
                                      "(float8, uint16/32/64, complex32...); keep the zip format", src.path)
                 elem = itemsize(STORAGE_CLASS_DTYPE.get(cls, ""))
-                info = zin.getinfo(f"{folder}data/{key}")
-                if not elem or info.file_size < s.numel * elem:
+                record = archive.find(f"data/{key}")
+                if record is None:
+                    raise FormatError(f"storage {key!r} has no record {archive.folder}data/{key}", src.path)
+                if not elem or record.size < s.numel * elem:
                     raise FormatError(f"storage {key!r} is shorter than its record says", src.path)
                 out.write(struct.pack("<q", s.numel))
                 left = s.numel * elem
-                for block in _copy_member(zin, info):
+                for block in _copy_member(archive, record):
                     out.write(block[:left])
                     left -= min(left, len(block))
     return counts

@@ -446,14 +446,14 @@ def test_bytes_changed_in_the_copy_are_caught(monkeypatch, make, tmp_path):
     rm = importlib.import_module("ckpttool.remapping")
     real = rm._copy_stored
 
-    def corrupt(path, info, *a, **k):
-        for block in real(path, info, *a, **k):
-            if "/data/" in info.filename and block:
+    def corrupt(path, record, *a, **k):
+        for block in real(path, record, *a, **k):
+            if "/data/" in record.name and block:
                 block = bytes([block[0] ^ 0xFF]) + bytes(block[1:])
             yield block
     monkeypatch.setattr(rm, "_copy_stored", corrupt)
     for check in (True, False):
-        with pytest.raises(CkptError, match="do not match its CRC-32"):
+        with pytest.raises(CkptError, match="fails its CRC-32 check: corrupt"):
             remap(make("gpu_tagged.pt"), str(tmp_path / "o.pt"), ["cuda=cpu"], check=check)
         assert files_in(tmp_path) == set()
 
@@ -475,7 +475,7 @@ def test_a_corrupt_record_in_the_input_is_refused(make, tmp_path):
         f.write(bytes([b[0] ^ 0x55]))
     out = tmp_path / "out"
     out.mkdir()
-    with pytest.raises(CkptError, match=f"record {info.filename} is corrupt"):
+    with pytest.raises(CkptError, match=f"record {info.filename} fails its CRC-32 check: corrupt"):
         remap(str(src), str(out / "o.pt"), ["cuda=cpu"])
     assert files_in(out) == set()
 

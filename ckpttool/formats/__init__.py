@@ -62,14 +62,14 @@ def detect(path: str) -> str:
     >>> detect("fixtures/tiny_state_dict.pt")  # doctest: +SKIP
     'torch_zip'
     """
-    fmt, _, zf = _detect(path)
-    if zf is not None:
-        zf.close()
+    fmt, _, archive = _detect(path)
+    if archive is not None:
+        archive.close()
     return fmt
 
 
 def _detect(path: str):
-    """``(format, the file that was probed, its open ZipFile or None)``.
+    """``(format, the file that was probed, its open Archive or None)``.
 
     A folder is probed through the file that stands for it; a zip archive's directory, parsed to
     tell TorchScript from torch.save, is handed on open so that ``open()`` does not parse it again
@@ -88,20 +88,20 @@ def _detect(path: str):
     except OSError as e:
         raise FileAccessError(f"cannot read: {e.strerror or e}", path) from None
     if head[:4] in _ZIP_MAGIC:
-        from .torch_zip import open_zip
+        from .archive import Archive
         from .torchscript import is_torchscript
-        zf = open_zip(path)
+        archive = Archive.open(path)  # read as torch reads it; an ambiguous archive is refused here
         try:
-            names = zf.names()
-            if is_torchscript(names):
-                return "torchscript", path, zf
-            if any(n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1) for n in names):
-                return "torch_zip", path, zf
+            names = archive.names()
+            if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+                raise FormatError("zip archive is not a PyTorch checkpoint (it has no data.pkl)", path)
+            if archive.find("data.pkl") is None:  # raises where torch finds no archive folder
+                raise FormatError(f"zip archive has no {archive.folder}data.pkl, the record torch reads: not a "
+                                  f"PyTorch checkpoint", path)
+            return ("torchscript" if is_torchscript(names) else "torch_zip"), path, archive
         except BaseException:
-            zf.close()
+            archive.close()
             raise
-        zf.close()
-        raise FormatError("zip archive is not a PyTorch checkpoint (it has no data.pkl)", path)
     from . import safetensors, torch_legacy  # not before: a zip checkpoint needs neither
     if torch_legacy.has_magic(head):
         return "torch_legacy", path, None
@@ -129,14 +129,14 @@ def open(path: str, fmt: Optional[str] = None) -> Checkpoint:  # noqa: A001 - th
     """
     path = os.fspath(path)
     if not fmt:
-        fmt, probed, zf = _detect(path)
-        if zf is not None:  # a torch zip or TorchScript archive: read with the directory detection parsed
-            with zf:
+        fmt, probed, archive = _detect(path)
+        if archive is not None:  # a torch zip or TorchScript archive: read with the directory detection parsed
+            with archive:
                 if fmt == "torchscript":
                     from .torchscript import read as read_script
-                    return read_script(probed, zf)
+                    return read_script(probed, archive)
                 from .torch_zip import read as read_zip
-                return read_zip(probed, zf)
+                return read_zip(probed, archive)
         if fmt != "dcp":
             path = probed  # a folder's entry file, as _folder_entry names it
     if fmt == "dcp":

@@ -11,18 +11,15 @@ in order.
 """
 from __future__ import annotations
 
-import io
 import itertools
 import os
-import struct
-import zipfile
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..dtypes import itemsize
 from ..errors import FileAccessError, FormatError
 from ..records import Checkpoint, FileSpan, StorageRef, TensorRef
+from .archive import STORED, AmbiguousArchive, Archive, record_span
 from .safe_pickle import Stub, parse_storage_pid, safe_load, storage_nbytes
-from .torch_zip import ZIP_ERRORS, find_record_folder
 
 MAX_METADATA = 1 << 30
 _DCP = "torch.distributed.checkpoint."
@@ -35,36 +32,6 @@ ALLOWED = {_DCP + n for n in (
 
 def is_dcp(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, ".metadata"))
-
-
-class _Window(io.RawIOBase):
-    """Bytes [base, base + size) of a file, as a seekable file (a torch.save archive inside a .distcp)."""
-
-    def __init__(self, f, base: int, size: int):
-        super().__init__()
-        self.f, self.base, self.size, self.pos = f, base, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        self.pos = {0: offset, 1: self.pos + offset, 2: self.size + offset}[whence]
-        if self.pos < 0:
-            raise ValueError("negative seek")
-        return self.pos
-
-    def readinto(self, buf) -> int:
-        n = max(0, min(len(buf), self.size - self.pos))
-        data = os.pread(self.f.fileno(), n, self.base + self.pos) if n else b""
-        buf[:len(data)] = data
-        self.pos += len(data)
-        return len(data)
 
 
 def _state(obj: Any, cls: str) -> Dict[str, Any]:
@@ -90,39 +57,57 @@ def _parse_blob(path: str, base: int, length: int, what: str) -> Tuple[Any, str]
     file_size = os.path.getsize(path)
     if base < 0 or length <= 0 or base + length > file_size:
         raise FormatError(f"{what}: bytes [{base}, +{length}) lie outside {os.path.basename(path)}", path)
-    with open(path, "rb") as f:
-        try:
-            zf = zipfile.ZipFile(_Window(f, base, length))
-            with zf:
-                folder = find_record_folder(zf, path)
-                info = zf.getinfo(folder + "data.pkl")
-                if info.compress_type != zipfile.ZIP_STORED or info.file_size > length:
-                    raise FormatError(f"{what}: data.pkl is compressed or larger than its archive", path)
-                data = zf.read(info)  # stored: no bigger than the window
-                infos = {i.filename: i for i in zf.infolist()}
-        except ZIP_ERRORS as e:
-            raise FormatError(f"{what}: not a readable torch.save archive: {e}", path) from None
+    try:
+        archive = Archive.open(path, base, length)  # the window, read as torch.load reads it there
+        with archive:
+            folder = archive.folder
+            main = archive.find("data.pkl")
+            if main is None:
+                raise FormatError(f"zip archive has no {folder}data.pkl", path)
+            data = archive.read(main, limit=length)
+    except AmbiguousArchive as e:
+        raise FormatError(f"{what}: {e.message}", path) from None
+    except FormatError as e:
+        raise FormatError(f"{what}: not a readable torch.save archive: {e.message}", path) from None
 
-        def load(pid):
-            stype, key, location, numel, _ = parse_storage_pid(pid)
-            info = infos.get(f"{folder}data/{key}")
-            if info is None or info.compress_type != zipfile.ZIP_STORED:
-                raise FormatError(f"{what}: storage {key!r} missing or compressed")
-            if not 0 <= info.header_offset < length:
-                raise FormatError(f"{what}: storage {key!r} lies outside its archive")
-            head = os.pread(f.fileno(), 30, base + info.header_offset)
-            if len(head) != 30 or head[:4] != b"PK\x03\x04":
-                raise FormatError(f"{what}: storage {key!r} has no local header")
-            name_len, extra_len = struct.unpack("<HH", head[26:30])
-            start = base + info.header_offset + 30 + name_len + extra_len
-            nbytes = storage_nbytes(stype, numel)
-            if nbytes > info.file_size or start + nbytes > base + length:
-                raise FormatError(f"{what}: storage {key!r} runs past its archive")
-            return StorageRef(key=f"{os.path.basename(path)}@{base}/{key}", dtype=stype.dtype, device=location,
-                              nbytes=nbytes, source=FileSpan(path, start, nbytes), file=path)
+    def load(pid):
+        stype, key, location, numel, _ = parse_storage_pid(pid)
+        record = archive.find("data/" + key)  # the directory stays readable after the archive is closed
+        if record is None:
+            raise FormatError(f"{what}: storage {key!r} missing")
+        nbytes = storage_nbytes(stype, numel)
+        if nbytes > record.size:
+            raise FormatError(f"{what}: storage {key!r} runs past its archive")
+        return StorageRef(key=f"{os.path.basename(path)}@{base}/{key}", dtype=stype.dtype, device=location,
+                          nbytes=nbytes, source=_span(path, record, nbytes, what), file=path)
 
-        root, _ = safe_load(data, load, path)
+    root, _ = safe_load(data, load, path)
     return root, folder
+
+
+def _span(path: str, record, nbytes: int, what: str):
+    """The first ``nbytes`` of a storage record: in place where it is stored, inflated where it is not."""
+    if record.method == STORED:
+        return FileSpan(path, record.data_offset, nbytes)
+    try:
+        span = record_span(path, record)
+    except FormatError as e:
+        raise FormatError(f"{what}: {e.message}") from None
+    return span if span.size == nbytes else _Prefix(span, nbytes)
+
+
+class _Prefix:
+    """The first ``size`` bytes of a span."""
+
+    def __init__(self, span, size: int):
+        self.span, self.size, self.path = span, size, span.path
+
+    def read(self, start: int = 0, size: Optional[int] = None) -> bytes:
+        if size is None:
+            size = self.size - start
+        if start < 0 or size < 0 or start + size > self.size:
+            raise FormatError(f"read of {size} bytes at {start} is outside a {self.size}-byte record", self.path)
+        return self.span.read(start, size)
 
 
 class _Gathered:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import re
-import zipfile
 from typing import Dict, List, Optional, Tuple
 
 from ..records import Checkpoint
-from .torch_zip import find_record_folder, open_zip, read_member, read_zip_pickle, zip_metadata
+from .archive import Archive
+from .torch_zip import read_pickle, zip_metadata
 
 _CLASS = re.compile(r"class (\w+)\(Module\):\s*")
 _MEMBERS = re.compile(r"\s+__(parameters|buffers)__ = (\[.*\])\s*")
@@ -50,23 +50,23 @@ def parse_members(code: str, module: str) -> Dict[str, Tuple[List[str], List[str
     return out
 
 
-def read(path: str, zf: Optional[zipfile.ZipFile] = None) -> Checkpoint:
+def read(path: str, archive: Optional[Archive] = None) -> Checkpoint:
     """Read a TorchScript archive: its module tree, with parameters and buffers marked.
 
-    ``zf``: the archive already open on ``path`` (as format detection leaves it); it is closed here.
+    ``archive``: the archive already open on ``path`` (as format detection leaves it); it is closed here.
     """
-    if zf is None:
-        zf = open_zip(path)
-    with zf:
-        folder = find_record_folder(zf, path)
-        root, globs = read_zip_pickle(path, zf, folder)
+    if archive is None:
+        archive = Archive.open(path)
+    with archive:
+        root, globs = read_pickle(archive)
         members: Dict[str, Tuple[List[str], List[str]]] = {}
-        code_dir = folder + "code/"
-        for name in zf.namelist():
+        code_dir = archive.folder + "code/"
+        for record in archive.records:
+            name = record.name
             if name.startswith(code_dir) and name.endswith(".py"):
                 module = name[len(code_dir):-3].replace("/", ".")
-                text = read_member(zf, name, path, limit=64 << 20).decode("utf-8", "replace")
+                text = archive.read(record, limit=64 << 20).decode("utf-8", "replace")
                 members.update(parse_members(text, module))
-        meta = zip_metadata(zf, folder, path)
+        meta = zip_metadata(archive)
     return Checkpoint(path=path, format="torchscript", file_size=os.path.getsize(path), root=root,
                       metadata={**meta, "_script_members": members}, globals=globs, files=(path,))
