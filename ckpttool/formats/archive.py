@@ -741,7 +741,7 @@ def _descriptor(buf, at: int, nxt: int, entry, name: str, after: Optional[str], 
     layout = _DESCRIPTORS.get(nxt - at)
     blob = buf[at:nxt]
     if layout is None or (layout[0] and blob[:4] != _DD_SIG):
-        _gap(buf, at, nxt, name, after, path, f" (where a 12 to 24-byte data descriptor should be)")
+        _gap(buf, at, nxt, name, after, path, " (where a 12 to 24-byte data descriptor should be)")
     fields = struct.unpack(layout[1], blob[4:] if layout[0] else blob)
     crc, csize, size = entry[3], entry[4], entry[5]
     if fields != (crc, csize, size):
