@@ -490,7 +490,8 @@ def scan_file(path: str) -> ScanFile:
         # nothing dangerous ran before the loader would fail: the file is unreadable, not clean
         raise FormatError(found.failed, path)
     line = None
-    if found.torch_load and fmt != "torchscript" and not any(g.verdict == "dangerous" for g in globals_):
+    torch_load = found.torch_load and fmt not in ("torchscript", "dcp")  # DCP and TorchScript load otherwise
+    if torch_load and not any(g.verdict == "dangerous" for g in globals_):
         try:
             line = advice([g.name for g in globals_ if not g.name.startswith("<")], sorted(found.built_types))
         except ValueError:
@@ -499,7 +500,7 @@ def scan_file(path: str) -> ScanFile:
             found.problems.extend(f"no add_safe_globals line helps: {b}" for b in sorted(found.advice_blockers))
             line = None
     weights_only = None
-    if found.torch_load and fmt != "torchscript":
+    if torch_load:
         weights_only = not found.advice_blockers and not any(
             g.name.startswith("<") or not weights_only_admits(g.name) for g in globals_)
     return ScanFile(path=path, pickles=found.pickles, globals=tuple(globals_), format=fmt, advice=line,
