@@ -31,14 +31,13 @@ Verdicts, per global (``pickles.allowlist`` is the table; torch is never importe
 """
 from __future__ import annotations
 
-import io
 import mmap
 import os
 import pickletools
 import re
 import struct
 import tarfile
-from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from .errors import CkptError, FileAccessError, FormatError
 from .pickles.allowlist import BENIGN, SUPPORTED_OPCODES, TORCH_FORMAT_INTERNALS, advice, weights_only_admits
@@ -194,22 +193,28 @@ def _starts_like_pickle(head: bytes) -> bool:
 
 def _scan_legacy(found: _Findings, path: str, size: int) -> str:
     """torch.load's path for what is neither zip nor tar: pickles from byte 0, as many as it reads."""
-    labels = ("magic number", "protocol version", "sys_info", "main pickle", "storage keys")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        pos = 0
-        for i, label in enumerate(labels):
-            r = found.pickle(label if i else "pickle", mm, pos, size=size)
-            if r.error:
-                if i == 0 and not r.uses and not _starts_like_pickle(mm[:2]):
-                    found.unreadable = f"not a checkpoint format ckpttool knows (starts with {bytes(mm[:8])!r}), " \
-                                       f"and torch.load cannot unpickle it: {r.error}"
-                return "pickle" if i == 0 else "torch_legacy"
-            if i == 0 and r.value != MAGIC_NUMBER:
-                return "pickle"  # torch.load stops here: "Invalid magic number"
-            if i == 1 and r.value != PROTOCOL_VERSION:
-                found.problems.append("protocol version: not 1001, torch.load stops here")
-                return "torch_legacy"
-            pos = r.end
+        return _legacy_pickles(found, mm, 0, size, "")
+
+
+def _legacy_pickles(found: _Findings, buf, base: int, size: int, label: str) -> str:
+    """The pickles torch.load's legacy path reads from ``buf[base:]``: the first one always, then as long as
+    the magic number and protocol version are right."""
+    labels = ("magic number", "protocol version", "sys_info", "main pickle", "storage keys")
+    pos = base
+    for i, name in enumerate(labels):
+        r = found.pickle(label + (name if i else "pickle"), buf, pos, size=size)
+        if r.error:
+            if i == 0 and not r.uses and not _starts_like_pickle(buf[base:base + 2]):
+                found.unreadable = f"not a checkpoint format ckpttool knows (starts with {bytes(buf[base:base + 8])!r}), " \
+                                   f"and torch.load cannot unpickle it: {r.error}"
+            return "pickle" if i == 0 else "torch_legacy"
+        if i == 0 and r.value != MAGIC_NUMBER:
+            return "pickle"  # torch.load stops here: "Invalid magic number"
+        if i == 1 and r.value != PROTOCOL_VERSION:
+            found.problems.append(f"{label}protocol version: not 1001, torch.load stops here")
+            return "torch_legacy"
+        pos = r.end
     return "torch_legacy"
 
 
@@ -389,9 +394,10 @@ def _scan_folder(found: _Findings, path: str) -> str:
         found.internals = True
         with open(meta, "rb") as f:
             found.pickle(".metadata", f.read(MAX_PICKLE_IN_MEMORY))
+        done = _scan_dcp_bytes_items(found, path, meta)
         for n in sorted(os.listdir(path)):
             if n.endswith(".distcp"):
-                _scan_distcp(found, os.path.join(path, n), n)
+                _scan_distcp(found, os.path.join(path, n), n, done)
         return "dcp"
     scanned = False
     for n in sorted(os.listdir(path)):
@@ -414,11 +420,56 @@ def _scan_folder(found: _Findings, path: str) -> str:
     return "folder"
 
 
-def _scan_distcp(found: _Findings, path: str, label: str) -> None:
-    """A .distcp file: tensor bytes, and the torch.save archives DCP writes for bytes items."""
+def _dcp_bytes_items(folder: str, meta: str) -> List[Tuple[str, int, int, str]]:
+    """(file, offset, length, fqn) of each bytes item .metadata records (what dcp.load torch.loads), read by
+    the reading policy; [] where .metadata cannot be read that way (the signature search still runs)."""
+    from .formats.safe_pickle import Stub, safe_load
+    try:
+        with open(meta, "rb") as f:
+            root, _ = safe_load(f.read(MAX_PICKLE_IN_MEMORY), None, meta)
+        st = root.state if isinstance(root, Stub) and isinstance(root.state, dict) else {}
+        sdm, storage = st.get("state_dict_metadata"), st.get("storage_data")
+        out = []
+        for key, info in (storage or {}).items():
+            ks = key.state if isinstance(key, Stub) and isinstance(key.state, dict) else {}
+            vs = info.state if isinstance(info, Stub) and isinstance(info.state, dict) else {}
+            fqn, rel, off, length = ks.get("fqn"), vs.get("relative_path"), vs.get("offset"), vs.get("length")
+            md = (sdm or {}).get(fqn)
+            if not (isinstance(md, Stub) and md.qualname.endswith("BytesStorageMetadata")):
+                continue
+            if type(rel) is str and type(off) is int and type(length) is int and off >= 0 and length > 0:
+                target = os.path.realpath(os.path.join(folder, rel))
+                if os.path.dirname(target) == os.path.realpath(folder) and os.path.isfile(target):
+                    out.append((target, off, length, str(fqn)))
+        return out
+    except (CkptError, AttributeError, TypeError, ValueError):
+        return []
+
+
+def _scan_dcp_bytes_items(found: _Findings, folder: str, meta: str) -> Set[Tuple[str, int]]:
+    """dcp.load hands each bytes item to torch.load (weights_only=False): a zip archive, or pickles."""
+    done: Set[Tuple[str, int]] = set()
+    for path, off, length, fqn in _dcp_bytes_items(folder, meta):
+        size = os.path.getsize(path)
+        if off + length > size:
+            continue
+        label = f"{os.path.basename(path)} @ {off} (bytes item {fqn}): "
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            if mm[off:off + 4] == b"PK\x03\x04":
+                _scan_archive(found, path, off, length, label, 1)
+            else:
+                _legacy_pickles(found, mm[off:off + min(length, MAX_PICKLE_IN_MEMORY)], 0, length, label)
+        done.add((path, off))
+    return done
+
+
+def _scan_distcp(found: _Findings, path: str, label: str, done: Set[Tuple[str, int]] = frozenset()) -> None:
+    """A .distcp file: tensor bytes, and the torch.save archives DCP writes for bytes items (found by their
+    signatures too, in case .metadata does not say where they are)."""
     size = os.path.getsize(path)
     if size == 0:
         return
+    real = os.path.realpath(path)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         pos = mm.find(b"PK\x03\x04")
         while pos >= 0:
@@ -426,7 +477,8 @@ def _scan_distcp(found: _Findings, path: str, label: str) -> None:
             if end < 0 or end + 22 > size:
                 break
             stop = end + 22 + int.from_bytes(mm[end + 20:end + 22], "little")
-            _scan_archive(found, path, pos, stop - pos, f"{label} @ {pos}: ", 1)
+            if (real, pos) not in done:
+                _scan_archive(found, path, pos, stop - pos, f"{label} @ {pos}: ", 1)
             pos = mm.find(b"PK\x03\x04", stop)
 
 

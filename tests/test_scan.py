@@ -994,3 +994,38 @@ def test_scan_never_imports_torch(make, tmp_path):
     out = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout) == [0, ["torch_zip", "torch_legacy", "safetensors"], False, False]
+
+
+_DCP_BARE_PICKLE_ITEM = """
+import os, sys, torch, torch.distributed.checkpoint as dcp
+folder = sys.argv[1]
+try:
+    dcp.load({"t": torch.zeros(2), "extra": {"epoch": 0}}, checkpoint_id=folder, no_dist=True)
+except Exception:
+    pass
+"""
+
+
+def test_a_dcp_bytes_item_that_is_a_bare_pickle_is_scanned(tmp_path):
+    """dcp.load hands each bytes item to torch.load, which unpickles what is not a zip: the scan finds the items
+    where .metadata says they are, not only by zip signatures."""
+    import torch.distributed.checkpoint as dcp
+    from ckpttool.scanning import _dcp_bytes_items
+    folder = str(tmp_path / "ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"t": torch.ones(2), "extra": {"epoch": 3}}, checkpoint_id=folder, no_dist=True)
+    (path, off, length, fqn), = _dcp_bytes_items(folder, os.path.join(folder, ".metadata"))
+    marker = str(tmp_path / "MARKER")
+    code = f"open({marker!r}, 'w').close()"
+    payload = pk(call(glob("builtins", "exec"), u(code)), 2)
+    assert len(payload) <= length
+    data = bytearray(open(path, "rb").read())
+    data[off:off + length] = payload + b"\0" * (length - len(payload))
+    open(path, "wb").write(bytes(data))
+    assert b"PK\x03\x04" not in data[off:off + length]  # nothing a signature search would find there
+    r = scan([folder])
+    assert markers_in(tmp_path) == [] and not os.path.exists(marker)
+    assert "builtins.exec" in r.files[0].dangerous_names and r.exit_code == 1
+    run_py(_DCP_BARE_PICKLE_ITEM, folder)
+    assert os.path.exists(marker)  # the real loader runs it
