@@ -166,20 +166,25 @@ def _scan_path(found: _Findings, path: str) -> str:
         raise FormatError("file is empty", path)
     if head[:4] == b"PK\x03\x04":  # torch.load's own test (torch.serialization._is_zipfile)
         return _scan_archive(found, path, 0, size, "", 0)
+    sniffed = None
     if head[:6] == _NPY_MAGIC:
         _scan_npy_file(found, path, size)
-        return "npy"
-    from .formats import safetensors  # reads no pickle: only its header is checked
-    if safetensors.looks_like(_head(path, 512), size):
-        return "safetensors"
-    if path.lower().endswith(".onnx") or (head[:1] == b"\x08" and not _starts_like_pickle(head)):
-        return "onnx"
-    if head[:4] == b"GGUF":
-        return "gguf"
-    if _scan_tar(found, path):
-        return "torch_tar"
-    found.torch_load = True
-    return _scan_legacy(found, path, size)
+        sniffed = "npy"
+    else:
+        from .formats import safetensors  # reads no pickle: only its header is checked
+        if safetensors.looks_like(_head(path, 512), size):
+            sniffed = "safetensors"
+        elif path.lower().endswith(".onnx") or (head[:1] == b"\x08" and not _starts_like_pickle(head)):
+            sniffed = "onnx"
+        elif head[:4] == b"GGUF":
+            sniffed = "gguf"
+    tar = _scan_tar(found, path)
+    # Whatever the bytes look like to other readers, torch.load (which goes by neither extension nor header)
+    # unpickles a file that is neither zip nor tar from byte 0: that pickle is scanned for every such file.
+    found.torch_load = found.torch_load or sniffed is None
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        fmt = _legacy_pickles(found, mm, 0, size, "", strict=sniffed is None and not tar)
+    return sniffed or ("torch_tar" if tar else fmt)
 
 
 def _head(path: str, n: int) -> bytes:
@@ -191,21 +196,16 @@ def _starts_like_pickle(head: bytes) -> bool:
     return len(head) >= 2 and head[0] == 0x80 and head[1] <= 5
 
 
-def _scan_legacy(found: _Findings, path: str, size: int) -> str:
-    """torch.load's path for what is neither zip nor tar: pickles from byte 0, as many as it reads."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        return _legacy_pickles(found, mm, 0, size, "")
-
-
-def _legacy_pickles(found: _Findings, buf, base: int, size: int, label: str) -> str:
+def _legacy_pickles(found: _Findings, buf, base: int, size: int, label: str, strict: bool = True) -> str:
     """The pickles torch.load's legacy path reads from ``buf[base:]``: the first one always, then as long as
-    the magic number and protocol version are right."""
+    the magic number and protocol version are right. ``strict``: the file is nothing else, so a first pickle
+    that does not read makes it unreadable (for a safetensors file it is only what torch.load would try)."""
     labels = ("magic number", "protocol version", "sys_info", "main pickle", "storage keys")
     pos = base
     for i, name in enumerate(labels):
-        r = found.pickle(label + (name if i else "pickle"), buf, pos, size=size)
+        r = found.pickle(label + (name if i else "pickle"), buf, pos, size=size, loader_runs=strict or i > 0)
         if r.error:
-            if i == 0 and not r.uses and not _starts_like_pickle(buf[base:base + 2]):
+            if strict and i == 0 and not r.uses and not _starts_like_pickle(buf[base:base + 2]):
                 found.unreadable = f"not a checkpoint format ckpttool knows (starts with {bytes(buf[base:base + 8])!r}), " \
                                    f"and torch.load cannot unpickle it: {r.error}"
             return "pickle" if i == 0 else "torch_legacy"
@@ -226,24 +226,30 @@ def _scan_tar(found: _Findings, path: str) -> bool:
         return False
     found.torch_load = True
     with tar:
-        members = {m.name: m for m in tar.getmembers() if m.isfile()}
-        for name in ("storages", "tensors", "pickle"):
-            m = members.get(name)
-            if m is None:
+        for name in ("storages", "tensors", "pickle", "sys_info"):
+            data = _tar_member(tar, name)
+            if data is None:
                 continue
-            data = tar.extractfile(m).read(min(m.size, MAX_PICKLE_IN_MEMORY))
             where = f"tar member {name}"
-            if name == "pickle":
-                found.pickle(where, data)
+            if name in ("pickle", "sys_info"):
+                found.pickle(where, data, loader_runs=name == "pickle")
             else:
                 _scan_tar_stream(found, data, where, name)
-        for m in members.values():  # torch reads no other member: anything else is looked at, not run
-            if m.name not in ("storages", "tensors", "pickle", "sys_info"):
-                continue
-        if "sys_info" in members:
-            found.pickle("tar member sys_info", tar.extractfile(members["sys_info"]).read(MAX_PICKLE_IN_MEMORY),
-                         loader_runs=False)
     return True
+
+
+def _tar_member(tar: tarfile.TarFile, name: str) -> Optional[bytes]:
+    """The bytes torch reads for member ``name``: the last member of that name, links followed, as tarfile
+    itself resolves them (``extractfile``)."""
+    try:
+        member = tar.getmember(name)
+        f = tar.extractfile(member)
+    except (KeyError, tarfile.TarError, OSError, ValueError):
+        return None
+    if f is None:
+        return None
+    with f:
+        return f.read(MAX_PICKLE_IN_MEMORY)
 
 
 def _scan_tar_stream(found: _Findings, data: bytes, where: str, kind: str) -> None:
@@ -378,9 +384,41 @@ def _scan_npy(found: _Findings, buf, base: int, length: int, label: str) -> None
         hlen, start = struct.unpack_from("<H", head, 8)[0], 10
     else:
         hlen, start = struct.unpack_from("<I", head, 8)[0], 12
-    header = head[start:start + hlen].decode("latin-1", "replace")
-    if re.search(r"""['"]descr['"]\s*:\s*['"][|<>=]?O""", header):
-        found.pickle(f"{label} (object array)", buf, base + start + hlen, size=length)
+    verdict = _npy_holds_objects(head[start:start + hlen].decode("latin-1", "replace"))
+    if verdict is not False:  # objects, or a header only numpy knows how to read: what follows is scanned
+        found.pickle(f"{label} (object array)", buf, base + start + hlen, size=length, loader_runs=bool(verdict))
+
+
+# numpy type strings that hold no objects: byte order, kind, size (and datetime units)
+_NPY_PLAIN = re.compile(r"[<>|=]?(?:[biufcSUVa]\d*|[mM]8(?:\[\w+\])?|\?)")
+
+
+def _npy_holds_objects(header: str) -> Optional[bool]:
+    """Does a ``.npy`` header's dtype hold Python objects (so numpy.load unpickles the data)? Read as numpy
+    reads it (a Python literal, never evaluated otherwise); None where only numpy could tell."""
+    import ast
+    try:
+        d = ast.literal_eval(header)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    if not isinstance(d, dict) or "descr" not in d:
+        return None
+
+    def plain(descr, depth: int = 0) -> Optional[bool]:
+        if depth > 32:
+            return None
+        if isinstance(descr, str):
+            return True if _NPY_PLAIN.fullmatch(descr) else (False if descr.lstrip("<>|=").startswith("O") or
+                                                              "object" in descr.lower() else None)
+        if isinstance(descr, list):  # structured: [(name, type) or (name, type, shape)...]
+            verdicts = [plain(f[1], depth + 1) if isinstance(f, tuple) and len(f) >= 2 else None for f in descr]
+            if False in verdicts:
+                return False
+            return None if None in verdicts else True
+        return None
+
+    p = plain(d["descr"])
+    return None if p is None else not p
 
 
 def _scan_npy_file(found: _Findings, path: str, size: int) -> None:
@@ -420,36 +458,54 @@ def _scan_folder(found: _Findings, path: str) -> str:
     return "folder"
 
 
-def _dcp_bytes_items(folder: str, meta: str) -> List[Tuple[str, int, int, str]]:
-    """(file, offset, length, fqn) of each bytes item .metadata records (what dcp.load torch.loads), read by
-    the reading policy; [] where .metadata cannot be read that way (the signature search still runs)."""
+def _dcp_state(obj) -> dict:
+    """The attributes BUILD gives a DCP metadata record: a dict, or a (dict, slot dict) pair, as C takes it."""
+    from .formats.safe_pickle import Stub
+    state = obj.state if isinstance(obj, Stub) else None
+    if isinstance(state, dict):
+        return state
+    if isinstance(state, tuple) and len(state) == 2:
+        return {**(state[0] if isinstance(state[0], dict) else {}), **(state[1] if isinstance(state[1], dict) else {})}
+    return {}
+
+
+def _dcp_bytes_items(folder: str, meta: str) -> Tuple[List[Tuple[str, int, int, str]], int]:
+    """((file, offset, length, fqn) of each bytes item .metadata records (what dcp.load torch.loads), and how
+    many storage records could not be placed), read by the reading policy."""
     from .formats.safe_pickle import Stub, safe_load
     try:
         with open(meta, "rb") as f:
             root, _ = safe_load(f.read(MAX_PICKLE_IN_MEMORY), None, meta)
-        st = root.state if isinstance(root, Stub) and isinstance(root.state, dict) else {}
-        sdm, storage = st.get("state_dict_metadata"), st.get("storage_data")
-        out = []
-        for key, info in (storage or {}).items():
-            ks = key.state if isinstance(key, Stub) and isinstance(key.state, dict) else {}
-            vs = info.state if isinstance(info, Stub) and isinstance(info.state, dict) else {}
-            fqn, rel, off, length = ks.get("fqn"), vs.get("relative_path"), vs.get("offset"), vs.get("length")
-            md = (sdm or {}).get(fqn)
-            if not (isinstance(md, Stub) and md.qualname.endswith("BytesStorageMetadata")):
+    except CkptError:  # not metadata dcp.load could use: it stops after unpickling it (scanned already)
+        return [], 0
+    st = _dcp_state(root)
+    sdm, storage = st.get("state_dict_metadata"), st.get("storage_data")
+    if not isinstance(sdm, dict) or not isinstance(storage, dict):
+        return [], 0
+    out, unplaced = [], 0
+    for key, info in storage.items():
+        ks, vs = _dcp_state(key), _dcp_state(info)
+        fqn, rel, off, length = ks.get("fqn"), vs.get("relative_path"), vs.get("offset"), vs.get("length")
+        md = sdm.get(fqn) if isinstance(fqn, str) else None
+        if isinstance(md, Stub) and md.qualname.endswith("TensorStorageMetadata"):
+            continue  # tensor bytes: never unpickled
+        if type(rel) is str and type(off) is int and type(length) is int and off >= 0 and length > 0:
+            target = os.path.realpath(os.path.join(folder, rel))
+            if os.path.dirname(target) == os.path.realpath(folder) and os.path.isfile(target):
+                out.append((target, off, length, str(fqn)))
                 continue
-            if type(rel) is str and type(off) is int and type(length) is int and off >= 0 and length > 0:
-                target = os.path.realpath(os.path.join(folder, rel))
-                if os.path.dirname(target) == os.path.realpath(folder) and os.path.isfile(target):
-                    out.append((target, off, length, str(fqn)))
-        return out
-    except (CkptError, AttributeError, TypeError, ValueError):
-        return []
+        unplaced += 1
+    return out, unplaced
 
 
 def _scan_dcp_bytes_items(found: _Findings, folder: str, meta: str) -> Set[Tuple[str, int]]:
     """dcp.load hands each bytes item to torch.load (weights_only=False): a zip archive, or pickles."""
     done: Set[Tuple[str, int]] = set()
-    for path, off, length, fqn in _dcp_bytes_items(folder, meta):
+    items, unplaced = _dcp_bytes_items(folder, meta)
+    if unplaced:  # dcp.load may still find them: nothing here can say what it would unpickle
+        found.flag(AMBIGUOUS, ".metadata")
+        found.problems.append(f".metadata: {unplaced} storage record(s) whose bytes cannot be placed in the folder")
+    for path, off, length, fqn in items:
         size = os.path.getsize(path)
         if off + length > size:
             continue

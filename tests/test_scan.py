@@ -1015,7 +1015,8 @@ def test_a_dcp_bytes_item_that_is_a_bare_pickle_is_scanned(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save({"t": torch.ones(2), "extra": {"epoch": 3}}, checkpoint_id=folder, no_dist=True)
-    (path, off, length, fqn), = _dcp_bytes_items(folder, os.path.join(folder, ".metadata"))
+    ((path, off, length, fqn),), unplaced = _dcp_bytes_items(folder, os.path.join(folder, ".metadata"))
+    assert unplaced == 0
     marker = str(tmp_path / "MARKER")
     code = f"open({marker!r}, 'w').close()"
     payload = pk(call(glob("builtins", "exec"), u(code)), 2)
@@ -1028,4 +1029,79 @@ def test_a_dcp_bytes_item_that_is_a_bare_pickle_is_scanned(tmp_path):
     assert markers_in(tmp_path) == [] and not os.path.exists(marker)
     assert "builtins.exec" in r.files[0].dangerous_names and r.exit_code == 1
     run_py(_DCP_BARE_PICKLE_ITEM, folder)
+    assert os.path.exists(marker)  # the real loader runs it
+
+
+def _exec_payload(marker: str) -> bytes:
+    return pk(call(glob("builtins", "exec"), u(f"open({marker!r}, 'w').close()")), 2)
+
+
+def _polyglot_gguf(tmp_path, marker):
+    # "G" is BINFLOAT: the GGUF magic and version are an 8-byte float to the unpickler, then the payload runs
+    body = _exec_payload(marker)[2:]
+    return write(tmp_path, "model.pt", b"GGUF" + b"\x03\x00\x00\x00\x00" + body)
+
+
+def _named_onnx(tmp_path, marker):
+    return write(tmp_path, "model.onnx", _exec_payload(marker))
+
+
+def _tar_link(tmp_path, marker, kind):
+    import io as _io
+    import tarfile
+    path = str(tmp_path / "old.tar.pt")
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, blob in (("storages", pickle.dumps(0, protocol=2) + pickle.dumps([], protocol=2)),
+                           ("tensors", pickle.dumps(0, protocol=2))):  # what torch's tar loader reads first
+            ti = tarfile.TarInfo(name)
+            ti.size = len(blob)
+            tar.addfile(ti, _io.BytesIO(blob))
+        data = _exec_payload(marker)
+        ti = tarfile.TarInfo("x")
+        ti.size = len(data)
+        tar.addfile(ti, _io.BytesIO(data))
+        link = tarfile.TarInfo("pickle")
+        link.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+        link.linkname = "x"
+        tar.addfile(link)
+    return path
+
+
+def _npy_object_word(tmp_path, marker):
+    header = "{'descr': 'object', 'fortran_order': False, 'shape': (1,), }"
+    header += " " * (63 - (10 + len(header)) % 64) + "\n"
+    return write(tmp_path, "a.npy", b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode()
+                 + _exec_payload(marker))
+
+
+_REAL_LOAD = """
+import sys, torch, numpy
+path, how = sys.argv[1], sys.argv[2]
+try:
+    torch.load(path, weights_only=False) if how == "torch" else numpy.load(path, allow_pickle=True)
+except Exception:
+    pass
+"""
+
+
+@pytest.mark.parametrize("build,how", [
+    pytest.param(_polyglot_gguf, "torch", id="gguf-magic-then-pickle"),
+    pytest.param(_named_onnx, "torch", id="pickle-named-onnx"),
+    pytest.param(lambda t, m: _tar_link(t, m, "symlink"), "torch", id="tar-pickle-symlink"),
+    pytest.param(lambda t, m: _tar_link(t, m, "hardlink"), "torch", id="tar-pickle-hardlink"),
+    pytest.param(_npy_object_word, "numpy", id="npy-descr-object-word"),
+])
+def test_files_that_look_like_another_format_are_scanned_as_their_loader_reads_them(build, how, tmp_path):
+    """Found by review: torch.load goes by neither extension nor magic (it unpickles any non-zip, non-tar file
+    from byte 0), tarfile follows links, numpy reads the dtype however it is spelled."""
+    marker = str(tmp_path / "MARKER")
+    path = build(tmp_path, marker)
+    r = scan([path])
+    assert not os.path.exists(marker)
+    assert "builtins.exec" in r.files[0].dangerous_names, verdicts(r.files[0])
+    try:  # verify never passes it: refused (exit 2), or failed (exit 1)
+        assert ckpttool.verify(path).exit_code == 1
+    except CkptError as e:
+        assert e.exit_code == 2
+    run_py(_REAL_LOAD, path, how)
     assert os.path.exists(marker)  # the real loader runs it

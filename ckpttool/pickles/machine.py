@@ -681,7 +681,9 @@ class Machine:
                 except UnicodeDecodeError:
                     raise FormatError("persistent IDs in protocol 0 must be ASCII strings") from None
                 append(policy.persistent_load(pid))
-            elif op == 0x69:  # INST
+            elif op == 0x69:  # INST: C looks for its MARK before it reads the names
+                if not metastack:
+                    raise FormatError("could not find MARK")
                 module, pos = line(pos)
                 name, pos = line(pos)
                 try:

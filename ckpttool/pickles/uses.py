@@ -189,6 +189,13 @@ class UsePolicy(Policy):
             self._use(func.name, "instantiated")  # Color(1): an enum member looked up by its value
             return Made(func, args)
         self._call_value(func)
+        for a in args:
+            if isinstance(a, Made) and a.attrs:
+                # a function given an object may call its methods (dict(x) calls x.keys()): those looked up on the
+                # instance are whatever BUILD put there
+                for attr, v in a.attrs.items():
+                    if not attr.startswith("__") and isinstance(v, Global):
+                        self._call_value(v)
         if not isinstance(func, Global):
             if isinstance(func, _DATA):
                 raise FormatError(f"pickle calls a {type(func).__name__}, which is not callable")
