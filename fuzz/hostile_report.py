@@ -98,6 +98,10 @@ def main(argv=None) -> int:
 
     t0 = time.monotonic()
     entries = hostile.build_corpus(args.folder, args.markers)
+    # the corpus folder's look-alike module (its benign enums) is importable to the tools, as a user's installed
+    # library is: scan reads an enum's source to tell it from a function
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.abspath(args.folder),
+                                                           os.environ.get("PYTHONPATH", "")) if p)
     if args.only:
         entries = [e for e in entries if args.only in e[1]["name"]]
     print(f"built {len(entries)} files in {time.monotonic() - t0:.1f} s under {args.folder}", file=sys.stderr)
