@@ -107,6 +107,7 @@ class _Findings:
         self.unreadable: Optional[str] = None
         self.failed: Optional[str] = None  # the first thing the loader itself would fail on
         self.advice_blockers: Set[str] = set()  # why no add_safe_globals line can make weights_only read it
+        self.nested_left = 256  # bytes blobs tried as pickles, in all (each level may hold more)
 
     def _census(self, where: str, data, pos: int, end: int) -> None:
         """The opcodes torch's weights_only loader refuses whatever its allow list (protocol 3+ ones)."""
@@ -144,6 +145,10 @@ class _Findings:
             self.failed = self.failed or f"malformed pickle ({where}): {r.error}"
         if depth < MAX_NESTED:
             for label, blob in r.nested:
+                if self.nested_left <= 0:
+                    self.problems.append(f"{where}: more bytes than scanned as possible pickles")
+                    break
+                self.nested_left -= 1
                 self.pickle(f"{where} > {label}", blob, depth=depth + 1, loader_runs=False)
         return r
 
@@ -321,6 +326,13 @@ def _scan_archive(found: _Findings, path: str, base: int, length: int, label: st
                 found.flag(NATIVE_CODE, where)
             elif name.lower().endswith(".pkl") or _starts_like_pickle(head):
                 _scan_record_pickle(found, archive, rec, where, loader_runs=False)
+            elif not name.lower().endswith((".json", ".txt", ".py")) and head[:4] != b"PK\x03\x04" \
+                    and head[:6] != _NPY_MAGIC:
+                # torch.export.load unpickles weights and constants of any protocol (0 has no header): tried,
+                # streamed, stopping where the bytes stop being a pickle
+                with archive.open_record(rec, check_crc=False) as f:
+                    found.pickle(where, source=Source.of_stream(f, limit=rec.size), size=rec.size,
+                                 loader_runs=False)
             elif head[:4] == b"PK\x03\x04" and depth < MAX_ARCHIVE_DEPTH:
                 if rec.method == 0:
                     _scan_archive(found, path, rec.data_offset, rec.size, f"{where} > ", depth + 1)

@@ -632,23 +632,26 @@ class Machine:
                 bounded_keys(items, keys)
                 append(frozenset(items))
             elif op == 0x49:  # INT
-                raw, pos = line(pos)
-                if len(raw) < 1:
+                full, pos = line(pos)
+                if len(full) < 1:
                     raise FormatError("pickle data was truncated")
-                v = _strtol(raw)
+                raw = full.split(b"\0", 1)[0]  # C reads the number as a C string: a NUL ends it
+                v = _strtol(raw) if raw else 0  # strtol of an empty C string: 0, its end is the NUL: accepted
                 if v is None:
                     append(_py_int(raw))
-                elif len(raw) == 2 and v in (0, 1):
+                elif len(full) == 2 and v in (0, 1):
                     append(bool(v))
                 else:
                     append(v)
             elif op == 0x4C:  # LONG
                 raw, pos = line(pos)
+                raw = raw.split(b"\0", 1)[0]
                 if raw.endswith(b"L"):
                     raw = raw[:-1]
                 append(_py_int(raw))
             elif op == 0x46:  # FLOAT
                 raw, pos = line(pos)
+                raw = raw.split(b"\0", 1)[0]
                 append(_float(raw))
             elif op == 0x53:  # STRING
                 raw, pos = line(pos)
@@ -661,6 +664,7 @@ class Machine:
                     raise FormatError(f"malformed UNICODE argument: {e.reason}") from None
             elif op == 0x67 or op == 0x70:  # GET PUT (decimal lines)
                 raw, pos = line(pos)
+                raw = raw.split(b"\0", 1)[0]
                 try:
                     i = int(raw.decode("ascii"), 10)
                 except (ValueError, UnicodeDecodeError):

@@ -81,18 +81,31 @@ class Persistent:
 _DATA = (str, bytes, bytearray, int, float, complex, bool, type(None), tuple, list, dict, set, frozenset)
 
 
-def _plain(value, depth: int = 0) -> bool:
-    """Data all the way down (no global, no made object): what a pure builtin can be run on here."""
-    if depth > 8:
-        return False
-    t = type(value)
-    if t in (str, bytes, bytearray, int, float, complex, bool, type(None)):
-        return True
-    if t in (tuple, list, set, frozenset):
-        return all(_plain(v, depth + 1) for v in value)
-    if t in (dict, collections.OrderedDict):
-        return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items())
-    return False
+def _plain(value) -> bool:
+    """Data all the way down (no global, no made object): what a pure builtin can be run on here. Each
+    container is visited once, and at most 10,000 of them (shared structure is no cost to a file)."""
+    seen: Set[int] = set()
+    todo = [value]
+    left = 10000
+    while todo:
+        v = todo.pop()
+        t = type(v)
+        if t in (str, bytes, bytearray, int, float, complex, bool, type(None)):
+            continue
+        if t not in (tuple, list, set, frozenset, dict, collections.OrderedDict):
+            return False
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        left -= 1
+        if left < 0:
+            return False
+        if t in (dict, collections.OrderedDict):
+            todo.extend(v.keys())
+            todo.extend(v.values())
+        else:
+            todo.extend(v)
+    return True
 
 
 def _safe_str(obj="", encoding=None, errors="strict"):
@@ -153,7 +166,9 @@ class UsePolicy(Policy):
             self._use(COMPUTED_CALL, "called")
 
     def note_bytes(self, data, at) -> None:  # noqa: D102 - the machine's hook for bytes it decodes
-        if len(data) >= 3 and data[0] == 0x80 and 2 <= data[1] <= 5 and len(self.nested) < 64:
+        # any bytes may be a pickle something unpickles (a class's __setstate__ may pickle.loads its state):
+        # protocol 0 has no header to know it by, so every blob is tried (a non-pickle stops at once)
+        if len(data) >= 3 and len(self.nested) < 64:
             self.nested.append((f"bytes at {at}" if at >= 0 else "bytes from _codecs.encode", bytes(data)))
 
     # -- the machine's hooks ---------------------------------------------------------------
