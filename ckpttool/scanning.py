@@ -126,7 +126,8 @@ class _Findings:
                size: Optional[int] = None, depth: int = 0, loader_runs: bool = True) -> PickleUses:
         """Scan one pickle; ``loader_runs``: the loader really unpickles it (its failure is worth saying)."""
         r = scan_pickle(data, pos, source, size)
-        self.pickles += 1
+        if loader_runs or r.uses or not r.error:  # tried bytes that were no pickle are not counted
+            self.pickles += 1
         for name, how in r.uses.items():
             for h in how:
                 self.flag(name, where, h)

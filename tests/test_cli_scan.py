@@ -221,9 +221,9 @@ def test_table_of_a_full_model_prints_the_add_safe_globals_line(make):
     assert r.exit_code == 0
     assert "needs code to load" in r.stdout.splitlines()[0]
     line = next(l for l in r.stdout.splitlines() if "add_safe_globals" in l)
-    assert line.startswith("to read it with torch.load(weights_only=True): import ")
+    assert line.startswith("to read it with torch.load(weights_only=True): from ")
     assert "; torch.serialization.add_safe_globals([" in line
-    assert "mypkg.ClassNet" in line
+    assert "from mypkg import Block, ClassNet" in line
 
 
 def test_table_of_a_file_without_pickles(make):

@@ -401,7 +401,7 @@ def test_resnet18_full_model_needs_code_and_the_printed_line_loads_it(tv_files):
     assert g["torchvision.models.resnet.ResNet"].where == ("resnet18_full/data.pkl",)
     line = safe_globals_line(f)
     assert "torch.serialization.add_safe_globals([" in line and line.endswith("])")
-    assert "torchvision.models.resnet.ResNet" in line
+    assert "from torchvision.models.resnet import BasicBlock, ResNet" in line
     got = load_with_line(tv_files["resnet18_full"], line)
     assert got["plain"] != "loaded"  # negative control: weights_only=True refuses it without the line
     assert got["with_line"] == "torchvision.models.resnet.ResNet"
@@ -431,7 +431,7 @@ def test_lightning_checkpoint_with_namespace_is_safe_and_the_line_loads_it(tv_fi
     _assert_benign(f)
     assert verdicts(f)["argparse.Namespace"] == "safe"
     line = safe_globals_line(f)
-    assert line == "import argparse; torch.serialization.add_safe_globals([argparse.Namespace])"
+    assert line == "from argparse import Namespace; torch.serialization.add_safe_globals([Namespace])"
     got = load_with_line(tv_files["lightning"], line)
     assert got["plain"] != "loaded" and got["with_line"] == "builtins.dict"
 
@@ -460,7 +460,7 @@ def test_pickled_classnet_needs_code(name, make):
     f = one(make(name)).files[0]
     assert f.dangerous_names == ()
     assert {"mypkg.ClassNet", "mypkg.Block", "torch.nn.modules.conv.Conv2d"} <= set(f.needs_code)
-    assert "mypkg.ClassNet" in safe_globals_line(f)
+    assert "from mypkg import Block, ClassNet" in safe_globals_line(f)
 
 
 def test_classnet_line_loads_the_full_model(make):

@@ -53,7 +53,7 @@ import json
 import keyword
 import re
 import sys
-from typing import Iterable, Mapping, Tuple, Union
+from typing import Iterable, Mapping, Optional, Tuple, Union
 
 __all__ = [
     "APPEND_TYPES", "BENIGN", "BLOCKED_MODULES", "BUILD_SPECIAL", "IMPORT_MAPPING", "NAME_MAPPING",
@@ -404,15 +404,23 @@ def _identifiers(dotted: str) -> bool:
     return all(p.isidentifier() and not keyword.iskeyword(p) for p in dotted.split("."))
 
 
-def _expression(path: str) -> Tuple[Tuple[str, ...], str]:
-    """(modules to import, expression naming the object at ``path``)."""
+def _expression(path: str, taken: set) -> Tuple[Optional[Tuple[str, str]], Tuple[str, ...], str]:
+    """(a ``from module import name [as alias]`` pair or None, modules to import, the expression naming the
+    object at ``path``). ``from`` imports, because an attribute can hide a submodule of the same name
+    (``torchao.quantization.quantize_`` is a function and a package): ``import a.b; a.b.C`` would reach the
+    function, ``from a.b import C`` reaches the module. ``taken``: names already bound on the line."""
     module, _, attr = path.rpartition(".")
     if module == "builtins" and _identifiers(attr):
-        return (), attr
+        return None, (), attr
     if _identifiers(module) and _identifiers(attr):
-        return (module,), path
-    # Not spellable as an import statement and attribute access: go through importlib.
-    return ("importlib", "operator"), f"operator.attrgetter({attr!r})(importlib.import_module({module!r}))"
+        alias, n = attr, 1
+        while alias in taken or alias in ("torch", "importlib", "operator"):
+            n += 1
+            alias = f"{attr}_{n}"
+        taken.add(alias)
+        return (module, attr if alias == attr else f"{attr} as {alias}"), (), alias
+    # Not spellable as an import statement: go through importlib.
+    return None, ("importlib", "operator"), f"operator.attrgetter({attr!r})(importlib.import_module({module!r}))"
 
 
 def advice(referenced: Iterable[GlobalName], built_types: Iterable[str] = ()) -> str | None:
@@ -429,9 +437,9 @@ def advice(referenced: Iterable[GlobalName], built_types: Iterable[str] = ()) ->
     Which names deserve to be allowed is the scanner's call, not this function's.
 
     >>> advice(["numpy.ndarray", "numpy.dtype"], ["numpy.dtypes.UInt32DType"])
-    'import numpy.dtypes; torch.serialization.add_safe_globals([numpy.dtype, numpy.dtypes.UInt32DType, numpy.ndarray])'
+    'from numpy import dtype, ndarray; from numpy.dtypes import UInt32DType; torch.serialization.add_safe_globals([dtype, UInt32DType, ndarray])'
     >>> print(advice([("numpy.core.multiarray", "scalar")]))  # numpy 1's name, numpy 2's object
-    import numpy._core.multiarray; torch.serialization.add_safe_globals([(numpy._core.multiarray.scalar, "numpy.core.multiarray.scalar")])
+    from numpy._core.multiarray import scalar; torch.serialization.add_safe_globals([(scalar, "numpy.core.multiarray.scalar")])
     >>> advice(["collections.OrderedDict", ("torch._utils", "_rebuild_tensor_v2")]) is None
     True
     """
@@ -453,13 +461,17 @@ def advice(referenced: Iterable[GlobalName], built_types: Iterable[str] = ()) ->
     if not needed:
         return None
     imports: set[str] = set()
+    froms: dict[str, list] = {}
+    taken: set = set()
     items = []
     for key, path in sorted(needed.items(), key=lambda kv: (kv[1], kv[0])):
-        modules, expr = _expression(path)
+        frm, modules, expr = _expression(path, taken)
+        if frm is not None:
+            froms.setdefault(frm[0], []).append(frm[1])
         imports.update(modules)
         # json.dumps spells a valid Python string literal whatever the pickle's name holds
         items.append(f"({expr}, {json.dumps(key)})" if key != path or path in _UNSTABLE_HOME else expr)
     line = f"torch.serialization.add_safe_globals([{', '.join(items)}])"
-    # "import a.b" binds and imports "a" too: a module that another one's import covers goes.
-    imports = {m for m in imports if not any(o.startswith(m + ".") for o in imports)}
-    return f"import {', '.join(sorted(imports))}; {line}" if imports else line
+    statements = [f"import {', '.join(sorted(imports))}"] if imports else []
+    statements += [f"from {m} import {', '.join(names)}" for m, names in sorted(froms.items())]
+    return "; ".join(statements + [line])
