@@ -340,7 +340,7 @@ def test_state_dict_alone_skips_model_checks(r18):
 def test_key_picks_the_entry(committed):
     r = verify(committed("seed_checkpoint.tar"), key="model_state_dict", model=CLASSNET,
                input_shapes=[CLASSNET_SHAPE])
-    assert_only_torch_load_fails(r, "add_safe_globals", "mypkg.ClassNet", "--trust")  # it also pickles the model
+    assert_only_torch_load_fails(r, "add_safe_globals", "from mypkg import Block, ClassNet", "--trust")  # it also pickles the model
     r = verify(committed("seed_checkpoint.tar"), key="model_state_dict", model=CLASSNET,
                input_shapes=[CLASSNET_SHAPE], trust=True)
     assert_all_pass(r)
@@ -416,7 +416,7 @@ def test_full_pickle_without_trust_skips_model_checks_and_imports_nothing(plante
     r = verify(planted["path"], input_shapes=["2x4"])
     assert not planted["marker"].exists()
     assert planted["pkg"] not in sys.modules
-    assert_only_torch_load_fails(r, f"{planted['pkg']}.MarkedNet", "--trust")
+    assert_only_torch_load_fails(r, f"from {planted['pkg']} import MarkedNet", "--trust")
     c = by_key(r)
     readable = c[("readable", None)]
     assert readable.status == "pass"
@@ -432,7 +432,7 @@ def test_full_pickle_without_trust_skips_model_checks_and_imports_nothing(plante
 
 def test_full_pickle_of_fixture_without_trust(make):
     r = verify(make("full_model.pth"), input_shapes=[CLASSNET_SHAPE])
-    assert_only_torch_load_fails(r, "mypkg.ClassNet")
+    assert_only_torch_load_fails(r, "from mypkg import Block, ClassNet")
     c = by_key(r)
     assert "mypkg.ClassNet" in c[("readable", None)].detail
     assert c[("loads into model", None)].status == "skip" and "--trust" in c[("loads into model", None)].detail
