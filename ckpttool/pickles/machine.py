@@ -345,6 +345,16 @@ class Machine:
             append = stack.append
             return items
 
+        def batch():
+            """The items after the MARK and the object under it (APPENDS, SETITEMS, ADDITEMS); (None, None)
+            for no items: C then touches nothing, not even the object."""
+            items = pop_mark()
+            if not items:
+                return None, None
+            if not stack:
+                raise FormatError("unpickling stack underflow")
+            return items, stack[-1]
+
         def top():
             if not stack:
                 raise FormatError("unpickling stack underflow")
@@ -444,14 +454,11 @@ class Machine:
             elif op == 0x94:  # MEMOIZE
                 memo[len(memo)] = stack[-1]
             elif op == 0x75:  # SETITEMS
-                items = pop_mark()
-                if not items:
+                items, target = batch()
+                if items is None:
                     continue
-                if not stack:
-                    raise FormatError("unpickling stack underflow")
                 if len(items) % 2:
                     raise FormatError("odd number of items for SETITEMS")
-                target = stack[-1]
                 if type(target) in _DICTS:
                     bounded_keys(items[0::2], keys)
                     target.update(zip(items[0::2], items[1::2]))
@@ -469,12 +476,9 @@ class Machine:
                 else:
                     policy.setitems(target, [(key, value)])
             elif op == 0x65:  # APPENDS
-                items = pop_mark()
-                if not items:
+                items, target = batch()
+                if items is None:
                     continue
-                if not stack:
-                    raise FormatError("unpickling stack underflow")
-                target = stack[-1]
                 if type(target) is list:
                     target.extend(items)
                 else:
@@ -616,12 +620,9 @@ class Machine:
             elif op == 0x8F:  # EMPTY_SET
                 append(set())
             elif op == 0x90:  # ADDITEMS
-                items = pop_mark()
-                if not items:
+                items, target = batch()
+                if items is None:
                     continue
-                if not stack:
-                    raise FormatError("unpickling stack underflow")
-                target = stack[-1]
                 if isinstance(target, set):
                     bounded_keys(items, keys)
                     target.update(items)
