@@ -40,7 +40,7 @@ from __future__ import annotations
 import codecs
 import collections
 import struct
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from ..errors import FormatError
 
@@ -345,6 +345,15 @@ class Machine:
             append = stack.append
             return items
 
+        def names(p: int) -> Tuple[str, str, int]:
+            """GLOBAL's and INST's two lines, module and name, decoded as C decodes them."""
+            module, p = line(p)
+            name, p = line(p)
+            try:
+                return module.decode("utf-8"), name.decode("utf-8"), p
+            except UnicodeDecodeError:
+                raise FormatError("pickle names a global that is not utf-8") from None
+
         def batch():
             """The items after the MARK and the object under it (APPENDS, SETITEMS, ADDITEMS); (None, None)
             for no items: C then touches nothing, not even the object."""
@@ -498,12 +507,7 @@ class Machine:
                 state = stack.pop()
                 policy.build(stack[-1], state)
             elif op == 0x63:  # GLOBAL
-                module, pos = line(pos)
-                name, pos = line(pos)
-                try:
-                    module_s, name_s = module.decode("utf-8"), name.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise FormatError("pickle names a global that is not utf-8") from None
+                module_s, name_s, pos = names(pos)
                 append(policy.find_class(module_s, name_s))
             elif op == 0x93:  # STACK_GLOBAL
                 if len(stack) < 2:
@@ -689,12 +693,7 @@ class Machine:
             elif op == 0x69:  # INST: C looks for its MARK before it reads the names
                 if not metastack:
                     raise FormatError("could not find MARK")
-                module, pos = line(pos)
-                name, pos = line(pos)
-                try:
-                    module_s, name_s = module.decode("utf-8"), name.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise FormatError("pickle names a global that is not utf-8") from None
+                module_s, name_s, pos = names(pos)
                 cls = policy.find_class(module_s, name_s)
                 args = tuple(pop_mark())
                 append(policy.inst(cls, args))
@@ -723,12 +722,3 @@ class Machine:
             else:
                 raise FormatError(f"invalid load key, {chr(op)!r} (byte {src.base + pos - 1})")
 
-
-def run(policy: Policy, data, pos: int = 0, size: Optional[int] = None) -> Tuple[Any, int]:
-    """Run the pickle at ``data[pos:]`` under ``policy``: ``(value, end)``."""
-    m = Machine(policy, size)
-    value = m.load(data, pos)
-    return value, m.end
-
-
-Caller = Callable[..., Any]
