@@ -165,7 +165,7 @@ def _scan_path(found: _Findings, path: str) -> str:
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            head = f.read(16)
+            head = f.read(512)  # enough for every header test below (safetensors' needs the most)
     except OSError as e:
         raise FileAccessError(f"cannot read: {e.strerror or e}", path) from None
     if size == 0:
@@ -178,7 +178,7 @@ def _scan_path(found: _Findings, path: str) -> str:
         sniffed = "npy"
     else:
         from .formats import safetensors  # reads no pickle: only its header is checked
-        if safetensors.looks_like(_head(path, 512), size):
+        if safetensors.looks_like(head, size):
             sniffed = "safetensors"
         elif path.lower().endswith(".onnx") or (head[:1] == b"\x08" and not _starts_like_pickle(head)):
             sniffed = "onnx"
@@ -191,11 +191,6 @@ def _scan_path(found: _Findings, path: str) -> str:
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         fmt = _legacy_pickles(found, mm, 0, size, "", strict=sniffed is None and not tar)
     return sniffed or ("torch_tar" if tar else fmt)
-
-
-def _head(path: str, n: int) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(n)
 
 
 def _starts_like_pickle(head: bytes) -> bool:
