@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickletools
 import re
 import struct
 from collections import Counter
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .errors import CkptError, FormatError, UsageError
-from .opcodes import generic_stack_effect
 from .formats import detect, open as open_checkpoint
 from .formats.archive import STORED, Archive, Record
 from .formats.torch_zip import MAX_PICKLE
+from .pickles.rewriting import StorageSeen, rewrite_locations
 from .records import Checkpoint, FileSpan, RemapResult
 from .tree import all_tensors
 from .writing import atomic_output, check_output, folder_output, writing
@@ -66,177 +65,6 @@ def map_location(location: str, maps: Mapping_) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The pickle rewrite
-
-
-class _Str:
-    __slots__ = ("value", "via", "after")
-
-    def __init__(self, value: str, via: int):
-        self.value, self.via, self.after = value, via, value
-
-
-class _Tup:
-    __slots__ = ("items", "close")
-
-    def __init__(self, items, close: int):
-        self.items, self.close = items, close
-
-
-class _Item:
-    """Anything else on the symbolic stack, with the op that pushed it."""
-    __slots__ = ("op",)
-
-    def __init__(self, op: int):
-        self.op = op
-
-
-_OTHER = _Item(-1)
-_MARK = object()
-_STRING_OPS = {"BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
-_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
-_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
-
-
-def _string_op(value: str) -> bytes:
-    data = value.encode("utf-8")
-    return b"X" + struct.pack("<I", len(data)) + data
-
-
-class StorageSeen:
-    """A storage persistent id met in the pickle: its key, storage class, element count, location."""
-    __slots__ = ("key", "stype", "numel", "location")
-
-    def __init__(self, key: str, stype: str, numel: int, location: str):
-        self.key, self.stype, self.numel, self.location = key, stype, numel, location
-
-
-def rewrite_locations(data: bytes, new_location: Callable[[str], str], arity: Optional[int] = None,
-                      seen: Optional[Dict[str, StorageSeen]] = None) -> Tuple[bytes, Counter]:
-    """``data`` (a pickle) with each storage's location tag replaced by ``new_location(tag)``.
-
-    ``arity`` 5 or 6 rewrites storage ids to the zip format's 5 fields or the legacy
-    format's 6 (the last being a view record, None). ``seen`` collects the storages.
-    Returns the new pickle and a Counter of ``(old, new)`` tag pairs, one per storage id.
-    """
-    inserts: Dict[int, bytes] = {}
-    globals_at: Dict[int, str] = {}
-    try:
-        ops = list(pickletools.genops(data))
-    except Exception as e:  # pickletools raises ValueError and friends on bad bytes
-        raise FormatError(f"malformed pickle: {e}") from None
-    stack: list = []
-    memo: Dict[int, object] = {}
-    events: List[Tuple[str, int, object, object]] = []  # (kind, op index, memo index, item) for pass 2
-    uses: Dict[int, _Str] = {}  # op index of the string -> the item used as a location
-    replace_early: Dict[int, bytes] = {}  # ops deleted or replaced while walking (pid reshaping)
-    counts: Counter = Counter()
-    stop = len(ops)
-    for i, (op, arg, pos) in enumerate(ops):
-        name = op.name
-        if name in _STRING_OPS:
-            item = _Str(arg if isinstance(arg, str) else str(arg), i)
-            stack.append(item)
-            events.append(("def", i, None, item))
-        elif name == "GLOBAL":
-            globals_at[i] = str(arg)
-            stack.append(_Item(i))
-        elif name in _GET_OPS:
-            src = memo.get(arg, _OTHER)
-            item = _Str(src.value, i) if isinstance(src, _Str) else src
-            stack.append(item)
-            if isinstance(item, _Str):
-                events.append(("get", i, arg, item))
-        elif name in _PUT_OPS or name == "MEMOIZE":
-            idx = arg if name != "MEMOIZE" else len(memo)
-            memo[idx] = stack[-1] if stack else _OTHER
-            events.append(("put", i, idx, memo[idx]))
-        elif name == "DUP":
-            stack.append(stack[-1])
-        elif name == "MARK":
-            stack.append(_MARK)
-        elif name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
-            if name == "TUPLE":
-                k = len(stack) - 1 - stack[::-1].index(_MARK)
-                items = stack[k + 1:]
-                del stack[k:]
-            else:
-                n = {"EMPTY_TUPLE": 0, "TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}[name]
-                items = stack[len(stack) - n:] if n else []
-                del stack[len(stack) - n:]
-            stack.append(_Tup(items, i if name == "TUPLE" else -1))
-        elif name == "BINPERSID":
-            pid = stack.pop()
-            if isinstance(pid, _Tup) and len(pid.items) >= 5 and isinstance(pid.items[3], _Str) and \
-                    isinstance(pid.items[0], _Str) and pid.items[0].value == "storage":
-                loc = pid.items[3]
-                new = new_location(loc.value)
-                counts[(loc.value, new)] += 1
-                uses[loc.via] = loc
-                loc.after = new
-                if arity is not None or seen is not None:
-                    _reshape_pid(pid, arity, ops, inserts, replace_early, globals_at, seen, new)
-            stack.append(_OTHER)
-        elif name == "STOP":
-            stop = i
-            break
-        elif name in ("PROTO", "FRAME"):
-            pass
-        else:
-            generic_stack_effect(op, stack, _MARK, lambda i=i: _Item(i))
-
-    # Pass 2: what each memo slot holds after the rewrite, and which GETs must become literals.
-    replace: Dict[int, bytes] = dict(replace_early)
-    memo_after: Dict[int, str] = {}
-    for kind, i, idx, item in events:
-        if kind == "def":
-            if i in uses and item.after != item.value:
-                replace[i] = _string_op(item.after)
-        elif kind == "put":
-            if isinstance(item, _Str):
-                memo_after[idx] = item.after
-            else:
-                memo_after.pop(idx, None)
-        else:  # get
-            wanted = item.after if i in uses else item.value
-            item.after = wanted
-            if memo_after.get(idx, item.value) != wanted:
-                replace[i] = _string_op(wanted)
-    if not replace and not inserts and not any(op.name == "FRAME" for op, _, _ in ops[:stop]):
-        return data, counts
-    out = bytearray()
-    for i, (op, arg, pos) in enumerate(ops[:stop + 1]):
-        end = ops[i + 1][2] if i + 1 < len(ops) else len(data)
-        if op.name == "FRAME":  # frames hold byte counts the rewrite changes: drop them (they are optional)
-            continue
-        out += inserts.get(i, b"") + replace.get(i, data[pos:end])
-    return bytes(out), counts
-
-
-def _reshape_pid(pid: _Tup, arity: Optional[int], ops, inserts: Dict[int, bytes], replace: Dict[int, bytes],
-                 globals_at: Dict[int, str], seen: Optional[Dict[str, "StorageSeen"]], location: str) -> None:
-    items = pid.items
-    if seen is not None:
-        key = items[2].value if isinstance(items[2], _Str) else None
-        stype_op = items[1].op if isinstance(items[1], _Item) else -1
-        numel_op = items[4].op if isinstance(items[4], _Item) else -1
-        stype = globals_at.get(stype_op, "")
-        numel = ops[numel_op][1] if numel_op >= 0 and isinstance(ops[numel_op][1], int) else None
-        if key is None or not stype or numel is None:
-            raise FormatError("a storage id the rewrite cannot follow (built through the memo)")
-        seen.setdefault(key, StorageSeen(key, stype.replace(" ", "."), numel, location))
-    if arity == 5 and len(items) == 6:
-        view = items[5]
-        if not (isinstance(view, _Item) and view.op >= 0 and ops[view.op][0].name == "NONE"):
-            raise UsageError("this legacy file holds storage views (torch < 1.0); they have no zip-format form")
-        replace[view.op] = b""
-    elif arity == 6 and len(items) == 5:
-        if pid.close < 0:
-            raise FormatError("a storage id the rewrite cannot follow")
-        inserts[pid.close] = inserts.get(pid.close, b"") + b"N"
-
-
-# ---------------------------------------------------------------------------------------------
 # Files
 
 
@@ -267,7 +95,7 @@ def _remap_zip(path: str, tmp: str, new_location: Callable[[str], str]) -> Count
             for record in archive.records:
                 name = record.name
                 if name.endswith(".pkl") and "/" not in name[len(folder):]:
-                    data, c = rewrite_locations(archive.read(record, limit=MAX_PICKLE), new_location)
+                    data, c = rewrite_locations(archive.read(record, limit=MAX_PICKLE), new_location, path=path)
                     counts.update(c)
                     z.add(name, [data], len(data))
                 elif record.method == STORED:
@@ -282,45 +110,23 @@ def _remap_zip(path: str, tmp: str, new_location: Callable[[str], str]) -> Count
     return counts
 
 
-def _pickle_end(f, path: str) -> int:
-    """Position just past the pickle that starts at ``f``'s position (scanned, not unpickled)."""
-    try:
-        for op, _, _ in pickletools.genops(f):
-            if op.name == "STOP":
-                return f.tell()
-    except Exception as e:
-        raise FormatError(f"malformed pickle: {e}", path) from None
-    raise FormatError("pickle has no end", path)
-
-
-def _remap_legacy(path: str, tmp: str, new_location: Callable[[str], str]) -> Counter:
-    with open(path, "rb") as f:
-        ends = []
-        for _ in range(3):  # magic number, protocol version, sys_info
-            ends.append(_pickle_end(f, path))
-        start = f.tell()
-        end = _pickle_end(f, path)
-        f.seek(start)
+def _remap_legacy(src: Checkpoint, tmp: str, new_location: Callable[[str], str]) -> Counter:
+    start, end = src.metadata["_pickle"]  # the main pickle, as the reader found it
+    with open(src.path, "rb") as f:
+        header = f.read(start)
         main = f.read(end - start)
-        new_main, counts = rewrite_locations(main, new_location)
+        if len(main) != end - start:
+            raise FormatError("file is truncated", src.path)
+        new_main, counts = rewrite_locations(main, new_location, path=src.path)
         with open(tmp, "wb") as out:
-            f.seek(0)
-            out.write(f.read(ends[2]))
+            out.write(header)
             out.write(new_main)
-            f.seek(end)
             while True:
                 block = f.read(1 << 24)
                 if not block:
                     break
                 out.write(block)
     return counts
-
-
-def _main_pickle_span(f, path: str) -> Tuple[int, int]:
-    for _ in range(3):  # magic number, protocol version, sys_info
-        _pickle_end(f, path)
-    start = f.tell()
-    return start, _pickle_end(f, path)
 
 
 def _file_chunks(path: str, offset: int, size: int, chunk: int = 1 << 24) -> Iterator[bytes]:
@@ -338,11 +144,11 @@ def _legacy_to_zip(src: Checkpoint, tmp: str, new_location: Callable[[str], str]
     from .formats.torch_writer import _AlignedZip
     if src.metadata.get("little_endian") is False:
         raise UsageError("a big-endian legacy file cannot be written in the zip format", src.path)
+    start, end = src.metadata["_pickle"]
     with open(src.path, "rb") as f:
-        start, end = _main_pickle_span(f, src.path)
         f.seek(start)
         main = f.read(end - start)
-    data, counts = rewrite_locations(main, new_location, arity=5)
+    data, counts = rewrite_locations(main, new_location, arity=5, path=src.path)
     z = _AlignedZip(tmp, "archive")
     try:
         z.add("data.pkl", [data], len(data))
@@ -365,7 +171,8 @@ def _zip_to_legacy(src: Checkpoint, tmp: str, new_location: Callable[[str], str]
         if main is None:
             raise FormatError(f"zip archive has no record {archive.folder}data.pkl", src.path)
         seen: Dict[str, StorageSeen] = {}
-        data, counts = rewrite_locations(archive.read(main, limit=MAX_PICKLE), new_location, arity=6, seen=seen)
+        data, counts = rewrite_locations(archive.read(main, limit=MAX_PICKLE), new_location, arity=6, seen=seen,
+                                         path=src.path)
         sys_info = {"protocol_version": PROTOCOL_VERSION, "little_endian": True,
                     "type_sizes": {"short": 2, "int": 4, "long": 4}}
         with open(tmp, "wb") as out:
@@ -447,7 +254,7 @@ def _remap_file(src: Checkpoint, fmt: str, target: str, tmp: str, rules: Mapping
 
     if target == fmt or fmt == "torchscript":
         counts = _remap_zip(src.path, tmp, new_location) if fmt != "torch_legacy" else \
-            _remap_legacy(src.path, tmp, new_location)
+            _remap_legacy(src, tmp, new_location)
     elif target == "torch_zip":
         counts = _legacy_to_zip(src, tmp, new_location)
     else:

@@ -420,7 +420,7 @@ def test_refuses_existing_output_without_force(make, tmp_path):
 def test_failure_mid_write_leaves_nothing_and_keeps_the_old_output(monkeypatch, make, tmp_path, fixture):
     rm = importlib.import_module("ckpttool.remapping")
 
-    def boom(data, new_location):
+    def boom(data, new_location, **kwargs):
         raise RuntimeError("boom")
     monkeypatch.setattr(rm, "rewrite_locations", boom)
     out = tmp_path / "o.pt"

@@ -110,7 +110,9 @@ def read(path: str) -> Checkpoint:
         if version != PROTOCOL_VERSION:
             raise FormatError(f"legacy PyTorch file of unknown protocol version {safe_repr(version, 20)}", path)
         sys_info, _ = load_stream(f, None, path)
+        main_start = f.tell()
         root, globs = load_stream(f, persistent_load, path)
+        main_end = f.tell()
         keys, _ = load_stream(f, None, path)
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise FormatError("legacy PyTorch file has a malformed storage key list", path)
@@ -135,7 +137,9 @@ def read(path: str) -> Checkpoint:
     if missing:
         raise FormatError(f"storage {missing[0]!r} is used but not stored in the file", path)
     # where each storage's bytes are (after its 8-byte element count), in file order: for rewriting tools
-    meta = {"legacy_protocol": version, "_storages": {k: (offsets[k], roots[k][0].nbytes) for k in keys}}
+    # and where its main pickle is (bytes main_start:main_end)
+    meta = {"legacy_protocol": version, "_storages": {k: (offsets[k], roots[k][0].nbytes) for k in keys},
+            "_pickle": (main_start, main_end)}
     little = sys_info.get("little_endian") if isinstance(sys_info, dict) else None
     if isinstance(little, bool):  # anything else in sys_info is the file's to choose: not kept
         meta["little_endian"] = little

@@ -27,14 +27,14 @@ MAX_COMPRESSED_PICKLE = 64 << 20
 def storage_loader(archive: Archive, data_dir: str = "data/"):
     """The persistent_load for a zip archive: storage ids -> StorageRef on ``<folder>/data/<key>``."""
     cache: Dict[str, StorageRef] = {}
-    find, path = archive.find, archive.path
+    get, path, prefix = archive.get, archive.path, archive.folder + data_dir
 
     def load(pid):
         stype, key, location, numel, _ = parse_storage_pid(pid)
         ref = cache.get(key)
         if ref is not None:
             return ref
-        record = find(data_dir + key)
+        record = get(prefix + key)
         if record is None:
             raise FormatError(f"storage {key!r} has no record {archive.folder}{data_dir}{key} in the archive")
         nbytes = storage_nbytes(stype, numel)

@@ -150,6 +150,19 @@ class Policy:
         """Bytes the pickle holds (BINBYTES and kin, the opcode at byte ``at``): a scanner looks for pickles
         nested in them."""
 
+    #: Whether the machine tells :meth:`traced` where values came from (a rewriter needs the bytes behind
+    #: a value; readers and scanners do not, and pay nothing for it).
+    tracing = False
+
+    def traced(self, value: Any, start: int, end: int, how: str) -> Any:
+        """The value to push for one opcode at bytes ``start:end`` of the input (``tracing`` only).
+
+        ``how``: ``"text"`` (a string opcode pushed ``value``), ``"copy"`` (GET or DUP pushed ``value``
+        again), ``"tuple"`` (TUPLE closed ``value``), ``"frame"`` (a FRAME opcode; ``value`` None, the
+        return value unused).
+        """
+        return value
+
 
 class Source:
     """The bytes a machine reads: a buffer (bytes, mmap), or a stream read in windows."""
@@ -304,6 +317,8 @@ class Machine:
         u32 = _U32
         reduce = policy.reduce
         persistent_load = policy.persistent_load
+        tracing = policy.tracing
+        traced = policy.traced
 
         frame_end = -1  # inside a frame, ``n`` is its end: a read past it comes here first
 
@@ -393,6 +408,8 @@ class Machine:
                 except KeyError:
                     raise FormatError(f"Memo value not found at index {data[pos]}") from None
                 pos += 1
+                if tracing:
+                    stack[-1] = traced(stack[-1], src.base + pos - 2, src.base + pos, "copy")
             elif op == 0x6A:  # LONG_BINGET
                 if pos + 4 > n:
                     pos = more(pos, 4)
@@ -402,6 +419,8 @@ class Machine:
                 except KeyError:
                     raise FormatError(f"Memo value not found at index {i}") from None
                 pos += 4
+                if tracing:
+                    stack[-1] = traced(stack[-1], src.base + pos - 5, src.base + pos, "copy")
             elif op == 0x4B:  # BININT1
                 if pos >= n:
                     pos = more(pos, 1)
@@ -417,11 +436,15 @@ class Machine:
                 length = u32(data, pos)[0]
                 raw, pos = counted(pos + 4, length, "string")
                 append(str(raw, "utf-8", "surrogatepass"))
+                if tracing:
+                    stack[-1] = traced(stack[-1], src.base + pos - 5 - length, src.base + pos, "text")
             elif op == 0x74:  # TUPLE
                 items = tuple(stack)
                 stack = metastack.pop()  # IndexError: no MARK
                 append = stack.append
                 append(items)
+                if tracing:
+                    stack[-1] = traced(items, src.base + pos - 1, src.base + pos, "tuple")
             elif op == 0x85:  # TUPLE1
                 stack[-1] = (stack[-1],)
             elif op == 0x86:  # TUPLE2
@@ -460,6 +483,8 @@ class Machine:
                     pos = more(pos, 1)
                 raw, pos = counted(pos + 1, data[pos], "string")
                 append(str(raw, "utf-8", "surrogatepass"))
+                if tracing:
+                    stack[-1] = traced(stack[-1], src.base + pos - 2 - len(raw), src.base + pos, "text")
             elif op == 0x94:  # MEMOIZE
                 memo[len(memo)] = stack[-1]
             elif op == 0x75:  # SETITEMS
@@ -560,6 +585,8 @@ class Machine:
                 if length:
                     frame_end = pos + length
                     n = frame_end
+                if tracing:
+                    traced(None, src.base + pos - 9, src.base + pos, "frame")
             elif op == 0x8E or op == 0x42 or op == 0x43 or op == 0x96:  # BINBYTES8 BINBYTES SHORT_BINBYTES BYTEARRAY8
                 w = 8 if op in (0x8E, 0x96) else 4 if op == 0x42 else 1
                 at = src.base + pos - 1
@@ -574,6 +601,8 @@ class Machine:
                     pos = more(pos, 8)
                 raw, pos = counted(pos + 8, _U64(data, pos)[0], "string")
                 append(str(raw, "utf-8", "surrogatepass"))
+                if tracing:
+                    stack[-1] = traced(stack[-1], src.base + pos - 9 - len(raw), src.base + pos, "text")
             elif op == 0x8A:  # LONG1
                 if pos >= n:
                     pos = more(pos, 1)
@@ -601,6 +630,8 @@ class Machine:
                     raise FormatError("BINSTRING pickle has negative byte count")
                 raw, pos = counted(pos + w, length, "string")
                 append(_decode_string(bytes(raw)))
+                if tracing:
+                    stack[-1] = traced(stack[-1], src.base + pos - 1 - w - length, src.base + pos, "text")
             elif op == 0x30:  # POP: on an empty mark frame, the mark
                 if stack:
                     stack.pop()
@@ -612,6 +643,8 @@ class Machine:
                 pop_mark()
             elif op == 0x32:  # DUP
                 append(top())
+                if tracing:
+                    stack[-1] = traced(stack[-1], src.base + pos - 1, src.base + pos, "copy")
             elif op == 0x6C:  # LIST
                 items = pop_mark()
                 append(items)
@@ -659,15 +692,22 @@ class Machine:
                 raw = raw.split(b"\0", 1)[0]
                 append(_float(raw))
             elif op == 0x53:  # STRING
+                at = src.base + pos - 1
                 raw, pos = line(pos)
                 append(_decode_string(_quoted(raw)))
+                if tracing:
+                    stack[-1] = traced(stack[-1], at, src.base + pos, "text")
             elif op == 0x56:  # UNICODE
+                at = src.base + pos - 1
                 raw, pos = line(pos)
                 try:
                     append(str(raw, "raw-unicode-escape"))
                 except UnicodeDecodeError as e:
                     raise FormatError(f"malformed UNICODE argument: {e.reason}") from None
+                if tracing:
+                    stack[-1] = traced(stack[-1], at, src.base + pos, "text")
             elif op == 0x67 or op == 0x70:  # GET PUT (decimal lines)
+                at = src.base + pos - 1
                 raw, pos = line(pos)
                 raw = raw.split(b"\0", 1)[0]
                 try:
@@ -679,6 +719,8 @@ class Machine:
                         append(memo[i])
                     except KeyError:
                         raise FormatError(f"Memo value not found at index {i}") from None
+                    if tracing:
+                        stack[-1] = traced(stack[-1], at, src.base + pos, "copy")
                 else:
                     if i < 0:
                         raise FormatError("negative PUT argument")
