@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import pickletools
 import re
 import struct
 import tarfile
@@ -109,13 +108,9 @@ class _Findings:
         self.advice_blockers: Set[str] = set()  # why no add_safe_globals line can make weights_only read it
         self.nested_left = 256  # bytes blobs tried as pickles, in all (each level may hold more)
 
-    def _census(self, where: str, data, pos: int, end: int) -> None:
+    def _census(self, where: str, opcodes) -> None:
         """The opcodes torch's weights_only loader refuses whatever its allow list (protocol 3+ ones)."""
-        try:
-            names = {op.name for op, _, _ in pickletools.genops(data[pos:end])}
-        except Exception:  # noqa: BLE001 - pickletools' own strictness; the machine read it
-            return
-        refused = sorted(names - SUPPORTED_OPCODES)
+        refused = sorted(set(opcodes) - SUPPORTED_OPCODES)
         if refused:
             self.advice_blockers.add(f"{where} uses opcodes torch's weights_only loader refuses: {', '.join(refused)}")
 
@@ -132,9 +127,8 @@ class _Findings:
             for h in how:
                 self.flag(name, where, h)
         self.built_types |= r.built_types
-        if loader_runs and data is not None and not r.error and any(
-                not weights_only_admits(n) for n in r.uses if not n.startswith("<")):
-            self._census(where, data, pos, r.end)
+        if loader_runs and not r.error:
+            self._census(where, r.opcodes)
         if any("filled" in how for how in r.uses.values()):
             self.advice_blockers.add("it fills an object that is not a plain list or dict (torch's weights_only "
                                      "loader allows that for no class)")
@@ -612,7 +606,7 @@ def scan_file(path: str) -> ScanFile:
             line = advice([g.name for g in globals_ if not g.name.startswith("<")], sorted(found.built_types))
         except ValueError:
             line = None
-        if line and found.advice_blockers:
+        if found.advice_blockers:  # what weights_only refuses whatever its allow list (needed line or none)
             found.problems.extend(f"no add_safe_globals line helps: {b}" for b in sorted(found.advice_blockers))
             line = None
     weights_only = None

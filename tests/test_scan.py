@@ -1105,3 +1105,48 @@ def test_files_that_look_like_another_format_are_scanned_as_their_loader_reads_t
         assert e.exit_code == 2
     run_py(_REAL_LOAD, path, how)
     assert os.path.exists(marker)  # the real loader runs it
+
+
+# =============================================================================================
+# The opcodes torch's weights_only loader runs: counted by the machine itself, for every torch.load input
+# =============================================================================================
+
+_WEIGHTS_ONLY_LOADS = """
+    import sys, torch
+    try:
+        torch.load(sys.argv[1], weights_only=True, map_location="cpu")
+        print("loaded")
+    except Exception as e:
+        print(type(e).__name__, str(e).replace(chr(10), " ")[-300:])
+"""
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_weights_only_claim_matches_torch_for_every_protocol(protocol, tmp_path):
+    """A state_dict of admitted globals only: weights_only reads protocol 2, refuses 4 and 5 (FRAME, MEMOIZE,
+    SHORT_BINUNICODE), whatever the globals. scan's claim must be torch's answer."""
+    path = str(tmp_path / f"p{protocol}.pt")
+    torch.save({"w": torch.ones(3), "b": torch.zeros(2, dtype=torch.int64)}, path, pickle_protocol=protocol)
+    f = one(path).files[0]
+    torch_says = run_py(_WEIGHTS_ONLY_LOADS, path).stdout.strip()
+    assert f.weights_only is (torch_says == "loaded"), (f.problems, torch_says)
+    if protocol > 2:
+        assert any("FRAME" in p and "MEMOIZE" in p for p in f.problems), f.problems
+        assert f.advice is None
+
+
+def test_opcode_census_follows_the_machine_not_pickletools(tmp_path):
+    """A text INT written as C's strtol reads it (``I0x10``): pickletools cannot parse it, the machine can; the
+    census still names INT, so no add_safe_globals line is offered for a file weights_only refuses."""
+    data = b"\x80\x02}X\x01\x00\x00\x00nctorchvision.models.resnet\nResNet\n)\x81I0x10\nbs."
+    with pytest.raises(ValueError):
+        list(pickletools.genops(data))
+    assert "INT" in scan_pickle(data).opcodes
+    path = tmp_path / "x.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x/data.pkl", data)
+        z.writestr("x/version", "3\n")
+        z.writestr("x/byteorder", "little")
+    f = one(path).files[0]
+    assert f.advice is None and f.weights_only is False
+    assert any("INT" in p for p in f.problems), f.problems

@@ -272,6 +272,9 @@ class Machine:
         self.work = 0
         self.work_limit = WORK_FLOOR
         self.end = 0  # where the last pickle ended (absolute)
+        #: Opcodes run outside the hot path (every opcode but protocol 2's common binary ones): what a
+        #: scanner needs to say which opcodes a pickle uses, at no cost to reading.
+        self.cold_ops: set = set()
 
     def charge(self, n: int) -> None:
         """Count ``n`` units of work a policy does for the file (copies); refuse past the cap."""
@@ -319,6 +322,7 @@ class Machine:
         persistent_load = policy.persistent_load
         tracing = policy.tracing
         traced = policy.traced
+        cold = self.cold_ops
 
         frame_end = -1  # inside a frame, ``n`` is its end: a read past it comes here first
 
@@ -389,7 +393,8 @@ class Machine:
                 pos = more(pos, 1)
             op = data[pos]
             pos += 1
-            # the opcodes of a torch data.pkl first, in the order of how often they come
+            # the opcodes of a torch data.pkl first, in the order of how often they come (all of them ones
+            # torch's weights_only loader runs); every other opcode in the ``else`` below
             if op == 0x71:  # BINPUT
                 if pos >= n:
                     pos = more(pos, 1)
@@ -478,15 +483,6 @@ class Machine:
                 append([])
             elif op == 0x4E:  # NONE
                 append(None)
-            elif op == 0x8C:  # SHORT_BINUNICODE
-                if pos >= n:
-                    pos = more(pos, 1)
-                raw, pos = counted(pos + 1, data[pos], "string")
-                append(str(raw, "utf-8", "surrogatepass"))
-                if tracing:
-                    stack[-1] = traced(stack[-1], src.base + pos - 2 - len(raw), src.base + pos, "text")
-            elif op == 0x94:  # MEMOIZE
-                memo[len(memo)] = stack[-1]
             elif op == 0x75:  # SETITEMS
                 items, target = batch()
                 if items is None:
@@ -534,26 +530,11 @@ class Machine:
             elif op == 0x63:  # GLOBAL
                 module_s, name_s, pos = names(pos)
                 append(policy.find_class(module_s, name_s))
-            elif op == 0x93:  # STACK_GLOBAL
-                if len(stack) < 2:
-                    raise FormatError("unpickling stack underflow")
-                name = stack.pop()
-                module = stack.pop()
-                if type(name) is not str or type(module) is not str:
-                    append(policy.computed_global(module, name))
-                else:
-                    append(policy.find_class(module, name))
             elif op == 0x81:  # NEWOBJ
                 if len(stack) < 2:
                     raise FormatError("unpickling stack underflow")
                 args = stack.pop()
                 stack[-1] = policy.newobj(stack[-1], args, None)
-            elif op == 0x92:  # NEWOBJ_EX
-                if len(stack) < 3:
-                    raise FormatError("unpickling stack underflow")
-                kwargs = stack.pop()
-                args = stack.pop()
-                stack[-1] = policy.newobj(stack[-1], args, kwargs)
             elif op == 0x2E:  # STOP
                 if frame_end >= 0 and pos != frame_end:
                     raise AmbiguousPickle(f"ambiguous pickle: it stops at byte {src.base + pos}, inside a frame that "
@@ -570,197 +551,222 @@ class Machine:
                 if proto > HIGHEST_PROTOCOL:
                     raise FormatError(f"unsupported pickle protocol: {proto}")
                 self.proto = proto
-            elif op == 0x95:  # FRAME: its bytes must be there; ``n`` becomes its end (see ``more``)
-                if frame_end >= 0 and pos - 1 != frame_end:
-                    raise AmbiguousPickle(f"ambiguous pickle: a frame begins at byte {src.base + pos - 1}, inside "
-                                          f"another that ends at byte {src.base + frame_end}")
-                if pos + 8 > n:
-                    pos = more(pos, 8)
-                length = _U64(data, pos)[0]
-                pos += 8
-                if length > size:
-                    raise FormatError(f"pickle declares a {length}-byte frame in a {size}-byte input")
-                if pos + length > n:
-                    pos = more(pos, length)
-                if length:
-                    frame_end = pos + length
-                    n = frame_end
-                if tracing:
-                    traced(None, src.base + pos - 9, src.base + pos, "frame")
-            elif op == 0x8E or op == 0x42 or op == 0x43 or op == 0x96:  # BINBYTES8 BINBYTES SHORT_BINBYTES BYTEARRAY8
-                w = 8 if op in (0x8E, 0x96) else 4 if op == 0x42 else 1
-                at = src.base + pos - 1
-                if pos + w > n:
-                    pos = more(pos, w)
-                length = _U64(data, pos)[0] if w == 8 else u32(data, pos)[0] if w == 4 else data[pos]
-                raw, pos = counted(pos + w, length, "bytes")
-                append(bytearray(raw) if op == 0x96 else bytes(raw))
-                policy.note_bytes(stack[-1], at)
-            elif op == 0x8D:  # BINUNICODE8
-                if pos + 8 > n:
-                    pos = more(pos, 8)
-                raw, pos = counted(pos + 8, _U64(data, pos)[0], "string")
-                append(str(raw, "utf-8", "surrogatepass"))
-                if tracing:
-                    stack[-1] = traced(stack[-1], src.base + pos - 9 - len(raw), src.base + pos, "text")
-            elif op == 0x8A:  # LONG1
-                if pos >= n:
-                    pos = more(pos, 1)
-                raw, pos = counted(pos + 1, data[pos], "int")
-                append(int.from_bytes(raw, "little", signed=True))
-            elif op == 0x8B:  # LONG4
-                if pos + 4 > n:
-                    pos = more(pos, 4)
-                length = _I32(data, pos)[0]
-                if length < 0:
-                    raise FormatError("LONG pickle has negative byte count")
-                raw, pos = counted(pos + 4, length, "int")
-                append(int.from_bytes(raw, "little", signed=True))
-            elif op == 0x47:  # BINFLOAT
-                if pos + 8 > n:
-                    pos = more(pos, 8)
-                append(_F64(data, pos)[0])
-                pos += 8
-            elif op == 0x54 or op == 0x55:  # BINSTRING SHORT_BINSTRING
-                w = 4 if op == 0x54 else 1
-                if pos + w > n:
-                    pos = more(pos, w)
-                length = _I32(data, pos)[0] if w == 4 else data[pos]
-                if length < 0:
-                    raise FormatError("BINSTRING pickle has negative byte count")
-                raw, pos = counted(pos + w, length, "string")
-                append(_decode_string(bytes(raw)))
-                if tracing:
-                    stack[-1] = traced(stack[-1], src.base + pos - 1 - w - length, src.base + pos, "text")
-            elif op == 0x30:  # POP: on an empty mark frame, the mark
-                if stack:
-                    stack.pop()
-                elif metastack:
-                    pop_mark()
-                else:
-                    raise FormatError("unpickling stack underflow")
-            elif op == 0x31:  # POP_MARK
-                pop_mark()
-            elif op == 0x32:  # DUP
-                append(top())
-                if tracing:
-                    stack[-1] = traced(stack[-1], src.base + pos - 1, src.base + pos, "copy")
-            elif op == 0x6C:  # LIST
-                items = pop_mark()
-                append(items)
-            elif op == 0x64:  # DICT
-                items = pop_mark()
-                if len(items) % 2:
-                    raise FormatError("odd number of items for DICT")
-                bounded_keys(items[0::2], keys)
-                append(dict(zip(items[0::2], items[1::2])))
-            elif op == 0x8F:  # EMPTY_SET
-                append(set())
-            elif op == 0x90:  # ADDITEMS
-                items, target = batch()
-                if items is None:
-                    continue
-                if isinstance(target, set):
-                    bounded_keys(items, keys)
-                    target.update(items)
-                else:
-                    policy.additems(target, items)
-            elif op == 0x91:  # FROZENSET
-                items = pop_mark()
-                bounded_keys(items, keys)
-                append(frozenset(items))
-            elif op == 0x49:  # INT
-                full, pos = line(pos)
-                if len(full) < 1:
-                    raise FormatError("pickle data was truncated")
-                raw = full.split(b"\0", 1)[0]  # C reads the number as a C string: a NUL ends it
-                v = _strtol(raw) if raw else 0  # strtol of an empty C string: 0, its end is the NUL: accepted
-                if v is None:
-                    append(_py_int(raw))
-                elif len(full) == 2 and v in (0, 1):
-                    append(bool(v))
-                else:
-                    append(v)
-            elif op == 0x4C:  # LONG
-                raw, pos = line(pos)
-                raw = raw.split(b"\0", 1)[0]
-                if raw.endswith(b"L"):
-                    raw = raw[:-1]
-                append(_py_int(raw))
-            elif op == 0x46:  # FLOAT
-                raw, pos = line(pos)
-                raw = raw.split(b"\0", 1)[0]
-                append(_float(raw))
-            elif op == 0x53:  # STRING
-                at = src.base + pos - 1
-                raw, pos = line(pos)
-                append(_decode_string(_quoted(raw)))
-                if tracing:
-                    stack[-1] = traced(stack[-1], at, src.base + pos, "text")
-            elif op == 0x56:  # UNICODE
-                at = src.base + pos - 1
-                raw, pos = line(pos)
-                try:
-                    append(str(raw, "raw-unicode-escape"))
-                except UnicodeDecodeError as e:
-                    raise FormatError(f"malformed UNICODE argument: {e.reason}") from None
-                if tracing:
-                    stack[-1] = traced(stack[-1], at, src.base + pos, "text")
-            elif op == 0x67 or op == 0x70:  # GET PUT (decimal lines)
-                at = src.base + pos - 1
-                raw, pos = line(pos)
-                raw = raw.split(b"\0", 1)[0]
-                try:
-                    i = int(raw.decode("ascii"), 10)
-                except (ValueError, UnicodeDecodeError):
-                    raise FormatError(f"invalid memo index {raw[:20]!r}") from None
-                if op == 0x67:
-                    try:
-                        append(memo[i])
-                    except KeyError:
-                        raise FormatError(f"Memo value not found at index {i}") from None
+            else:  # the rest: noted (``cold_ops``), then run
+                cold.add(op)
+                if op == 0x8C:  # SHORT_BINUNICODE
+                    if pos >= n:
+                        pos = more(pos, 1)
+                    raw, pos = counted(pos + 1, data[pos], "string")
+                    append(str(raw, "utf-8", "surrogatepass"))
                     if tracing:
-                        stack[-1] = traced(stack[-1], at, src.base + pos, "copy")
+                        stack[-1] = traced(stack[-1], src.base + pos - 2 - len(raw), src.base + pos, "text")
+                elif op == 0x94:  # MEMOIZE
+                    memo[len(memo)] = stack[-1]
+                elif op == 0x93:  # STACK_GLOBAL
+                    if len(stack) < 2:
+                        raise FormatError("unpickling stack underflow")
+                    name = stack.pop()
+                    module = stack.pop()
+                    if type(name) is not str or type(module) is not str:
+                        append(policy.computed_global(module, name))
+                    else:
+                        append(policy.find_class(module, name))
+                elif op == 0x92:  # NEWOBJ_EX
+                    if len(stack) < 3:
+                        raise FormatError("unpickling stack underflow")
+                    kwargs = stack.pop()
+                    args = stack.pop()
+                    stack[-1] = policy.newobj(stack[-1], args, kwargs)
+                elif op == 0x95:  # FRAME: its bytes must be there; ``n`` becomes its end (see ``more``)
+                    if frame_end >= 0 and pos - 1 != frame_end:
+                        raise AmbiguousPickle(f"ambiguous pickle: a frame begins at byte {src.base + pos - 1}, inside "
+                                              f"another that ends at byte {src.base + frame_end}")
+                    if pos + 8 > n:
+                        pos = more(pos, 8)
+                    length = _U64(data, pos)[0]
+                    pos += 8
+                    if length > size:
+                        raise FormatError(f"pickle declares a {length}-byte frame in a {size}-byte input")
+                    if pos + length > n:
+                        pos = more(pos, length)
+                    if length:
+                        frame_end = pos + length
+                        n = frame_end
+                    if tracing:
+                        traced(None, src.base + pos - 9, src.base + pos, "frame")
+                elif op == 0x8E or op == 0x42 or op == 0x43 or op == 0x96:  # BINBYTES8 BINBYTES SHORT_BINBYTES BYTEARRAY8
+                    w = 8 if op in (0x8E, 0x96) else 4 if op == 0x42 else 1
+                    at = src.base + pos - 1
+                    if pos + w > n:
+                        pos = more(pos, w)
+                    length = _U64(data, pos)[0] if w == 8 else u32(data, pos)[0] if w == 4 else data[pos]
+                    raw, pos = counted(pos + w, length, "bytes")
+                    append(bytearray(raw) if op == 0x96 else bytes(raw))
+                    policy.note_bytes(stack[-1], at)
+                elif op == 0x8D:  # BINUNICODE8
+                    if pos + 8 > n:
+                        pos = more(pos, 8)
+                    raw, pos = counted(pos + 8, _U64(data, pos)[0], "string")
+                    append(str(raw, "utf-8", "surrogatepass"))
+                    if tracing:
+                        stack[-1] = traced(stack[-1], src.base + pos - 9 - len(raw), src.base + pos, "text")
+                elif op == 0x8A:  # LONG1
+                    if pos >= n:
+                        pos = more(pos, 1)
+                    raw, pos = counted(pos + 1, data[pos], "int")
+                    append(int.from_bytes(raw, "little", signed=True))
+                elif op == 0x8B:  # LONG4
+                    if pos + 4 > n:
+                        pos = more(pos, 4)
+                    length = _I32(data, pos)[0]
+                    if length < 0:
+                        raise FormatError("LONG pickle has negative byte count")
+                    raw, pos = counted(pos + 4, length, "int")
+                    append(int.from_bytes(raw, "little", signed=True))
+                elif op == 0x47:  # BINFLOAT
+                    if pos + 8 > n:
+                        pos = more(pos, 8)
+                    append(_F64(data, pos)[0])
+                    pos += 8
+                elif op == 0x54 or op == 0x55:  # BINSTRING SHORT_BINSTRING
+                    w = 4 if op == 0x54 else 1
+                    if pos + w > n:
+                        pos = more(pos, w)
+                    length = _I32(data, pos)[0] if w == 4 else data[pos]
+                    if length < 0:
+                        raise FormatError("BINSTRING pickle has negative byte count")
+                    raw, pos = counted(pos + w, length, "string")
+                    append(_decode_string(bytes(raw)))
+                    if tracing:
+                        stack[-1] = traced(stack[-1], src.base + pos - 1 - w - length, src.base + pos, "text")
+                elif op == 0x30:  # POP: on an empty mark frame, the mark
+                    if stack:
+                        stack.pop()
+                    elif metastack:
+                        pop_mark()
+                    else:
+                        raise FormatError("unpickling stack underflow")
+                elif op == 0x31:  # POP_MARK
+                    pop_mark()
+                elif op == 0x32:  # DUP
+                    append(top())
+                    if tracing:
+                        stack[-1] = traced(stack[-1], src.base + pos - 1, src.base + pos, "copy")
+                elif op == 0x6C:  # LIST
+                    items = pop_mark()
+                    append(items)
+                elif op == 0x64:  # DICT
+                    items = pop_mark()
+                    if len(items) % 2:
+                        raise FormatError("odd number of items for DICT")
+                    bounded_keys(items[0::2], keys)
+                    append(dict(zip(items[0::2], items[1::2])))
+                elif op == 0x8F:  # EMPTY_SET
+                    append(set())
+                elif op == 0x90:  # ADDITEMS
+                    items, target = batch()
+                    if items is None:
+                        continue
+                    if isinstance(target, set):
+                        bounded_keys(items, keys)
+                        target.update(items)
+                    else:
+                        policy.additems(target, items)
+                elif op == 0x91:  # FROZENSET
+                    items = pop_mark()
+                    bounded_keys(items, keys)
+                    append(frozenset(items))
+                elif op == 0x49:  # INT
+                    full, pos = line(pos)
+                    if len(full) < 1:
+                        raise FormatError("pickle data was truncated")
+                    raw = full.split(b"\0", 1)[0]  # C reads the number as a C string: a NUL ends it
+                    v = _strtol(raw) if raw else 0  # strtol of an empty C string: 0, its end is the NUL: accepted
+                    if v is None:
+                        append(_py_int(raw))
+                    elif len(full) == 2 and v in (0, 1):
+                        append(bool(v))
+                    else:
+                        append(v)
+                elif op == 0x4C:  # LONG
+                    raw, pos = line(pos)
+                    raw = raw.split(b"\0", 1)[0]
+                    if raw.endswith(b"L"):
+                        raw = raw[:-1]
+                    append(_py_int(raw))
+                elif op == 0x46:  # FLOAT
+                    raw, pos = line(pos)
+                    raw = raw.split(b"\0", 1)[0]
+                    append(_float(raw))
+                elif op == 0x53:  # STRING
+                    at = src.base + pos - 1
+                    raw, pos = line(pos)
+                    append(_decode_string(_quoted(raw)))
+                    if tracing:
+                        stack[-1] = traced(stack[-1], at, src.base + pos, "text")
+                elif op == 0x56:  # UNICODE
+                    at = src.base + pos - 1
+                    raw, pos = line(pos)
+                    try:
+                        append(str(raw, "raw-unicode-escape"))
+                    except UnicodeDecodeError as e:
+                        raise FormatError(f"malformed UNICODE argument: {e.reason}") from None
+                    if tracing:
+                        stack[-1] = traced(stack[-1], at, src.base + pos, "text")
+                elif op == 0x67 or op == 0x70:  # GET PUT (decimal lines)
+                    at = src.base + pos - 1
+                    raw, pos = line(pos)
+                    raw = raw.split(b"\0", 1)[0]
+                    try:
+                        i = int(raw.decode("ascii"), 10)
+                    except (ValueError, UnicodeDecodeError):
+                        raise FormatError(f"invalid memo index {raw[:20]!r}") from None
+                    if op == 0x67:
+                        try:
+                            append(memo[i])
+                        except KeyError:
+                            raise FormatError(f"Memo value not found at index {i}") from None
+                        if tracing:
+                            stack[-1] = traced(stack[-1], at, src.base + pos, "copy")
+                    else:
+                        if i < 0:
+                            raise FormatError("negative PUT argument")
+                        memo[i] = top()
+                elif op == 0x50:  # PERSID
+                    raw, pos = line(pos)
+                    try:
+                        pid = raw.decode("ascii")
+                    except UnicodeDecodeError:
+                        raise FormatError("persistent IDs in protocol 0 must be ASCII strings") from None
+                    append(policy.persistent_load(pid))
+                elif op == 0x69:  # INST: C looks for its MARK before it reads the names
+                    if not metastack:
+                        raise FormatError("could not find MARK")
+                    module_s, name_s, pos = names(pos)
+                    cls = policy.find_class(module_s, name_s)
+                    args = tuple(pop_mark())
+                    append(policy.inst(cls, args))
+                elif op == 0x6F:  # OBJ
+                    items = pop_mark()
+                    if not items:
+                        raise FormatError("unpickling stack underflow")
+                    append(policy.inst(items[0], tuple(items[1:])))
+                elif op == 0x82 or op == 0x83 or op == 0x84:  # EXT1 EXT2 EXT4
+                    w = 1 if op == 0x82 else 2 if op == 0x83 else 4
+                    if pos + w > n:
+                        pos = more(pos, w)
+                    code = data[pos] if w == 1 else _U16(data, pos)[0] if w == 2 else _I32(data, pos)[0]
+                    pos += w
+                    if code <= 0:
+                        raise FormatError("EXT specifies code <= 0")
+                    append(policy.extension(code))
+                elif op == 0x97:  # NEXT_BUFFER
+                    raise FormatError("pickle stream refers to out-of-band data but no *buffers* argument was given")
+                elif op == 0x98:  # READONLY_BUFFER: a bytearray becomes a read-only view; bytes stay
+                    obj = top()
+                    if type(obj) is bytearray:
+                        stack[-1] = memoryview(obj).toreadonly()
+                    elif type(obj) not in (bytes, memoryview):
+                        raise FormatError(f"memoryview: a bytes-like object is required, not '{type(obj).__name__}'")
                 else:
-                    if i < 0:
-                        raise FormatError("negative PUT argument")
-                    memo[i] = top()
-            elif op == 0x50:  # PERSID
-                raw, pos = line(pos)
-                try:
-                    pid = raw.decode("ascii")
-                except UnicodeDecodeError:
-                    raise FormatError("persistent IDs in protocol 0 must be ASCII strings") from None
-                append(policy.persistent_load(pid))
-            elif op == 0x69:  # INST: C looks for its MARK before it reads the names
-                if not metastack:
-                    raise FormatError("could not find MARK")
-                module_s, name_s, pos = names(pos)
-                cls = policy.find_class(module_s, name_s)
-                args = tuple(pop_mark())
-                append(policy.inst(cls, args))
-            elif op == 0x6F:  # OBJ
-                items = pop_mark()
-                if not items:
-                    raise FormatError("unpickling stack underflow")
-                append(policy.inst(items[0], tuple(items[1:])))
-            elif op == 0x82 or op == 0x83 or op == 0x84:  # EXT1 EXT2 EXT4
-                w = 1 if op == 0x82 else 2 if op == 0x83 else 4
-                if pos + w > n:
-                    pos = more(pos, w)
-                code = data[pos] if w == 1 else _U16(data, pos)[0] if w == 2 else _I32(data, pos)[0]
-                pos += w
-                if code <= 0:
-                    raise FormatError("EXT specifies code <= 0")
-                append(policy.extension(code))
-            elif op == 0x97:  # NEXT_BUFFER
-                raise FormatError("pickle stream refers to out-of-band data but no *buffers* argument was given")
-            elif op == 0x98:  # READONLY_BUFFER: a bytearray becomes a read-only view; bytes stay
-                obj = top()
-                if type(obj) is bytearray:
-                    stack[-1] = memoryview(obj).toreadonly()
-                elif type(obj) not in (bytes, memoryview):
-                    raise FormatError(f"memoryview: a bytes-like object is required, not '{type(obj).__name__}'")
-            else:
-                raise FormatError(f"invalid load key, {chr(op)!r} (byte {src.base + pos - 1})")
-
+                    raise FormatError(f"invalid load key, {chr(op)!r} (byte {src.base + pos - 1})")

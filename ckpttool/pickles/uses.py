@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import collections
 import os
+import pickletools
 import sys
 from importlib.machinery import PathFinder
 from typing import Any, Dict, List, Optional, Set, Tuple
@@ -43,6 +44,7 @@ _CALLS_ITS_ARGUMENT = {
 }
 # names the C unpickler looks up on the instance itself (so an attribute set by BUILD wins over the class)
 _INSTANCE_LOOKUPS = ("__setstate__", "extend", "append", "add")
+_OPCODE_NAMES = {ord(op.code): op.name for op in pickletools.opcodes}  # only the names: the machine parses
 
 
 class Global:
@@ -312,11 +314,12 @@ class UsePolicy(Policy):
 class PickleUses:
     """What scanning one pickle found."""
 
-    __slots__ = ("uses", "built_types", "nested", "error", "ambiguous", "end", "value")
+    __slots__ = ("uses", "built_types", "nested", "error", "ambiguous", "end", "value", "opcodes")
 
-    def __init__(self, uses, built_types, nested, error, ambiguous, end, value):
+    def __init__(self, uses, built_types, nested, error, ambiguous, end, value, opcodes=frozenset()):
         self.uses, self.built_types, self.nested = uses, built_types, nested
         self.error, self.ambiguous, self.end, self.value = error, ambiguous, end, value
+        self.opcodes = opcodes  # names of the opcodes it ran outside the machine's hot path (``cold_ops``)
 
 
 def scan_pickle(data, pos: int = 0, source: Optional[Source] = None, size: Optional[int] = None) -> PickleUses:
@@ -337,7 +340,8 @@ def scan_pickle(data, pos: int = 0, source: Optional[Source] = None, size: Optio
         error, ambiguous = e.message, True
     except FormatError as e:
         error = e.message
-    return PickleUses(policy.uses, policy.built_types, policy.nested, error, ambiguous, machine.end, value)
+    return PickleUses(policy.uses, policy.built_types, policy.nested, error, ambiguous, machine.end, value,
+                      frozenset(_OPCODE_NAMES.get(op, f"0x{op:02x}") for op in machine.cold_ops))
 
 
 # ---------------------------------------------------------------------------------------------
