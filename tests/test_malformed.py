@@ -1075,3 +1075,22 @@ def test_property_overwritten_runs(tmp_path, make, name, data):
     p = tmp_path / name
     p.write_bytes(original[:start] + run + original[start + len(run):])
     exercise(p)
+
+
+@pytest.mark.parametrize("extra", [8, -4])
+def test_storage_record_of_another_size_is_refused_as_torch_refuses_it(tmp_path, extra):
+    """torch.load checks a storage record's size exactly ("record size ... does not match expected size"): a
+    record longer than its storage id says is refused, not shown as a tensor torch cannot load."""
+    import torch
+    src = tmp_path / "s.pt"
+    torch.save({"w": torch.arange(4.0)}, src)
+    path = tmp_path / "resized.pt"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("data/0"):
+                data = data + b"\0" * extra if extra > 0 else data[:extra]
+            zout.writestr(info.filename, data)
+    with pytest.raises(Exception, match="does not match"):
+        torch.load(path, weights_only=True)
+    assert_bad(path, contains="record holds")

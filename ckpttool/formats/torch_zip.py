@@ -38,8 +38,9 @@ def storage_loader(archive: Archive, data_dir: str = "data/"):
         if record is None:
             raise FormatError(f"storage {key!r} has no record {archive.folder}{data_dir}{key} in the archive")
         nbytes = storage_nbytes(stype, numel)
-        if record.size < nbytes:
-            raise FormatError(f"storage {key!r} needs {nbytes} bytes but its record holds {record.size}")
+        if record.size != nbytes:  # torch.load checks the size exactly ("record size ... does not match")
+            raise FormatError(f"storage {key!r} needs {nbytes} bytes but its record holds {record.size} (torch.load "
+                              "refuses a record of any other size)")
         ref = cache[key] = new_storage_ref(key, stype.dtype, location, nbytes, record_span(path, record), path)
         return ref
 
