@@ -148,7 +148,7 @@ def _legacy_to_zip(src: Checkpoint, tmp: str, new_location: Callable[[str], str]
     with open(src.path, "rb") as f:
         f.seek(start)
         main = f.read(end - start)
-    data, counts = rewrite_locations(main, new_location, arity=5, path=src.path)
+    data, counts = rewrite_locations(main, new_location, arity=5, path=src.path, keep_tail=False)
     z = _AlignedZip(tmp, "archive")
     try:
         z.add("data.pkl", [data], len(data))
@@ -166,13 +166,16 @@ def _zip_to_legacy(src: Checkpoint, tmp: str, new_location: Callable[[str], str]
     from .dtypes import STORAGE_CLASS_DTYPE, itemsize
     from .formats.torch_legacy import MAGIC_NUMBER, PROTOCOL_VERSION
     from .formats.torch_writer import pickle_tree
+    if src.metadata.get("byteorder", "little") != "little":
+        raise UsageError("a big-endian zip file cannot be written in the legacy format (its bytes would be read "
+                         "as little-endian); keep the zip format", src.path)
     with Archive.open(src.path) as archive:
         main = archive.find("data.pkl")
         if main is None:
             raise FormatError(f"zip archive has no record {archive.folder}data.pkl", src.path)
         seen: Dict[str, StorageSeen] = {}
         data, counts = rewrite_locations(archive.read(main, limit=MAX_PICKLE), new_location, arity=6, seen=seen,
-                                         path=src.path)
+                                         path=src.path, keep_tail=False)
         sys_info = {"protocol_version": PROTOCOL_VERSION, "little_endian": True,
                     "type_sizes": {"short": 2, "int": 4, "long": 4}}
         with open(tmp, "wb") as out:

@@ -544,3 +544,47 @@ def test_gpu_full_model_remapped_to_cuda0_runs_there(training_checkpoint, tmp_pa
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         assert torch.allclose(got["model"].eval()(x.cuda()).cpu(), obj["model"].eval()(x), atol=1e-5)
+
+
+def _zip_of(path, pickle_bytes: bytes, records: dict, byteorder: str = "little"):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickle_bytes)
+        z.writestr("archive/byteorder", byteorder)
+        for key, data in records.items():
+            z.writestr(f"archive/data/{key}", data)
+        z.writestr("archive/version", "3\n")
+    return str(path)
+
+
+_W = (b"\x80\x02}(X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\n"
+      b"FloatStorage\nX\x01\x00\x00\x000X\x06\x00\x00\x00cuda:1K\x04tQK\x00K\x04\x85K\x01\x85\x89"
+      b"ccollections\nOrderedDict\n)RtRu.")
+
+
+def test_big_endian_zip_is_not_written_as_legacy(tmp_path):
+    """The legacy format has no byte order of its own here: the big-endian bytes would load as garbage."""
+    path = _zip_of(tmp_path / "big.pt", _W, {"0": struct.pack(">4f", 1, 2, 3, 4)}, byteorder="big")
+    assert torch.load(path, map_location="cpu", weights_only=True)["w"].tolist() == [1, 2, 3, 4]
+    with pytest.raises(UsageError, match="big-endian"):
+        remap(path, str(tmp_path / "o.pt"), ["cuda=cpu"], to="legacy")
+    assert files_in(tmp_path) == {"big.pt"}
+    remap(path, str(tmp_path / "z.pt"), ["cuda=cpu"])  # the zip format keeps its byte order
+    assert torch.load(tmp_path / "z.pt", weights_only=True)["w"].tolist() == [1, 2, 3, 4]
+
+
+def test_bytes_after_the_pickle_do_not_become_the_legacy_files_storages(tmp_path):
+    import pickle
+    trail = pickle.dumps(["0"], protocol=2) + struct.pack("<q", 4) + struct.pack("<4f", 9, 9, 9, 9)
+    path = _zip_of(tmp_path / "t.pt", _W + trail, {"0": struct.pack("<4f", 1, 2, 3, 4)})
+    remap(path, str(tmp_path / "o.pt"), ["cuda=cpu"], to="legacy")
+    assert torch.load(tmp_path / "o.pt", weights_only=True)["w"].tolist() == [1, 2, 3, 4]
+
+
+def test_a_storage_id_of_the_other_formats_arity_is_refused_as_torch_refuses_it(tmp_path):
+    """torch's zip loader unpacks 5 fields of a storage id, its legacy loader 6: another length fails there."""
+    six = _W.replace(b"K\x04tQ", b"K\x04NtQ")
+    path = _zip_of(tmp_path / "six.pt", six, {"0": struct.pack("<4f", 1, 2, 3, 4)})
+    with pytest.raises(Exception):
+        torch.load(path, map_location="cpu", weights_only=True)
+    with pytest.raises(CkptError, match="6 fields where torch.load unpacks 5"):
+        remap(path, str(tmp_path / "o.pt"), ["cuda=cpu"])

@@ -67,6 +67,8 @@ class _Loader(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) == ("torch", "FloatStorage"):
             return FloatStorage
+        if module in ("builtins", "__builtin__") and name in ("tuple", "set", "frozenset"):
+            return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name}")
 
     def persistent_load(self, pid):
@@ -259,3 +261,52 @@ def test_rewritten_string_is_binunicode_with_its_length():
     data = dumps({"w": Storage("0", "cuda:0")})
     new, _ = rewrite_locations(data, lambda loc: "cuda:10")
     assert b"X" + struct.pack("<I", 7) + b"cuda:10" in new
+
+
+# the attacker review's findings: each a silent difference before, a refusal or the exact result now
+_PID = (b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x06\x00\x00\x00cuda:1K\x04t")
+
+
+def test_a_storage_id_also_used_as_a_value_is_refused():
+    """The id tuple memoized and stored under 'cfg' too: changing its location would change cfg's value."""
+    data = b"\x80\x02}(X\x01\x00\x00\x00w" + _PID + b"q\x01QX\x03\x00\x00\x00cfgh\x01u."
+    before, _ = c_load(data)
+    assert before["cfg"][3] == "cuda:1"
+    for arity in (None, 6):
+        with pytest.raises(FormatError, match="also used as a value"):
+            rewrite_locations(data, to_cpu, arity=arity)
+    same, _ = rewrite_locations(data, lambda loc: loc)  # nothing changes: nothing to refuse
+    assert same == data
+
+
+def test_a_storage_id_dup_kept_in_a_list_is_refused():
+    """DUP of the id tuple: one copy is the persistent id, the other stays in the list as a value."""
+    data = b"\x80\x02](" + _PID + b"2Qe."
+    before, _ = c_load(data)
+    assert before[0][3] == "cuda:1" and before[1][2] == "cuda:1"
+    with pytest.raises(FormatError, match="also used as a value"):
+        rewrite_locations(data, to_cpu)
+
+
+def test_a_storage_id_made_from_a_list_is_refused():
+    data = (b"\x80\x02}(X\x01\x00\x00\x00wc__builtin__\ntuple\n(]q\x05(X\x07\x00\x00\x00storagectorch\n"
+            b"FloatStorage\nX\x01\x00\x00\x000X\x06\x00\x00\x00cuda:1K\x04etRQX\x03\x00\x00\x00cfgh\x05u.")
+    before, _ = c_load(data)
+    assert before["cfg"][3] == "cuda:1"
+    with pytest.raises(FormatError, match="not built by TUPLE"):
+        rewrite_locations(data, to_cpu)
+
+
+def test_bytes_after_stop_are_dropped_when_asked():
+    data = b"\x80\x02}(X\x01\x00\x00\x00w" + _PID + b"Qu." + b"trailing"
+    kept, _ = rewrite_locations(data, to_cpu)
+    cut, _ = rewrite_locations(data, to_cpu, keep_tail=False)
+    assert kept.endswith(b".trailing") and cut.endswith(b"u.") and kept[:-8] == cut
+
+
+def test_tuple_keys_and_frozensets_of_tuples():
+    """A traced tuple hashes as a tuple: a (1, 2, 3, 4) key is not refused as an odd type."""
+    tree = {(1, 2, 3, 4): Storage("0", "cuda:0"), "fs": frozenset({(1, 2), (3, 4)})}
+    new, _ = rewrite_locations(dumps(tree, 2), to_cpu)
+    got, _ = c_load(new)
+    assert got == {(1, 2, 3, 4): ("S", "0", "cpu", 5), "fs": frozenset({(1, 2), (3, 4)})}

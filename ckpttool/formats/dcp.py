@@ -71,7 +71,7 @@ def _parse_blob(path: str, base: int, length: int, what: str) -> Tuple[Any, str]
         raise FormatError(f"{what}: not a readable torch.save archive: {e.message}", path) from None
 
     def load(pid):
-        stype, key, location, numel, _ = parse_storage_pid(pid)
+        stype, key, location, numel, _ = parse_storage_pid(pid, 5)
         record = archive.find("data/" + key)  # the directory stays readable after the archive is closed
         if record is None:
             raise FormatError(f"{what}: storage {key!r} missing")

@@ -74,6 +74,8 @@ def bounded_key(key, state: list) -> None:
         return
     if issubclass(t, str):
         return
+    if t is not tuple and issubclass(t, tuple) and t.__hash__ is tuple.__hash__:
+        t = tuple  # torch.Size, a traced tuple: hashed as tuples are
     if t not in (int, float, tuple, frozenset, complex):
         if isinstance(key, (list, dict, set, bytearray)):
             raise FormatError(f"unhashable type: '{t.__name__}' used as a dict key or set member")
@@ -90,6 +92,8 @@ def bounded_key(key, state: list) -> None:
                 it = type(item)
                 if it is int and item.bit_length() > MAX_KEY_BITS:
                     raise FormatError(f"pickle uses a {t.__name__} holding a {item.bit_length()}-bit int as a key")
+                if it is not tuple and issubclass(it, tuple) and it.__hash__ is tuple.__hash__:
+                    it = tuple
                 if it in (tuple, frozenset):
                     todo.append(item)
                 elif not (it in _FREE_KEY_TYPES or it in (int, float, complex) or it.__hash__ is object.__hash__

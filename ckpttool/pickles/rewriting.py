@@ -38,7 +38,8 @@ class _Text(str):
 
 
 class _Tuple(tuple):
-    """A tuple closed by the TUPLE opcode at byte ``close``."""
+    """A tuple closed by the TUPLE opcode at byte ``close``; ``pushes``: times it was pushed (made, then each GET
+    or DUP of it), ``persid``: times it was a persistent id."""
 
 
 def _plain(value: Any) -> Any:
@@ -69,6 +70,7 @@ class RewritePolicy(ReadPolicy):
         self.counts: Counter = Counter()
         self.seen: Dict[str, StorageSeen] = {}
         self._refs: Dict[str, Any] = {}
+        self._changed: Dict[int, Any] = {}  # storage id tuples whose bytes the rewrite changes (kept alive)
 
     # -- the machine's hooks -----------------------------------------------------------------
     def traced(self, value, start, end, how):  # noqa: D102
@@ -77,8 +79,11 @@ class RewritePolicy(ReadPolicy):
             return None
         if how == "tuple":
             t = _Tuple(value)
-            t.close = start
+            t.close, t.pushes, t.persid = start, 1, 0
             return t
+        if type(value) is _Tuple:  # a copy (GET, DUP) of a tuple: counted, to know where else it is used
+            value.pushes += 1
+            return value
         if type(value) is not str and type(value) is not _Text:
             return value
         t = _Text(value)
@@ -115,6 +120,12 @@ class RewritePolicy(ReadPolicy):
             raise FormatError("a storage location the rewrite cannot follow (made by a call, not written as text)")
         old = str(loc)
         new = self.new_location(old)
+        if type(pid) is _Tuple:
+            pid.persid += 1
+        if new != old or (self.arity is not None and len(pid) != self.arity):
+            if type(pid) is not _Tuple:  # its location sits in a container built elsewhere (a list made a tuple)
+                raise FormatError("a storage id the rewrite cannot follow (not built by TUPLE)")
+            self._changed[id(pid)] = pid
         if loc.location is not None and loc.location != new:  # the same push mapped two ways: cannot be
             raise FormatError("a storage location the rewrite cannot follow")
         loc.location = new
@@ -146,6 +157,10 @@ class RewritePolicy(ReadPolicy):
     # -- the new bytes ---------------------------------------------------------------------------
     def edits(self) -> List[Tuple[int, int, bytes]]:
         """``(start, end, bytes)``: each opcode replaced (or, start == end, bytes inserted), in order."""
+        for pid in self._changed.values():
+            if pid.pushes != pid.persid:  # the same tuple is also a value somewhere
+                raise FormatError("a storage id the rewrite cannot follow (the same tuple is also used as a value, "
+                                  "which would change with it)")
         out: List[Tuple[int, int, bytes]] = [(at, at, b) for at, b in self.inserts.items()]
         for t in self.texts:  # in the order pushed: a copy's origin is settled before the copy
             value = str(t)
@@ -166,13 +181,14 @@ def _text_op(value: str) -> bytes:
 
 
 def rewrite_locations(data: bytes, new_location: Callable[[str], str], arity: Optional[int] = None,
-                      seen: Optional[Dict[str, StorageSeen]] = None, path: Optional[str] = None
-                      ) -> Tuple[bytes, Counter]:
+                      seen: Optional[Dict[str, StorageSeen]] = None, path: Optional[str] = None,
+                      keep_tail: bool = True) -> Tuple[bytes, Counter]:
     r"""``data`` (a pickle) with each storage's location tag replaced by ``new_location(tag)``.
 
     ``arity`` 5 or 6 rewrites storage ids to the zip format's 5 fields or the legacy format's 6 (the
     last being a view record, None). ``seen`` collects the storages. Returns the new pickle (bytes
-    after its STOP kept as they are) and a Counter of ``(old, new)`` tag pairs, one per storage id.
+    after its STOP kept as they are, unless not ``keep_tail``) and a Counter of ``(old, new)`` tag
+    pairs, one per storage id.
 
     >>> pid = b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x06\x00\x00\x00cuda:1K\x04tQ"
     >>> new, counts = rewrite_locations(b"\x80\x02" + pid + b".", lambda loc: "cpu")
@@ -200,6 +216,8 @@ def rewrite_locations(data: bytes, new_location: Callable[[str], str], arity: Op
         policy._served = policy._persistent = policy.machine = None
     if seen is not None:
         seen.update(policy.seen)
+    if not keep_tail:
+        data = data[:machine.end]  # what follows STOP is no part of the pickle (another format reads on there)
     if not edits:
         return data, policy.counts
     out = bytearray()
