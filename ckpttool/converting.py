@@ -18,7 +18,7 @@ from .dtypes import itemsize
 from .errors import CheckFailedError, CkptError, FileAccessError, UsageError
 from .formats import open as open_checkpoint
 from .formats.safetensors_writer import EntryOut, parse_size, write_safetensors, write_shards
-from .formats.torch_writer import StorageOut, TensorOut, write_torch_zip
+from .formats.torch_writer import StorageOut, TensorOut, rebuild_out, storages_of, write_torch_zip
 from .formats.write import shards_to, target_format
 from .records import Checkpoint, ConvertResult, TensorRef, read_pieces
 from .tree import StateDict, find_state_dict, open_state_dict
@@ -68,28 +68,52 @@ def _needs_data(name: str, t: TensorRef, path: str) -> None:
 
 
 def _out_dtype(t: TensorRef, cast: Optional[str]) -> str:
-    return cast if cast and t.dtype in FLOATING else t.dtype
+    return cast if cast and t.dtype in FLOATING and t.rebuild is None else t.dtype
+
+
+def _written_as_rebuilt(t: TensorRef) -> bool:
+    """Written to a torch.save file by the call the source wrote (sparse, nested, quantized, meta, subclasses...)."""
+    return t.rebuild is not None
 
 
 def torch_tree(tensors: Mapping[str, TensorRef], cast: Optional[str], path: str) -> "collections.OrderedDict":
-    """TensorOut leaves over the source storages: each storage copied once, views and ties kept."""
+    """TensorOut leaves over the source storages: each storage copied once, views and ties kept. A tensor the
+    source rebuilt by a call of its own (sparse, nested, quantized, meta, a subclass) is written by that same
+    call, its component tensors and storages written as the others are."""
     storages: Dict[Tuple[int, str], StorageOut] = {}
-    out: "collections.OrderedDict[str, TensorOut]" = collections.OrderedDict()
-    for name, t in tensors.items():
-        _needs_data(name, t, path)
-        size = t.itemsize
-        ident = (id(t.storage), t.dtype)
+    made: Dict[int, Any] = {}  # what the rebuilds share stays shared
+
+    def storage_out(ref, dtype: str, dst: str) -> StorageOut:
+        ident = (id(ref), dtype)
         s = storages.get(ident)
         if s is None:
-            nbytes = t.storage.nbytes - t.storage.nbytes % size
-            raw = _span_chunks(t.storage.source, 0, nbytes, size)
-            dst = _out_dtype(t, cast)
-            if dst != t.dtype:
-                s = StorageOut(str(len(storages)), dst, nbytes // size * itemsize(dst), _cast_chunks(raw, t.dtype, dst))
+            size = itemsize(dtype) or 1
+            nbytes = ref.nbytes - ref.nbytes % size
+            raw = _span_chunks(ref.source, 0, nbytes, size)
+            if dst != dtype:
+                s = StorageOut(str(len(storages)), dst, nbytes // size * itemsize(dst), _cast_chunks(raw, dtype, dst))
             else:
-                s = StorageOut(str(len(storages)), t.dtype, nbytes, raw)
+                s = StorageOut(str(len(storages)), dtype, nbytes, raw)
             storages[ident] = s
-        out[name] = TensorOut(s, tuple(t.shape), tuple(t.stride), t.storage_offset)
+        return s
+
+    def tensor_out(t: TensorRef, name: str, dst: Optional[str] = None) -> Any:
+        if _written_as_rebuilt(t):
+            try:
+                return rebuild_out(t.rebuild, lambda u: tensor_out(u, name),
+                                   lambda ref: storage_out(ref, ref.dtype, ref.dtype), made)
+            except ValueError as e:
+                raise UsageError(f"tensor {name} ({t.form}) holds {e}, which ckpttool cannot write back", path) \
+                    from None
+        _needs_data(name, t, path)
+        s = storage_out(t.storage, t.dtype, dst or t.dtype)
+        return TensorOut(s, tuple(t.shape), tuple(t.stride), t.storage_offset, metadata=t.metadata)
+
+    out: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
+    for name, t in tensors.items():
+        if cast and t.rebuild is not None and t.dtype in FLOATING:
+            raise UsageError(f"--dtype does not apply to tensor {name} ({t.form}); convert without --dtype", path)
+        out[name] = tensor_out(t, name, _out_dtype(t, cast))
     return out
 
 
@@ -112,6 +136,12 @@ def safetensors_entries(tensors: Mapping[str, TensorRef], cast: Optional[str],
     the metadata, so ``load_model`` ties them again. Views with no such name are
     written each on its own.
     """
+    held = [(name, t) for name, t in tensors.items() if t.rebuild is not None or t.metadata or t.kind != "dense"]
+    if held:
+        shown = ", ".join(f"{name} ({t.form})" for name, t in held[:5]) + (f" and {len(held) - 5} more"
+                                                                           if len(held) > 5 else "")
+        raise UsageError(f"safetensors holds plain dense tensors only; {len(held)} tensor(s) here are not: {shown}; "
+                         "--to state_dict writes them exactly", path)
     groups: Dict[int, List[str]] = collections.defaultdict(list)
     for name, t in tensors.items():
         _needs_data(name, t, path)
@@ -201,7 +231,7 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
             files, checked = _write_dcp(out, sd, cast, check)
     elif fmt == "state_dict":
         tree = torch_tree(sd.tensors, cast, ckpt.path)
-        total = sum(s.nbytes for s in {id(t.storage): t.storage for t in tree.values()}.values())
+        total = sum(s.nbytes for s in storages_of(tree))
         with writing(out):
             if shard is None:
                 with atomic_output(out) as tmp:
@@ -332,8 +362,15 @@ def _check(path: str, sd: StateDict, written: Mapping[str, Any], cast: Optional[
         if got.shape != src.shape or got.dtype != want_dtype:
             raise CheckFailedError(f"tensor {name} reads back as {got.dtype} {list(got.shape)}, "
                                    f"expected {want_dtype} {list(src.shape)}")
+        if got.form != src.form or [(n, p.dtype, p.shape) for n, p in got.parts] != \
+                [(n, p.dtype, p.shape) for n, p in src.parts]:
+            raise CheckFailedError(f"tensor {name} reads back as a {got.form} tensor, expected {src.form}")
         if every_byte:
-            _compare_bytes(name, src, got, want_dtype)
+            for (part, a), (_, b) in zip(src.parts, got.parts):
+                if a.has_data:
+                    _compare_bytes(f"{name} ({part})", a, b, a.dtype)
+            if src.has_data:
+                _compare_bytes(name, src, got, want_dtype)
             compared += 1
     for name, keep in dropped.items():
         if back[name].storage is not back[keep].storage:

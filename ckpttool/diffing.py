@@ -193,6 +193,9 @@ def compare_tensors(d: TensorDiff, a: TensorRef, b: TensorRef, atol: Optional[fl
     with the count of elements outside it and the max abs / rel difference.
     """
     import dataclasses
+    if a.is_composite or b.is_composite or (a.rebuild is not None and a.has_data) or \
+            (b.rebuild is not None and b.has_data):
+        return _compare_rebuilt(d, a, b, atol, rtol, chunk_elements)
     if not (a.has_data or b.has_data):  # meta on both sides: nothing to compare, nothing differs
         return dataclasses.replace(d, status="no_data", note=f"no data on either side ({a.kind} tensors)")
     if not (a.has_data and b.has_data):
@@ -202,15 +205,31 @@ def compare_tensors(d: TensorDiff, a: TensorRef, b: TensorRef, atol: Optional[fl
                                                           f"tensor); the other has values")
     at, rt = tolerance(a.dtype, b.dtype, atol, rtol)
     measurable = a.dtype in _MEASURABLE and b.dtype in _MEASURABLE and a.kind == b.kind == "dense"
+    bits_a, bits_b = a.bits, b.bits
+    same_bits = bits_a == bits_b  # the same view bits on both sides: the bytes say it all
+    if not same_bits and not measurable:
+        return dataclasses.replace(d, status="not_compared", note=f"A is a {a.form}, B a {b.form} tensor, of "
+                                                                  f"{a.dtype}: values not compared")
     if not measurable and a.dtype != b.dtype:
         return dataclasses.replace(d, status="not_compared",
                                    note=f"values of {a.dtype} and {b.dtype} cannot be compared numerically")
     if not measurable and not (a.is_contiguous and b.is_contiguous):
         return dataclasses.replace(d, status="not_compared", note=f"strided {a.dtype} view: values not compared")
-    if a.dtype == b.dtype and _bytes_equal(a, b):  # the common case, at the speed of the disk
-        return dataclasses.replace(d, status="exact", max_abs=0.0, max_rel=0.0, atol=at, rtol=rt)
+    note = "" if same_bits else f"compared as torch loads them (A: {a.form}, B: {b.form})"
+    if same_bits and bits_a:
+        note = f"both {a.form}s: their stored values compared"
+    if same_bits and a.dtype == b.dtype and _bytes_equal(a, b):  # the common case, at the speed of the disk
+        return dataclasses.replace(d, status="exact", max_abs=0.0, max_rel=0.0, atol=at, rtol=rt, note=note)
     n_bad, max_abs, max_rel, exact = 0, 0.0, 0.0, True
     for pa, pb in zip(_pieces(a, chunk_elements, reuse=True), _pieces(b, chunk_elements, reuse=True)):
+        if not same_bits:  # the values torch gives: the stored ones, conjugated / negated by the view bits
+            chunk_bad, chunk_abs, chunk_rel, chunk_exact = numbers.measure(
+                _as_loaded(numbers.as_numbers(pa, a.dtype), bits_a), _as_loaded(numbers.as_numbers(pb, b.dtype),
+                                                                               bits_b), at, rt)
+            exact = exact and chunk_exact
+            n_bad += chunk_bad
+            max_abs, max_rel = max(max_abs, chunk_abs), max(max_rel, chunk_rel)
+            continue
         if a.dtype == b.dtype and _same_bits(pa, pb):
             continue
         if not measurable:  # same dtype, bytes differ, no numbers to measure (quantized, packed)
@@ -230,7 +249,96 @@ def compare_tensors(d: TensorDiff, a: TensorRef, b: TensorRef, atol: Optional[fl
         max_abs = max(max_abs, chunk_abs)
         max_rel = max(max_rel, chunk_rel)
     if exact:
-        return dataclasses.replace(d, status="exact", max_abs=0.0, max_rel=0.0, atol=at, rtol=rt)
+        return dataclasses.replace(d, status="exact", max_abs=0.0, max_rel=0.0, atol=at, rtol=rt, note=note)
     status = "mismatch" if n_bad else "close"
     return dataclasses.replace(d, status=status, max_abs=max_abs, max_rel=max_rel, mismatched=n_bad,
-                               numel=a.numel, atol=at, rtol=rt)
+                               numel=a.numel, atol=at, rtol=rt, note=note)
+
+
+def _as_loaded(x, bits):
+    """Numbers as torch gives them for a view with these bits (conj, neg)."""
+    import numpy as np
+    if "conj" in bits:
+        x = np.conj(x)
+    if "neg" in bits:
+        x = -x
+    return x
+
+
+_RANK = {"exact": 0, "no_data": 0, "close": 1, "not_compared": 2, "mismatch": 3}
+
+
+def _skeleton(v: Any, depth: int = 0) -> Any:
+    """A rebuild's arguments with their tensors and storages reduced to (dtype, shape): what must be equal
+    besides the tensors' values (a quantizer's scale, a sparse tensor's size, a subclass's attributes)."""
+    from .formats.safe_pickle import Stub
+    from .records import Rebuild, StorageRef
+    if depth > 50:
+        return "..."
+    if isinstance(v, TensorRef):
+        return ("tensor", v.dtype, v.shape)
+    if isinstance(v, StorageRef):
+        return ("storage", v.dtype)
+    if isinstance(v, Rebuild):
+        return (v.module, v.name, _skeleton(v.args, depth + 1))
+    if isinstance(v, type) and issubclass(v, Stub):
+        return ("global", v.stub_module, v.stub_name)
+    if isinstance(v, Stub):
+        return (v.qualname, _skeleton(v.args, depth + 1), _skeleton(v.state, depth + 1),
+                _skeleton(sorted(v.items.items(), key=repr), depth + 1), _skeleton(v.list_items, depth + 1))
+    if isinstance(v, dict):
+        return ("dict",) + tuple((repr(k), _skeleton(x, depth + 1)) for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return (type(v).__name__,) + tuple(_skeleton(x, depth + 1) for x in v)
+    if isinstance(v, (set, frozenset)):
+        return (type(v).__name__,) + tuple(sorted(repr(x) for x in v))
+    if callable(v):
+        return ("function", getattr(v, "__name__", "?"))
+    return repr(v)
+
+
+def _compare_rebuilt(d: TensorDiff, a: TensorRef, b: TensorRef, atol: Optional[float], rtol: Optional[float],
+                     chunk_elements: int) -> TensorDiff:
+    """Tensors torch rebuilds by a call of their own (sparse, nested, quantized, subclasses): the same form,
+    the same call's other arguments, and each component tensor compared by value."""
+    import dataclasses
+    if (a.kind, a.subclass) != (b.kind, b.subclass):
+        return dataclasses.replace(d, status="not_compared",
+                                   note=f"A is a {a.form} tensor, B a {b.form} one: values not compared")
+    if _skeleton(a.rebuild) != _skeleton(b.rebuild):
+        return dataclasses.replace(d, status="mismatch", numel=a.numel, mismatched=a.numel, max_abs=math.nan,
+                                   max_rel=math.nan, note=f"{a.form} tensors rebuilt with different arguments "
+                                                          "(sizes, quantizer parameters or attributes)")
+    parts_a = list(a.parts) or ([("data", a)] if a.has_data else [])
+    parts_b = list(b.parts) or ([("data", b)] if b.has_data else [])
+    if [n for n, _ in parts_a] != [n for n, _ in parts_b]:
+        return dataclasses.replace(d, status="not_compared", note=f"{a.form} tensors of different parts")
+    if not parts_a:
+        return dataclasses.replace(d, status="no_data", note=f"no data on either side ({a.form} tensors)")
+    worst, bad, max_abs, max_rel, said = "exact", 0, 0.0, 0.0, []
+    for (name, pa), (_, pb) in zip(parts_a, parts_b):
+        sub = TensorDiff(name=name, name_b=name, shape_a=pa.shape, shape_b=pb.shape, dtype_a=pa.dtype,
+                         dtype_b=pb.dtype)
+        if pa.shape != pb.shape or pa.dtype != pb.dtype:
+            sub = dataclasses.replace(sub, status="mismatch", mismatched=pa.numel, max_abs=math.nan,
+                                      max_rel=math.nan)
+        else:
+            pa_dense = dataclasses.replace(pa, kind="dense", rebuild=None, parts=())
+            pb_dense = dataclasses.replace(pb, kind="dense", rebuild=None, parts=())
+            sub = compare_tensors(sub, pa_dense, pb_dense, atol, rtol, chunk_elements)
+        if _RANK[sub.status] > _RANK[worst]:
+            worst = sub.status
+        bad += sub.mismatched
+        for m, v in (("abs", sub.max_abs), ("rel", sub.max_rel)):
+            if v is not None:
+                if m == "abs":
+                    max_abs = v if math.isnan(v) else max(max_abs, v)
+                else:
+                    max_rel = v if math.isnan(v) else max(max_rel, v)
+        said.append(f"{name} {sub.status}")
+    worst = "exact" if worst == "no_data" else worst
+    note = f"{a.form}: compared part by part ({', '.join(said)})"
+    if worst == "exact":
+        return dataclasses.replace(d, status="exact", max_abs=0.0, max_rel=0.0, note=note)
+    return dataclasses.replace(d, status=worst, mismatched=bad, numel=a.numel, max_abs=max_abs, max_rel=max_rel,
+                               note=note)

@@ -165,9 +165,16 @@ class TensorRef:
     device: str = "cpu"
     requires_grad: bool = False
     is_parameter: bool = False
-    kind: str = "dense"          # dense | quantized | meta | string | packed
+    kind: str = "dense"          # dense | quantized | meta | string | packed | sparse_coo... | nested | subclass
     subclass: Optional[str] = None  # e.g. a tensor subclass "mypkg.MyTensor"
     explicit_nbytes: Optional[int] = None
+    #: torch.save's tensor metadata (``_rebuild_tensor_v2``'s last argument), as (key, value) pairs: the conj
+    #: and neg bits of a view torch has not materialised. The bytes are the un-conjugated, un-negated values.
+    metadata: Tuple[Tuple[str, Any], ...] = ()
+    #: A tensor made of other tensors (sparse, nested, a wrapper subclass): its components by name.
+    parts: Tuple[Tuple[str, "TensorRef"], ...] = ()
+    #: The call torch.save wrote for this tensor, kept where ckpttool writes it back as it was (``Rebuild``).
+    rebuild: Any = None
 
     @property
     def numel(self) -> int:
@@ -195,6 +202,26 @@ class TensorRef:
     @property
     def has_data(self) -> bool:
         return self.storage is not None and self.storage.source is not None
+
+    @property
+    def bits(self) -> Tuple[str, ...]:
+        """The view bits torch applies on load (``conj``, ``neg``): the values are not the bytes."""
+        return tuple(k for k, v in self.metadata if v)
+
+    @property
+    def is_composite(self) -> bool:
+        """Made of other tensors (``parts``), not one storage region."""
+        return bool(self.parts)
+
+    @property
+    def form(self) -> str:
+        """How torch holds it, in words: ``dense``, ``sparse_coo``, ``conj view``, ``subclass mypkg.T``..."""
+        out = self.kind
+        if self.subclass:
+            out = f"subclass {self.subclass}" if self.kind in ("dense", "subclass") else f"{out} {self.subclass}"
+        if self.bits:
+            out = " ".join(self.bits) + " view" + ("" if out == "dense" else f" ({out})")
+        return out
 
     def span(self) -> Tuple[int, int]:
         """(first byte, byte length) of the storage region this tensor touches."""
@@ -256,6 +283,10 @@ class TensorRef:
             d["kind"] = self.kind
         if self.subclass:
             d["subclass"] = self.subclass
+        if self.bits:
+            d["bits"] = list(self.bits)
+        if self.parts:
+            d["parts"] = {name: p.to_dict() for name, p in self.parts}
         return d
 
 
@@ -296,7 +327,27 @@ def new_tensor_ref(shape: Tuple[int, ...], dtype: str, stride: Tuple[int, ...], 
     d["kind"] = kind
     d["subclass"] = None
     d["explicit_nbytes"] = None
+    d["metadata"] = ()
+    d["parts"] = ()
+    d["rebuild"] = None
     return t
+
+
+@dataclass(frozen=True, eq=False)
+class Rebuild:
+    """A call torch.save wrote to rebuild a tensor: ``module.name(*args)``, its arguments as the reader made
+    them (TensorRefs, StorageRefs, stubs, plain values). A writer of torch's format writes it back as it was."""
+
+    module: str
+    name: str
+    args: Tuple[Any, ...]
+
+
+class Layout(str):
+    """A torch layout a pickle names (``torch.sparse_coo``), kept as its name; how it was named (``spelling``:
+    ``"get_layout"`` for ``torch.serialization._get_layout(name)``, ``"global"`` for a GLOBAL) is kept too."""
+
+    spelling = "get_layout"
 
 
 @dataclass(frozen=True)
@@ -342,6 +393,9 @@ class TensorInfo:
     storage_offset: int = 0
     storage: Optional[str] = None
     stats: Optional[Dict[str, Any]] = None
+    #: How torch holds it when not a plain dense tensor (``TensorRef.form``), and its components, if any.
+    form: str = "dense"
+    parts: Tuple[Tuple[str, str, Tuple[int, ...], int], ...] = ()  # (name, dtype, shape, nbytes)
 
     @property
     def numel(self) -> int:
@@ -353,6 +407,10 @@ class TensorInfo:
              "storage_offset": self.storage_offset, "storage": self.storage}
         if self.stats is not None:
             d["stats"] = self.stats
+        if self.form != "dense":
+            d["form"] = self.form
+        if self.parts:
+            d["parts"] = [{"name": n, "dtype": dt, "shape": list(sh), "nbytes": nb} for n, dt, sh, nb in self.parts]
         return d
 
 
@@ -371,6 +429,8 @@ def new_tensor_info(name: str, shape: Tuple[int, ...], dtype: str, device: str, 
     d["storage_offset"] = storage_offset
     d["storage"] = storage
     d["stats"] = stats
+    d["form"] = "dense"
+    d["parts"] = ()
     return info
 
 

@@ -43,7 +43,7 @@ def to_json(record: Any, indent: Optional[int] = 2) -> str:
 def _info_json(t: TensorInfo) -> str:
     """``json.dumps(t.to_dict())``. A TypeError where a field is not what readers make: a str (``_json_str``
     takes str only), an int (``int.__repr__`` takes ints only, as json writes them; bool is not expected)."""
-    if t.stats is not None:
+    if t.stats is not None or t.form != "dense":
         return json.dumps(t.to_dict(), default=repr, check_circular=False)
     shape, storage, number = t.shape, t.storage, int.__repr__
     return (f'{{"name": {_json_str(t.name)}, "shape": [{", ".join(map(number, shape))}], '
@@ -51,6 +51,16 @@ def _info_json(t: TensorInfo) -> str:
             f'"numel": {number(math.prod(shape))}, "stride": [{", ".join(map(number, t.stride))}], '
             f'"storage_offset": {number(t.storage_offset)}, '
             f'"storage": {"null" if storage is None else _json_str(storage)}}}')
+
+
+def _form(t: TensorInfo) -> str:
+    """``sparse_coo: indices int64 (2, 3), values float32 (3,)``; ``conj view``; empty for a dense tensor."""
+    if t.form == "dense":
+        return ""
+    if not t.parts:
+        return t.form
+    shown = ", ".join(f"{n} {dt} {_shape(sh)}" for n, dt, sh, _ in t.parts[:4])
+    return f"{t.form}: {shown}" + (f" (+{len(t.parts) - 4} more)" if len(t.parts) > 4 else "")
 
 
 def _shape(shape) -> str:
@@ -105,12 +115,15 @@ def inspect_text(r: InspectResult) -> str:
                             tablefmt="simple", colalign=("left", "right", "right")))
     elif r.tensors:
         stats = any(t.stats is not None for t in r.tensors)
-        headers = ["name", "shape", "dtype", "device", "size"]
+        forms = any(t.form != "dense" for t in r.tensors)
+        headers = ["name", "shape", "dtype", "device", "size"] + (["form"] if forms else [])
         if stats:
             headers += ["min", "max", "mean", "std", "nan", "inf"]
         rows = []
         for t in r.tensors:
             row = [t.name, _shape(t.shape), t.dtype, t.device, human_bytes(t.nbytes)]
+            if forms:
+                row.append(_form(t))
             if stats:
                 s: Dict[str, Any] = t.stats or {}
                 row += [_num(s.get(k)) for k in ("min", "max", "mean", "std", "nan", "inf")]

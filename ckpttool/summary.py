@@ -75,9 +75,13 @@ def summarize(ckpt: Checkpoint, sd: StateDict, filter: Optional[str] = None, sor
         total_bytes += nbytes
         by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
         devices[device] = devices.get(device, 0) + 1
-        infos_list.append(new_tensor_info(name, t.shape, dtype, device, nbytes, t.stride, t.storage_offset,
-                                          storage.key if storage is not None else None,
-                                          computed.get(name) if stats else None))
+        info = new_tensor_info(name, t.shape, dtype, device, nbytes, t.stride, t.storage_offset,
+                               storage.key if storage is not None else None, computed.get(name) if stats else None)
+        if t.kind != "dense" or t.subclass or t.metadata:  # a form of its own: said, with its parts
+            d = info.__dict__
+            d["form"] = t.form
+            d["parts"] = tuple((n, p.dtype, p.shape, p.nbytes) for n, p in t.parts)
+        infos_list.append(info)
     infos = tuple(infos_list)
     shared = tuple(tuple(g) for g in groups.values() if type(g) is list)
 
@@ -112,6 +116,9 @@ def _notes(ckpt: Checkpoint, sd: StateDict, stubs) -> Tuple[str, ...]:
         notes.append(f"TorchScript module {sd.module_class}; state_dict names as torch.jit.load(...).state_dict()")
     elif sd.source == "all_tensors":
         notes.append("no state_dict found: listing every tensor in the file by its path")
+    for name, qual, n in sd.unmodeled[:3]:
+        notes.append(f"INCOMPLETE: module {name} ({qual}) holds {n} tensor(s) its own state_dict() code names "
+                     "(quantized packed parameters); not listed, and convert, diff, filter and verify refuse")
     top_modules = sorted({o.qualname for o in _module_stubs(ckpt.root)} - {sd.module_class})
     for m in top_modules[:3]:
         notes.append(f"holds pickled class {m}; its state_dict is readable here, running it needs its code "

@@ -12,7 +12,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from .errors import FormatError, KeyNotFoundError
+from .errors import FormatError, KeyNotFoundError, UsageError
 from .formats.safe_pickle import Stub
 from .records import Checkpoint, TensorRef
 
@@ -28,6 +28,9 @@ class StateDict:
     source: str                # "state_dict" | "pickled_module" | "script_module" | "all_tensors"
     tensors: "collections.OrderedDict[str, TensorRef]"
     module_class: Optional[str] = None
+    #: submodules whose tensors torch's state_dict() finds by code of their own (quantized packed params):
+    #: (name, class, tensors it holds). Their entries are missing from ``tensors``.
+    unmodeled: Tuple[Tuple[str, str, int], ...] = ()
 
 
 def is_tensor_dict(obj: Any) -> bool:
@@ -62,8 +65,18 @@ def module_kind(obj: Any) -> Optional[str]:
 MAX_MODULE_VISITS = 1_000_000
 
 
+# modules whose state_dict() entries come from code of their own (_save_to_state_dict), not _parameters/_buffers
+_OWN_STATE_DICT = ("torch.ao.nn.quantized.", "torch.nn.quantized.", "torch.ao.nn.intrinsic.quantized.",
+                   "torch.nn.intrinsic.quantized.", "torch.ao.nn.sparse.quantized.")
+
+
+def _holds_tensors(obj: Any) -> int:
+    return sum(1 for _ in itertools.islice(all_tensors(obj), 10_000))
+
+
 def module_state_dict(obj: Stub, members: Optional[Dict[str, Tuple[List[str], List[str]]]] = None,
-                      path: Optional[str] = None) -> "collections.OrderedDict[str, TensorRef]":
+                      path: Optional[str] = None, unmodeled: Optional[list] = None
+                      ) -> "collections.OrderedDict[str, TensorRef]":
     """The state_dict of a pickled or TorchScript module stub, in ``state_dict()`` order.
 
     For a pickled nn.Module: its ``_parameters``, then its ``_buffers`` not in
@@ -101,6 +114,17 @@ def module_state_dict(obj: Stub, members: Optional[Dict[str, Tuple[List[str], Li
                 if isinstance(t, TensorRef) and name not in non_persistent:
                     out[prefix + name] = t
             kids = [(name, c) for name, c in _items(state.get("_modules")) if module_kind(c)]
+            if unmodeled is not None:
+                qual = f"{type(node).stub_module}.{type(node).stub_name}"
+                others = {k: v for k, v in state.items() if k not in ("_parameters", "_buffers", "_modules")}
+                n = _holds_tensors(others) if qual.startswith(_OWN_STATE_DICT) else 0
+                if n:
+                    unmodeled.append((prefix.rstrip(".") or "(top)", qual, n))
+                for name, c in _items(state.get("_modules")):  # a child module pickled otherwise (a tuple state)
+                    if isinstance(c, Stub) and not module_kind(c):
+                        n = _holds_tensors(c)
+                        if n:
+                            unmodeled.append((prefix + name, c.qualname, n))
         else:  # TorchScript
             qual = f"{type(node).stub_module}.{type(node).stub_name}"
             params, buffers = (members or {}).get(qual, (None, None))
@@ -206,9 +230,23 @@ def _as_state_dict(node: Any, entry: Optional[str], ckpt: Checkpoint) -> Optiona
     kind = module_kind(node)
     if kind:
         members = ckpt.metadata.get("_script_members")
-        sd = module_state_dict(node, members, ckpt.path)
-        return StateDict(entry, f"{kind}_module", sd, type(node).stub_module + "." + type(node).stub_name)
+        unmodeled: list = []
+        sd = module_state_dict(node, members, ckpt.path, unmodeled)
+        return StateDict(entry, f"{kind}_module", sd, type(node).stub_module + "." + type(node).stub_name,
+                         tuple(unmodeled))
     return None
+
+
+def require_complete(sd: StateDict, path: Optional[str] = None) -> StateDict:
+    """``sd``, unless torch's state_dict() of its module holds tensors ckpttool cannot name: then a UsageError
+    (a smaller output, or a comparison that skips them, would be a silent difference)."""
+    if sd.unmodeled:
+        name, qual, n = sd.unmodeled[0]
+        more = f" (and {len(sd.unmodeled) - 1} more modules)" if len(sd.unmodeled) > 1 else ""
+        raise UsageError(f"module {name} ({qual}) holds {n} tensor(s) its own state_dict() code names (quantized "
+                         f"packed parameters), which ckpttool does not model yet{more}: its state_dict cannot be "
+                         "read completely; --key can name an entry that is a plain state_dict", path)
+    return sd
 
 
 def find_state_dict(ckpt: Checkpoint, key: Optional[str] = None) -> StateDict:
@@ -241,7 +279,7 @@ def open_state_dict(src: Any, key: Optional[str] = None) -> Tuple[Checkpoint, "S
     from .formats import open as open_checkpoint
     ckpt = src if isinstance(src, Checkpoint) else open_checkpoint(src)
     try:
-        return ckpt, find_state_dict(ckpt, key)
+        return ckpt, require_complete(find_state_dict(ckpt, key), ckpt.path)
     except FormatError as e:
         e.path = e.path or ckpt.path
         raise

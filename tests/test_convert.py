@@ -512,13 +512,13 @@ def test_all_dtypes_to_pt_bit_exact(make, tmp_path, fixture):
 
 
 def _safetensors_holds(dtype: torch.dtype, tmp_path) -> bool:
-    """Whether the installed safetensors.torch writes ``dtype`` and every one of its loaders reads it back."""
-    from safetensors.torch import load, load_file, save_file
+    """Whether the installed safetensors.torch writes ``dtype`` and reads it back from a file (``load_file``,
+    ``safe_open``: what users and transformers call; its bytes-only ``load`` lags behind for float8_e8m0fnu)."""
+    from safetensors.torch import load_file, save_file
     probe = str(tmp_path / "probe.safetensors")
     try:
         save_file({"t": torch.zeros(2, dtype=torch.float32).to(dtype)}, probe)
-        with open(probe, "rb") as f:
-            ok = load_file(probe)["t"].dtype == dtype and load(f.read())["t"].dtype == dtype
+        ok = load_file(probe)["t"].dtype == dtype
     except Exception:
         ok = False
     if os.path.exists(probe):

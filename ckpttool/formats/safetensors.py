@@ -84,8 +84,12 @@ def read(path: str) -> Checkpoint:
         begin, end = offsets
         numel = math.prod(shape)
         nbytes = numel * itemsize(dtype)
-        if dtype_code == "F4":  # two fp4 values a byte, shape counts values
-            nbytes = (numel + 1) // 2
+        if dtype_code == "F4":  # two fp4 values a byte; the header counts values, torch counts bytes
+            if not shape or shape[-1] % 2:
+                raise FormatError(f"tensor {name!r}: F4 shape {shape} has no even last dimension (safetensors.torch "
+                                  "cannot load it as float4_e2m1fn_x2)", path)
+            shape = shape[:-1] + [shape[-1] // 2]
+            nbytes = math.prod(shape)
         if not 0 <= begin <= end:
             raise FormatError(f"tensor {name!r} has data_offsets {offsets} that run backwards", path)
         if end - begin != nbytes:
@@ -97,8 +101,7 @@ def read(path: str) -> Checkpoint:
         stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
         storage = StorageRef(key=name, dtype=dtype, device="cpu", nbytes=nbytes,
                              source=FileSpan(path, start + begin, nbytes), file=path)
-        tensors[name] = TensorRef(shape=tuple(shape), dtype=dtype, stride=stride, storage=storage, device="cpu",
-                                  explicit_nbytes=nbytes if dtype_code == "F4" else None)
+        tensors[name] = TensorRef(shape=tuple(shape), dtype=dtype, stride=stride, storage=storage, device="cpu")
     spans.sort()
     pos = 0
     for begin, end, name in spans:

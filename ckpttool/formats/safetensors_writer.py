@@ -7,6 +7,7 @@ as the safetensors library writes it, so tensors stay aligned.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from ..dtypes import SAFETENSORS_WRITABLE, itemsize
+from ..dtypes import SAFETENSORS_WRITABLE, TORCH_TO_SAFETENSORS, itemsize
 from ..errors import UsageError
 
 
@@ -37,11 +38,32 @@ class EntryOut:
 
 
 def dtype_code(dtype: str) -> str:
+    """The safetensors header dtype for ``dtype``: the ones every safetensors reads, else those the installed
+    safetensors writes and reads back (asked of it, once per process); a UsageError for the rest."""
     code = SAFETENSORS_WRITABLE.get(dtype)
+    if code is None and TORCH_TO_SAFETENSORS.get(dtype) and installed_safetensors_holds(dtype):
+        code = TORCH_TO_SAFETENSORS[dtype]
     if code is None:
-        raise UsageError(f"safetensors cannot hold {dtype} tensors (safetensors.torch loads none)",
-                         hint="write a .pt state_dict instead")
+        raise UsageError(f"safetensors cannot hold {dtype} tensors (the installed safetensors.torch does not write "
+                         "and read them back)", hint="write a .pt state_dict instead")
     return code
+
+
+@functools.lru_cache(maxsize=None)
+def installed_safetensors_holds(dtype: str) -> bool:
+    """Does the installed safetensors.torch save a ``dtype`` tensor and load it back as the same (dtype, shape)?
+    Asked of the library itself (it imports torch), so its version decides, not a table of ckpttool's."""
+    import tempfile
+    try:
+        import torch
+        from safetensors.torch import load_file, save_file
+        t = torch.zeros(2, 2, dtype=torch.uint8).view(getattr(torch, dtype))
+        with tempfile.TemporaryDirectory(prefix="ckpttool-probe-") as d:  # load_file: what users call
+            save_file({"x": t}, os.path.join(d, "p.safetensors"))
+            back = load_file(os.path.join(d, "p.safetensors"))["x"]
+        return back.dtype == t.dtype and tuple(back.shape) == tuple(t.shape)
+    except Exception:  # noqa: BLE001 - any failure of the library is a no
+        return False
 
 
 def header_bytes(entries: Sequence[EntryOut], metadata: Optional[Dict[str, str]] = None) -> bytes:
@@ -51,8 +73,11 @@ def header_bytes(entries: Sequence[EntryOut], metadata: Optional[Dict[str, str]]
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
     for e in entries:
-        header[e.name] = {"dtype": dtype_code(e.dtype), "shape": list(e.shape),
-                          "data_offsets": [offset, offset + e.nbytes]}
+        code = dtype_code(e.dtype)
+        shape = list(e.shape)
+        if code == "F4" and shape:  # safetensors counts fp4 values, two a byte: torch's last dim, doubled
+            shape[-1] *= 2
+        header[e.name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + e.nbytes]}
         offset += e.nbytes
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * ((-len(text)) % 8)

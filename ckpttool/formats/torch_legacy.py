@@ -76,13 +76,17 @@ def read(path: str) -> Checkpoint:
                 raise FormatError("malformed module record")
             modules.append(pid[1])
             return pid[1]
-        stype, key, location, numel, view = parse_storage_pid(pid)
+        stype, key, location, numel, view = parse_storage_pid(pid, 6)
         elem = 1 if stype.name == "UntypedStorage" else itemsize(stype.dtype)
         if key not in roots:
             span = FileSpan(path, size=storage_nbytes(stype, numel), resolve=lambda k=key: _offset_of(k))
             roots[key] = (StorageRef(key=key, dtype=stype.dtype, device=location,
                                      nbytes=storage_nbytes(stype, numel), source=span, file=path), elem)
         root = roots[key][0]
+        if root.dtype != stype.dtype or root.nbytes != storage_nbytes(stype, numel):
+            # torch.load takes the first storage of a key for all the ids that name it
+            raise FormatError(f"storage key {key!r} names two storages ({root.dtype}, {root.nbytes} bytes and "
+                              f"{stype.dtype}, {storage_nbytes(stype, numel)} bytes): torch.load reads them as one")
         if view is None:
             return root
         if not (isinstance(view, tuple) and len(view) == 3):
@@ -113,6 +117,11 @@ def read(path: str) -> Checkpoint:
         main_start = f.tell()
         root, globs = load_stream(f, persistent_load, path)
         main_end = f.tell()
+        if any(g.qualname == "torch._utils._rebuild_nested_tensor" for g in globs):
+            # torch's legacy loader fills storages after the pickle ran; a nested tensor's rebuild reads its
+            # sizes while they are still unfilled (torch.load fails, or reads garbage)
+            raise FormatError("torch.load cannot read a nested tensor from a legacy-format file (it reads the "
+                              "tensor's sizes before the file's storages are read)", path)
         keys, _ = load_stream(f, None, path)
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise FormatError("legacy PyTorch file has a malformed storage key list", path)

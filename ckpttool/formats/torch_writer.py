@@ -10,6 +10,7 @@ Views and tied tensors keep sharing their storage, as with torch.save.
 """
 from __future__ import annotations
 
+import collections
 import io
 import os
 import struct
@@ -21,6 +22,8 @@ from ..dtypes import STORAGE_CLASS_DTYPE, itemsize
 
 # dtype -> typed storage class that torch.save uses for it (the rest get UntypedStorage + v3)
 _STORAGE_CLASS = {d: c for c, d in STORAGE_CLASS_DTYPE.items() if c != "UntypedStorage" and not d.startswith("q")}
+# a quantized tensor's storage is named by its own class (torch.QUInt8Storage...), in _rebuild_qtensor's id
+_Q_STORAGE_CLASS = {d: c for c, d in STORAGE_CLASS_DTYPE.items() if d.startswith("q")}
 ALIGNMENT = 64
 
 
@@ -37,17 +40,50 @@ class StorageOut:
 
 @dataclass(eq=False)
 class TensorOut:
-    """A tensor to pickle: a view (offset in elements, shape, stride) of a StorageOut."""
+    """A tensor to pickle: a view (offset in elements, shape, stride) of a StorageOut; ``metadata``: torch's
+    tensor metadata (the conj / neg bits), written as torch.save writes it."""
 
     storage: StorageOut
     shape: Tuple[int, ...]
     stride: Tuple[int, ...]
     offset: int = 0
     requires_grad: bool = False
+    metadata: Tuple[Tuple[str, bool], ...] = ()
 
     @property
     def dtype(self) -> str:
         return self.storage.dtype
+
+
+@dataclass(eq=False)
+class GlobalOut:
+    """A global named as a value (a class, a function, a dtype): ``module.name``."""
+
+    module: str
+    name: str
+
+
+@dataclass(eq=False)
+class CallOut:
+    """``module.name(*args)``, as a pickle spells a call (GLOBAL, the arguments' tuple, REDUCE)."""
+
+    module: str
+    name: str
+    args: Tuple[Any, ...]
+
+
+@dataclass(eq=False)
+class ObjectOut:
+    """An object of a class ckpttool does not import, written back as the file built it: called with
+    ``args`` (REDUCE) or made bare (NEWOBJ), then filled with ``list_items`` / ``items`` and given ``state``."""
+
+    module: str
+    name: str
+    called: bool
+    args: Tuple[Any, ...]
+    state: Any = None
+    items: Tuple[Tuple[Any, Any], ...] = ()
+    list_items: Tuple[Any, ...] = ()
 
 
 class _Emitter:
@@ -57,6 +93,22 @@ class _Emitter:
         self.out = io.BytesIO()
         self.w = self.out.write
         self.w(b"\x80\x02")
+        # objects written once and met again (a rebuild's shared dict, as the source's pickle shared it) are
+        # fetched from the memo, as pickle does: so they load as one object, not two equal ones
+        self.memo: Dict[int, int] = {}
+        self.keep: List[Any] = []
+
+    def _memo_get(self, obj: Any) -> bool:
+        i = self.memo.get(id(obj))
+        if i is None:
+            return False
+        self.w(b"h" + bytes([i]) if i < 256 else b"j" + struct.pack("<I", i))
+        return True
+
+    def _memo_put(self, obj: Any) -> None:
+        i = self.memo[id(obj)] = len(self.memo)
+        self.keep.append(obj)  # alive while the memo holds its id
+        self.w(b"q" + bytes([i]) if i < 256 else b"r" + struct.pack("<I", i))
 
     def glob(self, module: str, name: str) -> None:
         self.w(b"c" + module.encode() + b"\n" + name.encode() + b"\n")
@@ -90,6 +142,26 @@ class _Emitter:
             w(b"R")
         elif isinstance(obj, TensorOut):
             self._tensor(obj)
+        elif isinstance(obj, StorageOut):
+            self._storage(obj)
+        elif isinstance(obj, GlobalOut):
+            self.glob(obj.module, obj.name)
+        elif isinstance(obj, CallOut):
+            if self._memo_get(obj):
+                return
+            self.glob(obj.module, obj.name)
+            self.emit(tuple(obj.args))
+            w(b"R")
+            self._memo_put(obj)
+        elif isinstance(obj, ObjectOut):
+            self._object(obj)
+        elif isinstance(obj, (set, frozenset)):  # protocol 2 spells sets as calls of the builtins
+            if self._memo_get(obj):
+                return
+            self.glob("__builtin__", "set" if isinstance(obj, set) else "frozenset")
+            self.emit((list(obj),))
+            w(b"R")
+            self._memo_put(obj)
         elif isinstance(obj, tuple):
             if not obj:
                 w(b")")
@@ -99,18 +171,24 @@ class _Emitter:
                     self.emit(x)
                 w(b"t")
         elif isinstance(obj, list):
+            if self._memo_get(obj):
+                return
             w(b"]")
+            self._memo_put(obj)
             for i in range(0, len(obj), 1000):
                 w(b"(")
                 for x in obj[i:i + 1000]:
                     self.emit(x)
                 w(b"e")
         elif isinstance(obj, dict):
+            if self._memo_get(obj):
+                return
             if type(obj) is dict:
                 w(b"}")
             else:  # OrderedDict, as a state_dict is
                 self.glob("collections", "OrderedDict")
                 w(b")R")
+            self._memo_put(obj)
             items = list(obj.items())
             for i in range(0, len(items), 1000):
                 w(b"(")
@@ -121,12 +199,10 @@ class _Emitter:
         else:
             raise TypeError(f"cannot write a {type(obj).__name__} into a torch.save file")
 
-    def _tensor(self, t: TensorOut) -> None:
-        s = t.storage
-        cls = _STORAGE_CLASS.get(s.dtype)
-        self.glob("torch._utils", "_rebuild_tensor_v2" if cls else "_rebuild_tensor_v3")
-        self.w(b"(")  # the call's arguments
-        self.w(b"(")  # the persistent id
+    def _storage(self, s: StorageOut) -> None:
+        """The persistent id torch.save writes for a storage (its typed class, or UntypedStorage)."""
+        cls = _STORAGE_CLASS.get(s.dtype) or _Q_STORAGE_CLASS.get(s.dtype)
+        self.w(b"(")
         self.emit("storage")
         if cls:
             self.glob("torch", cls)
@@ -138,6 +214,13 @@ class _Emitter:
         self.emit(s.location)
         self.emit(numel)
         self.w(b"tQ")
+
+    def _tensor(self, t: TensorOut) -> None:
+        s = t.storage
+        cls = _STORAGE_CLASS.get(s.dtype)
+        self.glob("torch._utils", "_rebuild_tensor_v2" if cls else "_rebuild_tensor_v3")
+        self.w(b"(")  # the call's arguments
+        self._storage(s)
         self.emit(t.offset)
         self.emit(tuple(t.shape))
         self.emit(tuple(t.stride))
@@ -146,7 +229,31 @@ class _Emitter:
         self.w(b")R")
         if not cls:
             self.glob("torch", s.dtype)
+        if t.metadata:  # as torch.save: the metadata dict is an argument only when a bit is set
+            self.emit(dict(t.metadata))
         self.w(b"tR")
+
+    def _object(self, o: ObjectOut) -> None:
+        if self._memo_get(o):
+            return
+        self.glob(o.module, o.name)
+        self.emit(tuple(o.args))
+        self.w(b"R" if o.called else b"\x81")
+        self._memo_put(o)
+        if o.list_items:
+            self.w(b"(")
+            for x in o.list_items:
+                self.emit(x)
+            self.w(b"e")
+        if o.items:
+            self.w(b"(")
+            for k, v in o.items:
+                self.emit(k)
+                self.emit(v)
+            self.w(b"u")
+        if o.state is not None:
+            self.emit(o.state)
+            self.w(b"b")
 
     def finish(self) -> bytes:
         self.w(b".")
@@ -165,16 +272,26 @@ def storages_of(root: Any) -> List[StorageOut]:
     seen: Dict[int, StorageOut] = {}
     stack = [root]
     order: List[StorageOut] = []
+    visited = set()
     while stack:
         node = stack.pop()
-        if isinstance(node, TensorOut):
-            if id(node.storage) not in seen:
-                seen[id(node.storage)] = node.storage
-                order.append(node.storage)
+        if isinstance(node, (dict, list, set, CallOut, ObjectOut)):
+            if id(node) in visited:  # shared (written once, fetched from the memo)
+                continue
+            visited.add(id(node))
+        if isinstance(node, (TensorOut, StorageOut)):
+            s = node.storage if isinstance(node, TensorOut) else node
+            if id(s) not in seen:
+                seen[id(s)] = s
+                order.append(s)
         elif isinstance(node, dict):
-            stack.extend(reversed(list(node.values())))
-        elif isinstance(node, (list, tuple)):
-            stack.extend(reversed(node))
+            stack.extend(reversed([v for kv in node.items() for v in kv]))
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            stack.extend(reversed(list(node)))
+        elif isinstance(node, CallOut):
+            stack.extend(reversed(node.args))
+        elif isinstance(node, ObjectOut):
+            stack.extend(reversed([*node.args, node.state, *(v for kv in node.items for v in kv), *node.list_items]))
     return order
 
 
@@ -233,3 +350,69 @@ def write_torch_zip(path: str, root: Any, progress: Optional[Callable[[int], Non
     finally:
         z.close()
     return len(storages)
+
+
+_MAKING = object()
+
+
+def rebuild_out(value: Any, tensor_out: Callable[[Any], Any], storage_out: Callable[[Any], StorageOut],
+                memo: Optional[Dict[int, Any]] = None) -> Any:
+    """What the reader made of a rebuild's arguments, as the writer's objects: the same call written back.
+
+    ``tensor_out(TensorRef)`` and ``storage_out(StorageRef)`` give the written tensor / storage (so a storage
+    shared with other tensors stays shared). A value the reader made that has no written form (a numpy
+    dtype, an object built with keyword arguments) is a ValueError naming it.
+    """
+    from ..pickles.reading import _TENSOR_FUNCS, Stub, TorchDevice, TorchDtype, TorchSize
+    from ..records import Layout, Rebuild, StorageRef, TensorRef
+    funcs = {id(f): key for key, f in _TENSOR_FUNCS.items()}
+    made: Dict[int, Any] = {} if memo is None else memo  # an object met twice is written once (shared)
+
+    def out(v: Any) -> Any:
+        if isinstance(v, (dict, list, set, Stub, Rebuild)):
+            got = made.get(id(v))
+            if got is _MAKING:
+                raise ValueError("an object that contains itself")
+            if got is None:
+                made[id(v)] = _MAKING
+                got = made[id(v)] = _out(v)
+            return got
+        return _out(v)
+
+    def _out(v: Any) -> Any:
+        if isinstance(v, TensorRef):
+            return tensor_out(v)
+        if isinstance(v, StorageRef):
+            return storage_out(v)
+        if isinstance(v, Rebuild):
+            return CallOut(v.module, v.name, tuple(out(a) for a in v.args))
+        if isinstance(v, TorchDtype):
+            return GlobalOut("torch", str(v))
+        if isinstance(v, Layout):
+            return CallOut("torch.serialization", "_get_layout", ("torch." + str(v),))
+        if isinstance(v, TorchSize):
+            return CallOut("torch", "Size", (tuple(v),))
+        if isinstance(v, TorchDevice):
+            return CallOut("torch", "device", tuple(v.args))
+        if isinstance(v, type) and issubclass(v, Stub):
+            return GlobalOut(v.stub_module, v.stub_name)
+        if isinstance(v, Stub):
+            if v.kwargs:
+                raise ValueError(f"an object of {v.qualname} made with keyword arguments")
+            return ObjectOut(type(v).stub_module, type(v).stub_name, v.called, tuple(out(a) for a in v.args),
+                             out(v.state), tuple((out(k), out(x)) for k, x in v.items.items()),
+                             tuple(out(x) for x in v.list_items))
+        if id(v) in funcs:
+            return GlobalOut(*funcs[id(v)])
+        if v is None or isinstance(v, (bool, int, float, str, bytes)):
+            return v
+        if isinstance(v, complex):
+            return CallOut("__builtin__", "complex", (v.real, v.imag))
+        if isinstance(v, dict):
+            return type(v)((out(k), out(x)) for k, x in v.items()) if type(v) in (dict, collections.OrderedDict) \
+                else collections.OrderedDict((out(k), out(x)) for k, x in v.items())
+        if isinstance(v, (list, tuple, set, frozenset)):
+            return type(v)(out(x) for x in v) if type(v) in (list, tuple, set, frozenset) else tuple(out(x) for x in v)
+        raise ValueError(f"a {type(v).__name__} the reader made")
+
+    return out(value)

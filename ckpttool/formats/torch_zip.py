@@ -30,7 +30,7 @@ def storage_loader(archive: Archive, data_dir: str = "data/"):
     get, path, prefix = archive.get, archive.path, archive.folder + data_dir
 
     def load(pid):
-        stype, key, location, numel, _ = parse_storage_pid(pid)
+        stype, key, location, numel, _ = parse_storage_pid(pid, 5)
         ref = cache.get(key)
         if ref is not None:
             return ref

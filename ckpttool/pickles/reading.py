@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from ..dtypes import ITEMSIZE as _ITEMSIZE, STORAGE_CLASS_DTYPE, itemsize
 from ..errors import FormatError
-from ..records import GlobalRef, StorageRef, TensorRef, new_tensor_ref
+from ..records import GlobalRef, Layout, Rebuild, StorageRef, TensorRef, new_tensor_ref
 from ..text import safe_repr
 from .machine import Machine, Policy, Source, bounded_keys
 
@@ -155,48 +155,167 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *rest):
     return _make_tensor(storage, storage_offset, size, stride)
 
 
+def _with_metadata(t: TensorRef, metadata) -> TensorRef:
+    # torch.save's tensor metadata: {"conj": True} / {"neg": True} for views it did not materialise
+    if not metadata:
+        return t
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and type(v) is bool for k, v in metadata.items()):
+        raise FormatError(f"tensor metadata is not a dict of flags: {safe_repr(metadata, 60)}")
+    unknown = sorted(set(metadata) - {"conj", "neg"})
+    if unknown:
+        raise FormatError(f"tensor metadata {', '.join(unknown)} is not one ckpttool knows (conj, neg)")
+    t.__dict__["metadata"] = tuple(sorted(metadata.items()))
+    return t
+
+
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                        metadata=None):
-    return _make_tensor(storage, storage_offset, size, stride, requires_grad)
+    t = _make_tensor(storage, storage_offset, size, stride, requires_grad)
+    return _with_metadata(t, metadata) if metadata else t
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
                        metadata=None):
     if not isinstance(dtype, TorchDtype):
         raise FormatError(f"tensor dtype is not a torch dtype: {safe_repr(dtype, 40)}")
-    return _make_tensor(storage, storage_offset, size, stride, requires_grad, dtype=str(dtype))
+    t = _make_tensor(storage, storage_offset, size, stride, requires_grad, dtype=str(dtype))
+    return _with_metadata(t, metadata) if metadata else t
+
+
+def _tensor_parts(tree, prefix: str = "") -> list:
+    """The TensorRefs in a rebuild's arguments (tuples, lists, dicts, stubs' states), with their paths."""
+    out, todo, seen = [], [(prefix, tree)], set()
+    while todo:
+        path, node = todo.pop()
+        if isinstance(node, TensorRef):
+            out.append((path, node))
+            continue
+        if id(node) in seen or len(out) > 10_000:
+            continue
+        seen.add(id(node))
+        if isinstance(node, dict):
+            items = [(str(k), v) for k, v in node.items()]
+        elif isinstance(node, (list, tuple)):
+            items = [(str(i), v) for i, v in enumerate(node)]
+        elif isinstance(node, Stub):
+            items = [(f"arg{i}", v) for i, v in enumerate(node.args)] + [("state", node.state)] + \
+                [(str(k), v) for k, v in node.items.items()] + [(str(i), v) for i, v in enumerate(node.list_items)]
+        else:
+            continue
+        todo.extend(reversed([((f"{path}/{k}" if path else k), v) for k, v in items]))
+    return out
+
+
+def _composite(kind: str, shape, dtype: str, parts, rebuild: Rebuild, subclass: Optional[str] = None,
+               requires_grad: bool = False) -> TensorRef:
+    parts = tuple(parts)
+    device = parts[0][1].device if parts else "cpu"
+    return TensorRef(shape=tuple(shape), dtype=dtype, device=device, kind=kind, subclass=subclass,
+                     requires_grad=bool(requires_grad), explicit_nbytes=sum(p.nbytes for _, p in parts),
+                     parts=parts, rebuild=rebuild)
 
 
 def _rebuild_qtensor(storage, storage_offset, size, stride, quantizer_params, requires_grad=False,
                      backward_hooks=None):
-    return _make_tensor(storage, storage_offset, size, stride, requires_grad, kind="quantized")
+    t = _make_tensor(storage, storage_offset, size, stride, requires_grad, kind="quantized")
+    # per-channel: (qscheme, scales, zero_points, axis): the scales and zero points are tensors of their own
+    parts = _tensor_parts(quantizer_params) if isinstance(quantizer_params, tuple) else []
+    d = t.__dict__
+    if parts:
+        d["parts"] = (("data", dataclasses.replace(t, kind="dense", dtype=t.dtype)),) + tuple(
+            (("scales", "zero_points")[i] if i < 2 else p, ref) for i, (p, ref) in enumerate(parts))
+    d["rebuild"] = Rebuild("torch._utils", "_rebuild_qtensor",
+                           (storage, storage_offset, size, stride, quantizer_params, requires_grad, backward_hooks))
+    return t
 
 
 def _rebuild_meta(dtype, size, stride, requires_grad=False):
     return TensorRef(shape=_check_dims(size, "size"), dtype=str(dtype), stride=_check_dims(stride, "stride"),
-                     device="meta", requires_grad=bool(requires_grad), kind="meta")
+                     device="meta", requires_grad=bool(requires_grad), kind="meta",
+                     rebuild=Rebuild("torch._utils", "_rebuild_meta_tensor_no_storage",
+                                     (dtype, size, stride, requires_grad)))
+
+
+def _get_layout(name):
+    if not isinstance(name, str) or not name.startswith("torch."):
+        raise FormatError(f"unknown tensor layout {safe_repr(name, 40)}")
+    return Layout(name[len("torch."):])
+
+
+# layout -> the names of _rebuild_sparse_tensor's component tensors, in its data tuple's order
+_SPARSE_PARTS = {"sparse_coo": ("indices", "values"), "sparse_csr": ("crow_indices", "col_indices", "values"),
+                 "sparse_csc": ("ccol_indices", "row_indices", "values"),
+                 "sparse_bsr": ("crow_indices", "col_indices", "values"),
+                 "sparse_bsc": ("ccol_indices", "row_indices", "values")}
+
+
+def _rebuild_sparse(layout, data):
+    if isinstance(layout, type) and issubclass(layout, Stub) and layout.stub_module == "torch":
+        name = layout.stub_name  # torch < 2.1 named the layout as a global
+    elif isinstance(layout, Layout):
+        name = str(layout)
+    else:
+        raise FormatError(f"sparse tensor of unknown layout {safe_repr(layout, 40)}")
+    names = _SPARSE_PARTS.get(name)
+    if names is None or not isinstance(data, tuple) or len(data) < len(names) + 1:
+        raise FormatError(f"malformed {name} tensor record")
+    tensors = data[:len(names)]
+    if not all(isinstance(t, TensorRef) for t in tensors):
+        raise FormatError(f"malformed {name} tensor record: its parts are not all tensors")
+    shape = _check_dims(data[len(names)], "size")
+    values = tensors[-1]
+    return _composite(name, shape, values.dtype, zip(names, tensors),
+                      Rebuild("torch._utils", "_rebuild_sparse_tensor", (layout, data)))
+
+
+def _rebuild_nested(buffer, sizes, strides, storage_offsets):
+    parts = (("buffer", buffer), ("sizes", sizes), ("strides", strides), ("storage_offsets", storage_offsets))
+    if not all(isinstance(t, TensorRef) for _, t in parts):
+        raise FormatError("malformed nested tensor record: its parts are not all tensors")
+    return _composite("nested", sizes.shape[:1], buffer.dtype, parts,
+                      Rebuild("torch._utils", "_rebuild_nested_tensor", (buffer, sizes, strides, storage_offsets)))
 
 
 def _as_parameter(data, requires_grad=True, backward_hooks=None, state=None):
     if not isinstance(data, TensorRef):
         raise FormatError(f"parameter rebuilt from something that is not a tensor: {type(data).__name__}")
+    if state and not data.is_composite:  # a Parameter with attributes of its own: written back as it was
+        return dataclasses.replace(data, requires_grad=bool(requires_grad), is_parameter=True,
+                                   rebuild=Rebuild("torch._utils", "_rebuild_parameter_with_state",
+                                                   (data, requires_grad, backward_hooks, state)))
     return dataclasses.replace(data, requires_grad=bool(requires_grad), is_parameter=True)
+
+
+def _stub_name(obj) -> Optional[str]:
+    if isinstance(obj, type) and issubclass(obj, Stub):
+        return f"{obj.stub_module}.{obj.stub_name}"
+    return None
 
 
 def _rebuild_from_type(func, new_type, args, state=None):
     # torch._tensor._rebuild_from_type_v2: a tensor subclass (or Parameter) around a rebuilt tensor.
     if not callable(func) or not isinstance(args, tuple):
         raise FormatError("malformed tensor subclass record")
+    name = _stub_name(new_type)
     t = func(*args)
-    if not isinstance(t, TensorRef):
-        return t
-    if isinstance(new_type, type) and issubclass(new_type, Stub):
-        name = f"{new_type.stub_module}.{new_type.stub_name}"
-        if name == "torch.nn.parameter.Parameter":
+    rebuild = Rebuild("torch._tensor", "_rebuild_from_type_v2", (func, new_type, args, state))
+    if isinstance(t, TensorRef):
+        if name == "torch.nn.parameter.Parameter" and not state:
             return dataclasses.replace(t, is_parameter=True)
-        if name != "torch.Tensor":
-            return dataclasses.replace(t, subclass=name)
-    return t
+        if name in ("torch.Tensor", None) and not state:
+            return t
+        # a subclass (or state on the tensor): the values are the tensor's, the object is the subclass's
+        return dataclasses.replace(t, subclass=name or "torch.Tensor", rebuild=rebuild)
+    # a wrapper subclass (torchao's quantized weights, DTensor, a jagged NestedTensor): its tensors are inside
+    parts = _tensor_parts((args, state))
+    if not parts:
+        return t
+    shape, dtype = (), parts[0][1].dtype
+    if _stub_name(func) == "torch._utils._rebuild_wrapper_subclass" and len(args) >= 3:
+        dtype = str(args[1]) if isinstance(args[1], TorchDtype) else dtype
+        shape = args[2] if isinstance(args[2], tuple) and _naturals(args[2]) else ()
+    kind = "jagged" if name == "torch.nested._internal.nested_tensor.NestedTensor" else "subclass"
+    return _composite(kind, shape, dtype, parts, rebuild, subclass=name)
 
 
 def _codecs_encode(text, encoding="utf-8", errors="strict"):
@@ -271,14 +390,26 @@ def _numpy_scalar(dtype, data=b""):
     return struct.unpack(dtype.byteorder + fmt, data)[0]
 
 
+class TorchSize(tuple):
+    """A ``torch.Size`` a pickle made: a tuple of dims, written back as a torch.Size."""
+
+
+class TorchDevice(str):
+    """A ``torch.device`` a pickle made, as its name; ``args`` are how it was called (to write it back)."""
+
+    args: tuple = ()
+
+
 def _torch_size(dims=()):
-    return tuple(_check_dims(list(dims), "size"))
+    return TorchSize(_check_dims(list(dims), "size"))
 
 
 def _torch_device(kind, index=None):
     if not isinstance(kind, str):
         raise FormatError("torch.device with a non-string type")
-    return f"{kind}:{index}" if index is not None and ":" not in kind else kind
+    d = TorchDevice(f"{kind}:{index}" if index is not None and ":" not in kind else kind)
+    d.args = (str(kind),) if index is None else (str(kind), index)
+    return d
 
 
 _CODECS = {"utf-8": "utf-8", "utf8": "utf-8", "latin-1": "latin-1", "latin1": "latin-1", "iso-8859-1": "latin-1",
@@ -342,6 +473,9 @@ _TENSOR_FUNCS: Dict[Tuple[str, str], Callable] = {
     ("torch._utils", "_rebuild_parameter_with_state"): _as_parameter,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
     ("torch._tensor", "_rebuild_from_type"): _rebuild_from_type,
+    ("torch._utils", "_rebuild_sparse_tensor"): _rebuild_sparse,
+    ("torch._utils", "_rebuild_nested_tensor"): _rebuild_nested,
+    ("torch.serialization", "_get_layout"): _get_layout,
 }
 
 PersistentLoad = Callable[[Any], Any]
@@ -515,11 +649,16 @@ def _short_type(obj) -> str:
     return f"a {type(obj).__name__}"
 
 
-def parse_storage_pid(pid) -> Tuple[_StorageType, str, str, int, Any]:
-    """Check a ``('storage', type, key, location, numel[, view])`` id; return its parts."""
+def parse_storage_pid(pid, arity: Optional[int] = None) -> Tuple[_StorageType, str, str, int, Any]:
+    """Check a ``('storage', type, key, location, numel[, view])`` id; return its parts.
+
+    ``arity``: the number of fields torch's loader of the format unpacks (5 in a zip archive, 6 in a legacy
+    file): an id of another length is one it fails on."""
     if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
         kind = pid[0] if isinstance(pid, tuple) and pid else type(pid).__name__
         raise FormatError(f"unknown persistent id {safe_repr(kind, 40)} in pickle")
+    if arity is not None and len(pid) != arity:
+        raise FormatError(f"a storage id of {len(pid)} fields where torch.load unpacks {arity}")
     _, stype, key, location, numel = pid[:5]
     if not isinstance(stype, _StorageType):
         raise FormatError(f"storage of unknown type {safe_repr(stype, 60)}")
