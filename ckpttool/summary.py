@@ -116,6 +116,9 @@ def _notes(ckpt: Checkpoint, sd: StateDict, stubs) -> Tuple[str, ...]:
         notes.append(f"TorchScript module {sd.module_class}; state_dict names as torch.jit.load(...).state_dict()")
     elif sd.source == "all_tensors":
         notes.append("no state_dict found: listing every tensor in the file by its path")
+    if len(sd.candidates) > 1:
+        shown = ", ".join(f"{k} ({n} tensors)" for k, n in sd.candidates)
+        notes.append(f"state_dict candidates: {shown}; took {sd.entry}: {sd.reason}; --key chooses another")
     for name, qual, n in sd.unmodeled[:3]:
         notes.append(f"INCOMPLETE: module {name} ({qual}) holds {n} tensor(s) its own state_dict() code names "
                      "(quantized packed parameters); not listed, and convert, diff, filter and verify refuse")

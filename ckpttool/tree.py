@@ -8,6 +8,7 @@ persistent buffers, named exactly as ``module.state_dict()`` would name them.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -17,7 +18,7 @@ from .formats.safe_pickle import Stub
 from .records import Checkpoint, TensorRef
 
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "state_dict_ema", "model_ema",
-                   "ema_state_dict", "net", "network", "weights", "params")
+                   "ema_state_dict", "ema", "net", "network", "weights", "params")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class StateDict:
     #: submodules whose tensors torch's state_dict() finds by code of their own (quantized packed params):
     #: (name, class, tensors it holds). Their entries are missing from ``tensors``.
     unmodeled: Tuple[Tuple[str, str, int], ...] = ()
+    #: every entry of the file that is a state_dict (or a module holding one): (key, tensors); and why this one
+    candidates: Tuple[Tuple[str, int], ...] = ()
+    reason: str = ""
 
 
 def is_tensor_dict(obj: Any) -> bool:
@@ -237,6 +241,21 @@ def _as_state_dict(node: Any, entry: Optional[str], ckpt: Checkpoint) -> Optiona
     return None
 
 
+def _choose(found: List[Tuple[str, StateDict]], ckpt: Checkpoint) -> StateDict:
+    """Of several state_dicts a checkpoint holds, the one the library that wrote it loads (and why)."""
+    keys = dict(found)
+    candidates = tuple((k, len(sd.tensors)) for k, sd in found)
+    ultralytics = any((sd.module_class or "").startswith("ultralytics.") for _, sd in found)
+    if ultralytics and "ema" in keys:
+        key, reason = "ema", "ultralytics loads ckpt['ema'] or ckpt['model'] (the EMA weights when present)"
+    else:
+        key = found[0][0]
+        reason = f"the first of the usual state_dict keys ({', '.join(k for k, _ in found)})"
+        if key == "state_dict" and "state_dict_ema" in keys:
+            reason += "; timm's load_checkpoint takes state_dict unless use_ema=True"
+    return dataclasses.replace(keys[key], candidates=candidates, reason=reason)
+
+
 def require_complete(sd: StateDict, path: Optional[str] = None) -> StateDict:
     """``sd``, unless torch's state_dict() of its module holds tensors ckpttool cannot name: then a UsageError
     (a smaller output, or a comparison that skips them, would be a silent difference)."""
@@ -262,11 +281,10 @@ def find_state_dict(ckpt: Checkpoint, key: Optional[str] = None) -> StateDict:
     if sd is not None:
         return sd
     if isinstance(ckpt.root, dict):
-        for k in STATE_DICT_KEYS:
-            if k in ckpt.root:
-                sd = _as_state_dict(ckpt.root[k], k, ckpt)
-                if sd is not None:
-                    return sd
+        found = [(k, sd) for k in STATE_DICT_KEYS if k in ckpt.root
+                 for sd in [_as_state_dict(ckpt.root[k], k, ckpt)] if sd is not None]
+        if found:
+            return _choose(found, ckpt)
         # An empty dict of tensors under a usual key is still the state_dict.
         for k in STATE_DICT_KEYS:
             if isinstance(ckpt.root.get(k), dict) and not ckpt.root[k]:

@@ -261,3 +261,55 @@ def test_a_dtype_the_library_lacks_is_refused(tmp_path, monkeypatch):
     torch.save({"t": torch.zeros(4, dtype=torch.uint8).view(torch.float8_e8m0fnu)}, src)
     with pytest.raises(UsageError, match="float8_e8m0fnu"):
         convert(src, str(tmp_path / "a.safetensors"))
+
+
+# which state_dict: the one the writing library's own loader takes
+
+_ULTRALYTICS_LIKE = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from ultralytics.nn.tasks import DetectionModel
+torch.manual_seed(0)
+model, ema = DetectionModel(), DetectionModel()
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+model(torch.randn(1, 3)).sum().backward(); opt.step()
+torch.save({"epoch": 3, "best_fitness": None, "model": None if sys.argv[3] == "none" else model, "ema": ema,
+            "updates": 30, "optimizer": opt.state_dict(), "train_args": {"imgsz": 640}}, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("model", ["none", "module"])
+def test_ultralytics_checkpoint_takes_the_ema_as_ultralytics_does(model, tmp_path):
+    """An ultralytics training checkpoint (here from a stand-in ultralytics.nn.tasks.DetectionModel): its loader
+    takes ckpt['ema'] or ckpt['model']; before, a None model gave every tensor of the file (optimizer state too)."""
+    import subprocess
+    import sys
+    pkg = tmp_path / "pkgs" / "ultralytics" / "nn"
+    pkg.mkdir(parents=True)
+    (tmp_path / "pkgs" / "ultralytics" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "tasks.py").write_text("import torch\nclass DetectionModel(torch.nn.Module):\n"
+                                  "    def __init__(self):\n        super().__init__()\n"
+                                  "        self.conv = torch.nn.Linear(3, 4)\n        self.head = torch.nn.Linear(4, 2)\n"
+                                  "        self.register_buffer('stride', torch.tensor([8.0, 16.0]))\n"
+                                  "    def forward(self, x):\n        return self.head(self.conv(x))\n")
+    path = str(tmp_path / "last.pt")
+    r = subprocess.run([sys.executable, "-c", _ULTRALYTICS_LIKE, path, str(tmp_path / "pkgs"), model],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = inspect(path)
+    assert got.entry == "ema"
+    assert [t.name for t in got.tensors] == ["stride", "conv.weight", "conv.bias", "head.weight", "head.bias"]  # as state_dict()
+    if model == "module":
+        assert any("state_dict candidates: model (5 tensors), ema (5 tensors); took ema" in n for n in got.notes)
+
+
+def test_timm_checkpoint_says_state_dict_ema_exists(tmp_path):
+    path = str(tmp_path / "timm.pth.tar")
+    sd = {"w": torch.ones(2)}
+    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": sd, "state_dict_ema": {"w": torch.zeros(2)}}, path)
+    got = inspect(path)
+    assert got.entry == "state_dict"
+    note = next(n for n in got.notes if n.startswith("state_dict candidates"))
+    assert "state_dict_ema (1 tensors)" in note and "use_ema=True" in note and "--key" in note
+    assert inspect(path, key="state_dict_ema").entry == "state_dict_ema"
