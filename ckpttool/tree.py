@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .errors import FormatError, KeyNotFoundError, UsageError
 from .formats.safe_pickle import Stub
+from .pickles.reading import _tensor_parts as tensor_parts
 from .records import Checkpoint, TensorRef
 
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "state_dict_ema", "model_ema",
@@ -38,9 +39,35 @@ class StateDict:
 
 
 def is_tensor_dict(obj: Any) -> bool:
-    """A non-empty dict whose values are all tensors: a state_dict."""
-    return isinstance(obj, dict) and bool(obj) and all(map(isinstance, obj.values(), itertools.repeat(TensorRef))) \
-        and all(map(isinstance, obj, itertools.repeat(str)))  # map: no generator frame per item (20,000 in some)
+    """A non-empty dict whose values are all tensors (tensor subclasses pickled as objects too): a state_dict."""
+    if not (isinstance(obj, dict) and obj and all(map(isinstance, obj, itertools.repeat(str)))):
+        return False
+    if all(map(isinstance, obj.values(), itertools.repeat(TensorRef))):  # map: no generator frame per item
+        return True
+    return all(isinstance(v, TensorRef) or tensor_like(v) is not None for v in obj.values())
+
+
+# packages whose objects are tensors (tensor subclasses that pickle themselves as objects, not through torch's
+# _rebuild_from_type_v2): in a state_dict, one such object is one tensor, its inner tensors its parts
+_TENSOR_PACKAGES = ("torchao.", "torch.distributed.tensor.", "torch.distributed._tensor.", "torch._subclasses.",
+                    "bitsandbytes.", "torch.nested.")
+
+
+def tensor_like(obj: Any) -> Optional[TensorRef]:
+    """``obj`` as one tensor: a TensorRef, or a tensor subclass's object (a class named ``...Tensor`` or of a
+    tensor package, holding tensors) as a composite written back as it was built; else None."""
+    if isinstance(obj, TensorRef):
+        return obj
+    if not isinstance(obj, Stub) or module_kind(obj):
+        return None
+    qual = obj.qualname
+    if "Tensor" not in type(obj).stub_name and not qual.startswith(_TENSOR_PACKAGES):
+        return None
+    parts = tensor_parts(obj)
+    if not parts:
+        return None
+    return TensorRef(shape=(), dtype=parts[0][1].dtype, device=parts[0][1].device, kind="subclass", subclass=qual,
+                     explicit_nbytes=sum(p.nbytes for _, p in parts), parts=tuple(parts), rebuild=obj)
 
 
 def _stub_state(obj: Stub) -> Optional[dict]:
@@ -230,7 +257,9 @@ def get_entry(root: Any, key: str, path: Optional[str] = None) -> Any:
 
 def _as_state_dict(node: Any, entry: Optional[str], ckpt: Checkpoint) -> Optional[StateDict]:
     if is_tensor_dict(node):
-        return StateDict(entry, "state_dict", collections.OrderedDict(node))
+        if all(map(isinstance, node.values(), itertools.repeat(TensorRef))):
+            return StateDict(entry, "state_dict", collections.OrderedDict(node))
+        return StateDict(entry, "state_dict", collections.OrderedDict((k, tensor_like(v)) for k, v in node.items()))
     kind = module_kind(node)
     if kind:
         members = ckpt.metadata.get("_script_members")

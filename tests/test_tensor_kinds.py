@@ -313,3 +313,41 @@ def test_timm_checkpoint_says_state_dict_ema_exists(tmp_path):
     note = next(n for n in got.notes if n.startswith("state_dict candidates"))
     assert "state_dict_ema (1 tensors)" in note and "use_ema=True" in note and "--key" in note
     assert inspect(path, key="state_dict_ema").entry == "state_dict_ema"
+
+
+_OBJECT_SUBCLASS = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from fakeao import Int8Tensor
+torch.save({"w": Int8Tensor(torch.arange(4, dtype=torch.int8), torch.tensor([0.5])), "b": torch.zeros(2)}, sys.argv[1])
+"""
+
+
+def test_a_tensor_subclass_pickled_as_an_object_is_one_tensor(tmp_path):
+    """A tensor type that pickles itself as an object (its own __reduce__, as some quantization libraries'
+    do): one tensor in the state_dict, its inner tensors its parts, written back to .pt as it was built (before:
+    split into w/arg0 and w/arg1, and safetensors got them as two plain tensors)."""
+    import subprocess
+    import sys
+    (tmp_path / "pk" / "fakeao").mkdir(parents=True)
+    (tmp_path / "pk" / "fakeao" / "__init__.py").write_text(
+        "class Int8Tensor:\n    def __init__(self, qdata, scale):\n        self.qdata, self.scale = qdata, scale\n"
+        "    def __reduce__(self):\n        return (Int8Tensor, (self.qdata, self.scale))\n")
+    src = str(tmp_path / "a.pt")
+    r = subprocess.run([sys.executable, "-c", _OBJECT_SUBCLASS, src, str(tmp_path / "pk")], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = inspect(src)
+    assert [(t.name, t.form) for t in got.tensors] == [("w", "subclass fakeao.Int8Tensor"), ("b", "dense")]
+    assert [p[0] for p in got.tensors[0].parts] == ["arg0", "arg1"]
+    with pytest.raises(UsageError, match="w \\(subclass fakeao.Int8Tensor\\)"):
+        convert(src, str(tmp_path / "a.safetensors"))
+    out = str(tmp_path / "o.pt")
+    convert(src, out, check=True)
+    check = ("import sys, torch; sys.path.insert(0, sys.argv[3]); a = torch.load(sys.argv[1], weights_only=False); "
+             "b = torch.load(sys.argv[2], weights_only=False); "
+             "assert type(b['w']).__name__ == 'Int8Tensor' and torch.equal(a['w'].qdata, b['w'].qdata) and "
+             "torch.equal(a['w'].scale, b['w'].scale) and torch.equal(a['b'], b['b']); print('same')")
+    r = subprocess.run([sys.executable, "-c", check, src, out, str(tmp_path / "pk")], capture_output=True, text=True)
+    assert r.stdout.strip() == "same", r.stderr[-2000:]
+    assert diff(src, out).equal
