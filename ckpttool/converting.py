@@ -81,7 +81,7 @@ def torch_tree(tensors: Mapping[str, TensorRef], cast: Optional[str], path: str)
     source rebuilt by a call of its own (sparse, nested, quantized, meta, a subclass) is written by that same
     call, its component tensors and storages written as the others are."""
     storages: Dict[Tuple[int, str], StorageOut] = {}
-    made: Dict[int, Any] = {}  # what the rebuilds share stays shared
+    made: Dict[Any, Any] = {}  # what the source shares (a tensor, a rebuild's dict) stays shared when written
 
     def storage_out(ref, dtype: str, dst: str) -> StorageOut:
         ident = (id(ref), dtype)
@@ -98,6 +98,15 @@ def torch_tree(tensors: Mapping[str, TensorRef], cast: Optional[str], path: str)
         return s
 
     def tensor_out(t: TensorRef, name: str, dst: Optional[str] = None) -> Any:
+        # one tensor object of the source (the same tensor under two names, or inside a subclass and its state)
+        # is one written object: the writer fetches it from the pickle's memo, as torch.save does
+        key = (id(t), dst)
+        got = made.get(key)
+        if got is None:
+            got = made[key] = _tensor_out(t, name, dst)
+        return got
+
+    def _tensor_out(t: TensorRef, name: str, dst: Optional[str] = None) -> Any:
         if _written_as_rebuilt(t):
             try:
                 return rebuild_out(t.rebuild, lambda u: tensor_out(u, name),

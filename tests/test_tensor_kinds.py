@@ -351,3 +351,41 @@ def test_a_tensor_subclass_pickled_as_an_object_is_one_tensor(tmp_path):
     r = subprocess.run([sys.executable, "-c", check, src, out, str(tmp_path / "pk")], capture_output=True, text=True)
     assert r.stdout.strip() == "same", r.stderr[-2000:]
     assert diff(src, out).equal
+
+
+_DTENSOR = """
+import os, sys, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3])
+dist.init_process_group("gloo", rank=0, world_size=1)
+from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.device_mesh import init_device_mesh
+mesh = init_device_mesh("cpu", (1,))
+if sys.argv[2] == "save":
+    torch.save({"d": distribute_tensor(torch.arange(6.0).reshape(2, 3), mesh, [Shard(0)]), "p": torch.ones(2)},
+               sys.argv[1])
+else:
+    a, b = (torch.load(p, weights_only=False) for p in sys.argv[1].split(","))
+    assert type(b["d"]).__name__ == "DTensor" and b["d"].placements == a["d"].placements
+    assert torch.equal(a["d"].to_local(), b["d"].to_local()) and torch.equal(a["p"], b["p"])
+    print("same")
+dist.destroy_process_group()
+"""
+
+
+def test_dtensor_is_one_tensor_and_converts_exactly(tmp_path):
+    """A DTensor (torch.distributed.tensor, one CPU process): one tensor whose part is its local shard."""
+    import random
+    import subprocess
+    import sys
+    src, out = str(tmp_path / "d.pt"), str(tmp_path / "o.pt")
+    port = str(random.randint(20000, 40000))
+    r = subprocess.run([sys.executable, "-c", _DTENSOR, src, "save", port], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    t = inspect(src).tensors[0]
+    assert t.name == "d" and t.form == "subclass torch.distributed.tensor.DTensor" and t.shape == (2, 3)
+    assert t.parts[0][:3] == ("_local_tensor", "float32", (2, 3))
+    convert(src, out, check=True)
+    r = subprocess.run([sys.executable, "-c", _DTENSOR, f"{src},{out}", "load", str(int(port) + 1)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "same", r.stderr[-2000:]

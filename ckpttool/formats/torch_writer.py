@@ -141,7 +141,10 @@ class _Emitter:
             self.emit((bytes(obj).decode("latin-1"), "latin1"))
             w(b"R")
         elif isinstance(obj, TensorOut):
+            if self._memo_get(obj):
+                return
             self._tensor(obj)
+            self._memo_put(obj)
         elif isinstance(obj, StorageOut):
             self._storage(obj)
         elif isinstance(obj, GlobalOut):

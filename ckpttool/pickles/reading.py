@@ -306,8 +306,12 @@ def _rebuild_from_type(func, new_type, args, state=None):
             return t
         # a subclass (or state on the tensor): the values are the tensor's, the object is the subclass's
         return dataclasses.replace(t, subclass=name or "torch.Tensor", rebuild=rebuild)
-    # a wrapper subclass (torchao's quantized weights, DTensor, a jagged NestedTensor): its tensors are inside
-    parts = _tensor_parts((args, state))
+    # a wrapper subclass (torchao's quantized weights, DTensor, a jagged NestedTensor): its tensors are inside,
+    # named by where they are: the constructor's arguments (one: its own names), then the object's state
+    if isinstance(state, tuple) and len(state) == 2 and all(x is None or isinstance(x, dict) for x in state):
+        state = {**(state[0] or {}), **(state[1] or {})}  # (__dict__, slots), as copyreg writes them
+    parts = _tensor_parts(args[0] if len(args) == 1 else args) + \
+        [(n, p) for n, p in _tensor_parts(state) if all(p is not q for _, q in _tensor_parts(args))]
     if not parts:
         return t
     shape, dtype = (), parts[0][1].dtype
