@@ -231,6 +231,8 @@ def filter_cmd(source: str, model: Optional[str], model_args, target: Optional[s
                                                          "pytorch_model-*.bin + pytorch_model.bin.index.json.")
 @click.option("--check", is_flag=True, help="After writing, compare every byte of the output with the source.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--dense", is_flag=True, help="safetensors: write each tensor it cannot hold (sparse, quantized, a "
+                                            "conj view...) as the dense tensor torch gives for it (lossy; listed).")
 @click.option("--trust", is_flag=True, help="ONNX: allow importing and running the code a pickled full model names.")
 @click.option("--import-path", multiple=True, type=click.Path(), metavar="DIR",
               help="ONNX with --trust: where the pickled model's code lives (repeatable).")
@@ -242,7 +244,8 @@ def filter_cmd(source: str, model: Optional[str], model_args, target: Optional[s
 @json_option
 @quiet_option
 def convert(source: str, out: str, to: Optional[str], key: Optional[str], dtype: Optional[str], metadata,
-            max_shard_size: Optional[str], check: bool, force: bool, trust: bool, import_path, model: Optional[str],
+            max_shard_size: Optional[str], check: bool, force: bool, dense: bool, trust: bool, import_path,
+            model: Optional[str],
             model_args, input_shape, opset: Optional[int], dynamic_batch: bool, as_json: bool, quiet: bool) -> None:
     """Convert a checkpoint's state_dict to a torch.save state_dict, safetensors or ONNX.
 
@@ -264,7 +267,7 @@ def convert(source: str, out: str, to: Optional[str], key: Optional[str], dtype:
     with _progress(quiet, "converting") as progress:
         result = run_convert(source, out, to=to, key=key, dtype=dtype, metadata=metadata,
                              max_shard_size=max_shard_size, force=force, check=check, progress=progress,
-                             trust=trust, import_path=tuple(import_path), model=model, model_args=tuple(model_args),
+                             dense=dense, trust=trust, import_path=tuple(import_path), model=model, model_args=tuple(model_args),
                              input_shapes=tuple(input_shape), opset=opset, dynamic_batch=dynamic_batch)
     _emit(result, as_json, convert_text)
     sys.exit(result.exit_code)

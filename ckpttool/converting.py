@@ -145,12 +145,13 @@ def safetensors_entries(tensors: Mapping[str, TensorRef], cast: Optional[str],
     the metadata, so ``load_model`` ties them again. Views with no such name are
     written each on its own.
     """
-    held = [(name, t) for name, t in tensors.items() if t.rebuild is not None or t.metadata or t.kind != "dense"]
+    held = [(name, t) for name, t in tensors.items() if not_plain(t)]
     if held:
         shown = ", ".join(f"{name} ({t.form})" for name, t in held[:5]) + (f" and {len(held) - 5} more"
                                                                            if len(held) > 5 else "")
         raise UsageError(f"safetensors holds plain dense tensors only; {len(held)} tensor(s) here are not: {shown}; "
-                         "--to state_dict writes them exactly", path)
+                         "--to state_dict writes them exactly, --dense writes the dense tensor torch gives for each "
+                         "(lossy: a sparse tensor densified, a quantized one dequantized)", path)
     groups: Dict[int, List[str]] = collections.defaultdict(list)
     for name, t in tensors.items():
         _needs_data(name, t, path)
@@ -175,6 +176,72 @@ def safetensors_entries(tensors: Mapping[str, TensorRef], cast: Optional[str],
     return entries, dropped
 
 
+def not_plain(t: TensorRef) -> bool:
+    """Not a plain dense tensor: safetensors cannot hold it as it is."""
+    return t.rebuild is not None or bool(t.metadata) or t.kind != "dense"
+
+
+def densify(tensors: Mapping[str, TensorRef], path: str) -> Tuple[Dict[str, TensorRef], Dict[str, str]]:
+    """``--dense``: each tensor that is not plain dense, as the dense tensor torch gives for it (imports torch).
+
+    The tensor is written alone to a scratch torch.save file by the call the source wrote and loaded back with
+    ``torch.load(weights_only=True)``: torch itself rebuilds it; then a sparse tensor is densified, a conj/neg
+    view resolved, a quantized (or torchao) tensor dequantized. Returns the dense tensors as in-memory
+    TensorRefs and, per name, what was done. A nested tensor (rows of different lengths), a meta tensor (no
+    data) or a subclass with no dequantize() is refused.
+    """
+    import tempfile
+    import warnings
+    from .formats.torch_writer import write_torch_zip
+    from .torch_bridge import from_torch
+    out: Dict[str, TensorRef] = {}
+    how: Dict[str, str] = {}
+    todo = {n: t for n, t in tensors.items() if not_plain(t)}
+    if not todo:
+        return out, how
+    import torch
+    with tempfile.TemporaryDirectory(prefix="ckpttool-dense-") as d:
+        for name, t in todo.items():
+            if t.kind in ("nested", "jagged") or t.kind == "meta":
+                raise UsageError(f"--dense: tensor {name} is a {t.form} tensor, which has no dense form "
+                                 f"{'(no data)' if t.kind == 'meta' else '(its rows differ in length)'}", path)
+            scratch = os.path.join(d, "one.pt")
+            write_torch_zip(scratch, torch_tree({name: t}, None, path))
+            _import_subclass_package(t)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    x = torch.load(scratch, weights_only=True)[name]
+                    if x.layout != torch.strided:
+                        x, did = x.to_dense(), "densified"
+                    elif x.is_quantized or type(x) not in (torch.Tensor, torch.nn.Parameter):
+                        x, did = x.dequantize(), "dequantized"  # torchao's subclasses dequantize themselves
+                    else:
+                        x, did = x.resolve_conj().resolve_neg(), "resolved"
+                    if type(x) not in (torch.Tensor, torch.nn.Parameter) or x.layout != torch.strided:
+                        raise TypeError(f"it became a {type(x).__name__}")
+                except Exception as e:  # noqa: BLE001 - torch's own refusal, said in one line
+                    first = str(e).splitlines()[0][:120] if str(e) else ""
+                    raise UsageError(f"--dense: torch cannot make tensor {name} ({t.form}) dense here: "
+                                     f"{type(e).__name__}: {first}; write it to .pt (--to state_dict)", path) from None
+            out[name] = from_torch(x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else x, name)
+            how[name] = f"{t.form} -> {did} {out[name].dtype}"
+    return out, how
+
+
+def _import_subclass_package(t: TensorRef) -> None:
+    """torch.load(weights_only=True) rebuilds torchao's (and torch's own) tensor subclasses only once their
+    package is imported: the installed library, never code from the file."""
+    import importlib
+    import importlib.util
+    module = (t.subclass or "").rpartition(".")[0]
+    for top in ("torchao", "torch"):
+        if module == top or module.startswith(top + "."):
+            if importlib.util.find_spec(top) is not None:
+                importlib.import_module(module if top == "torch" else top)
+            return
+
+
 def _covers_storage(t: TensorRef) -> bool:
     return t.storage_offset == 0 and t.is_contiguous and t.nbytes == t.storage.nbytes
 
@@ -187,10 +254,12 @@ def _same_bytes_region(a: TensorRef, b: TensorRef) -> bool:
 def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, key: Optional[str] = None,
             dtype: Optional[str] = None, metadata: Union[Sequence[str], Mapping[str, str]] = (),
             max_shard_size: Optional[Union[str, int]] = None, force: bool = False, check: bool = False,
-            progress: Progress = None, **onnx_options: Any) -> ConvertResult:
+            progress: Progress = None, dense: bool = False, **onnx_options: Any) -> ConvertResult:
     """Convert ``source``'s state_dict to ``out`` (format from ``to`` or OUT's extension).
 
-    ``dtype`` (fp16/bf16/fp32) casts floating tensors only. ``metadata`` goes into a
+    ``dense`` (safetensors only): write each tensor safetensors cannot hold as the dense tensor torch gives
+    for it (lossy; see :func:`densify`), listed in the result's ``densified``. ``dtype`` (fp16/bf16/fp32)
+    casts floating tensors only. ``metadata`` goes into a
     safetensors header; ``max_shard_size`` (``"5GB"``) makes OUT a folder of HF-style
     shards with ``model.safetensors.index.json``. ``check`` compares every byte of the
     output with the source after writing.
@@ -221,9 +290,15 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
     if shard and fmt not in ("safetensors", "state_dict"):
         raise UsageError("--max-shard-size is for safetensors and state_dict (.bin shards) output")
 
+    if dense and fmt != "safetensors":
+        raise UsageError("--dense is for safetensors output (a torch.save file holds every tensor as it is)")
     ckpt, sd = open_state_dict(source if isinstance(source, Checkpoint) else os.fspath(source), key)
     if not sd.tensors:
         raise UsageError("the checkpoint holds no tensors to convert", ckpt.path)
+    densified: Dict[str, str] = {}
+    if dense:
+        made, densified = densify(sd.tensors, ckpt.path)
+        sd = dataclasses.replace(sd, tensors=collections.OrderedDict((n, made.get(n, t)) for n, t in sd.tensors.items()))
     out = check_output(os.fspath(out), list(ckpt.files or (ckpt.path,)) + [ckpt.path], force,
                        folder=bool(shard) or fmt == "dcp")
     total = 0
@@ -266,6 +341,7 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
                          output=out, format=({"state_dict": "torch_sharded", "safetensors": "safetensors_sharded"}
                                              if shard else {"state_dict": "torch_zip"}).get(fmt, fmt), tensors=n,
                          files=tuple(files), tied=tuple(sorted(dropped.items())), cast_to=cast,
+                         densified=tuple(densified.items()),
                          bytes_written=sum(os.path.getsize(f) for f in files), checked=checked)
 
 

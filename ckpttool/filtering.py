@@ -115,8 +115,9 @@ def materialize(result: FilterResult, src: StateDict, device: Any = None,
     done = 0
     for k in result.kept:
         ref = src.tensors[k.source_name]
-        if ref.kind != "dense" or not ref.has_data:
-            raise UsageError(f"tensor {k.source_name} is a {ref.kind} tensor without plain data; filter cannot "
+        plain = ref.rebuild is None or getattr(ref.rebuild, "name", "") == "_rebuild_parameter_with_state"
+        if ref.kind != "dense" or not ref.has_data or not plain:
+            raise UsageError(f"tensor {k.source_name} is a {ref.form} tensor without plain data; filter cannot "
                              f"carry it", result.source)
         # Two names over the same bytes (tied weights) become one tensor, so torch.save keeps them tied.
         ident = (id(ref.storage), ref.storage_offset, ref.shape, ref.stride, ref.dtype) if ref.storage else (id(ref),)

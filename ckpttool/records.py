@@ -254,10 +254,21 @@ class TensorRef:
             yield self.storage.source.read(start + off, min(step, total - off))
 
     def to_torch(self):
-        """Materialize as a contiguous CPU torch tensor (imports torch).
+        """Materialize as a contiguous CPU torch tensor (imports torch): the values torch loads, a conj or neg
+        view's bits applied (and resolved).
 
         A strided view is read as the storage region it spans and gathered by torch.
         """
+        t = self._stored_torch()
+        if self.metadata:
+            bits = self.bits
+            if "conj" in bits:
+                t = t.conj().resolve_conj()
+            if "neg" in bits:
+                t = t.neg()
+        return t
+
+    def _stored_torch(self):
         from .torch_bridge import tensor_from_bytes, torch_dtype
         if self.is_contiguous or self.numel <= 1:
             source = self.storage.source if self.has_data else None
@@ -670,6 +681,7 @@ class ConvertResult:
     checked: Optional[Dict[str, Any]] = None
     details: Optional[Dict[str, Any]] = None  # e.g. ONNX export: opset, inputs, max difference
     exit_code: int = 0
+    densified: Tuple[Tuple[str, str], ...] = ()  # --dense: (name, "sparse_coo -> densified float32")
 
     def to_dict(self) -> Dict[str, Any]:
         d = {"output": self.output, "format": self.format, "tensors": self.tensors,
@@ -677,6 +689,8 @@ class ConvertResult:
                         "entry_source": self.entry_source},
              "files": list(self.files), "tied": {a: b for a, b in self.tied}, "cast_to": self.cast_to,
              "bytes_written": self.bytes_written, "checked": self.checked}
+        if self.densified:
+            d["densified"] = {a: b for a, b in self.densified}
         if self.details is not None:
             d["details"] = _jsonable(self.details)
         return d

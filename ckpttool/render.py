@@ -264,6 +264,8 @@ def convert_text(r: ConvertResult) -> str:
     if r.tied:
         rows.append(["tied", f"{len(r.tied)} stored once: " + ", ".join(f"{a} = {b}" for a, b in r.tied[:4])
                      + (" ..." if len(r.tied) > 4 else "")])
+    for i, (name, how) in enumerate(r.densified):  # every one said: the output differs from the source here
+        rows.append(["dense (lossy)" if i == 0 else "", f"{name}: {how}"])
     for k, v in (r.details or {}).items():
         rows.append([k.replace("_", " "), v if isinstance(v, str) else json.dumps(v)])
     c = r.checked or {}

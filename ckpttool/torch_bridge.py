@@ -87,3 +87,16 @@ def accelerator_possible() -> bool:
 
 # Beside /dev/nvidia0...: WSL's GPU, and Jetson's integrated GPU (no /dev/nvidiaN there)
 _CUDA_DEVICE_FILES = ("/dev/dxg", "/dev/nvhost-ctrl-gpu", "/dev/nvgpu/igpu0/ctrl")
+
+
+def from_torch(x, key: str = "0"):
+    """A TensorRef over a copy of a CPU torch tensor's bytes, held in memory (a dense, contiguous tensor)."""
+    import torch
+    from .records import BufferSpan, StorageRef, TensorRef
+    x = x.detach().cpu().contiguous()
+    data = x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b""
+    dtype = str(x.dtype).replace("torch.", "")
+    shape = tuple(x.shape)
+    stride = tuple(x.stride())
+    storage = StorageRef(key=key, dtype=dtype, device="cpu", nbytes=len(data), source=BufferSpan(data))
+    return TensorRef(shape=shape, dtype=dtype, stride=stride, storage=storage, device="cpu")

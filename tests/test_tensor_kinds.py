@@ -389,3 +389,55 @@ def test_dtensor_is_one_tensor_and_converts_exactly(tmp_path):
     r = subprocess.run([sys.executable, "-c", _DTENSOR, f"{src},{out}", "load", str(int(port) + 1)],
                        capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "same", r.stderr[-2000:]
+
+
+def test_filter_carries_a_conj_view_by_its_values_and_refuses_what_it_cannot_carry(tmp_path):
+    """filter writes with torch: a conj view's values as torch loads them (before: its un-conjugated bytes);
+    a sparse tensor or a subclass is refused naming its form, never written as its parts or as plain data."""
+    from ckpttool.filtering import filter_checkpoint
+    x = _complex()
+    src = save(tmp_path, "s.pt", {"b": torch.ones(3), "c": x.conj()}, "zip")
+    tgt = save(tmp_path, "t.pt", {"b": torch.zeros(3), "c": torch.zeros(3, dtype=torch.complex64)}, "zip")
+    out = str(tmp_path / "o.pt")
+    filter_checkpoint(src, out, target=tgt)
+    assert torch.equal(load(out)["c"], load(src)["c"])
+    for kind in ("sparse_coo", "quantized"):
+        bad = save(tmp_path, f"{kind}.pt", {"b": torch.ones(3), "c": make(kind)}, "zip")
+        tgt_k = save(tmp_path, f"t_{kind}.pt", {"b": torch.zeros(3), "c": torch.zeros(make(kind).shape)}, "zip")
+        with pytest.raises(UsageError, match=f"c is a {kind}"):
+            filter_checkpoint(bad, str(tmp_path / "x.pt"), target=tgt_k)
+
+
+DENSE_KINDS = ["conj", "neg", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc", "quantized",
+               "quantized_per_channel"]
+
+
+def torch_dense(x):
+    """What --dense promises: the dense tensor torch gives for it."""
+    if x.layout != torch.strided:
+        return x.to_dense()
+    if x.is_quantized:
+        return x.dequantize()
+    return x.resolve_conj().resolve_neg()
+
+
+@pytest.mark.parametrize("kind", DENSE_KINDS)
+def test_dense_writes_what_torch_gives_and_says_so(kind, tmp_path):
+    from safetensors.torch import load_file
+    src = save(tmp_path, "a.pt", {"t": make(kind), "plain": torch.ones(2)}, "zip")
+    out = str(tmp_path / "a.safetensors")
+    r = convert(src, out, dense=True, check=True)
+    assert [n for n, _ in r.densified] == ["t"] and r.densified[0][1].startswith(KINDS[kind][1])
+    got, want = load_file(out)["t"], torch_dense(load(src)["t"])
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    assert torch.equal(load_file(out)["plain"], torch.ones(2))
+
+
+@pytest.mark.parametrize("kind", ["nested", "jagged", "meta"])
+def test_dense_refuses_what_has_no_dense_form(kind, tmp_path):
+    src = save(tmp_path, "a.pt", {"t": make(kind)}, "zip")
+    with pytest.raises(UsageError, match="--dense: tensor t is a .* no dense form"):
+        convert(src, str(tmp_path / "a.safetensors"), dense=True)
+    with pytest.raises(UsageError, match="--dense is for safetensors"):
+        convert(src, str(tmp_path / "a.pt"), dense=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]

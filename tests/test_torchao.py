@@ -72,3 +72,15 @@ def test_torchao_diff_sees_other_weights(tmp_path):
     torch.save(quantized_state_dict("Int8WeightOnlyConfig", 1), b)
     r = diff(a, b)
     assert not r.equal and {d.name for d in r.value_mismatch} >= {"0.weight", "2.weight"}
+
+
+def test_torchao_dense_is_torchaos_own_dequantize(tmp_path):
+    from safetensors.torch import load_file
+    sd = quantized_state_dict("Int8WeightOnlyConfig")
+    src, out = str(tmp_path / "q.pt"), str(tmp_path / "q.safetensors")
+    torch.save(sd, src)
+    r = convert(src, out, dense=True, check=True)
+    assert {n for n, _ in r.densified} == {"0.weight", "2.weight"}
+    got = load_file(out)
+    for k, v in sd.items():
+        assert torch.equal(got[k], v.dequantize() if type(v) is not torch.Tensor else v), k
