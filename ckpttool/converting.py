@@ -76,7 +76,8 @@ def _written_as_rebuilt(t: TensorRef) -> bool:
     return t.rebuild is not None
 
 
-def torch_tree(tensors: Mapping[str, TensorRef], cast: Optional[str], path: str) -> "collections.OrderedDict":
+def torch_tree(tensors: Mapping[str, TensorRef], cast: Optional[str], path: str,
+               metadata: Optional[Any] = None) -> "collections.OrderedDict":
     """TensorOut leaves over the source storages: each storage copied once, views and ties kept. A tensor the
     source rebuilt by a call of its own (sparse, nested, quantized, meta, a subclass) is written by that same
     call, its component tensors and storages written as the others are."""
@@ -116,9 +117,12 @@ def torch_tree(tensors: Mapping[str, TensorRef], cast: Optional[str], path: str)
                     from None
         _needs_data(name, t, path)
         s = storage_out(t.storage, t.dtype, dst or t.dtype)
-        return TensorOut(s, tuple(t.shape), tuple(t.stride), t.storage_offset, metadata=t.metadata)
+        return TensorOut(s, tuple(t.shape), tuple(t.stride), t.storage_offset, requires_grad=t.requires_grad,
+                         metadata=t.metadata, parameter=t.is_parameter)
 
     out: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
+    if metadata is not None:  # the state_dict's _metadata (module versions): load_state_dict reads it
+        out._metadata = rebuild_out(metadata, lambda u: u, lambda ref: ref)
     for name, t in tensors.items():
         if cast and t.rebuild is not None and t.dtype in FLOATING:
             raise UsageError(f"--dtype does not apply to tensor {name} ({t.form}); convert without --dtype", path)
@@ -314,7 +318,7 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
         with writing(out):
             files, checked = _write_dcp(out, sd, cast, check)
     elif fmt == "state_dict":
-        tree = torch_tree(sd.tensors, cast, ckpt.path)
+        tree = torch_tree(sd.tensors, cast, ckpt.path, sd.torch_metadata)
         total = sum(s.nbytes for s in storages_of(tree))
         with writing(out):
             if shard is None:

@@ -272,7 +272,7 @@ def _skeleton(v: Any, depth: int = 0) -> Any:
     """A rebuild's arguments with their tensors and storages reduced to (dtype, shape): what must be equal
     besides the tensors' values (a quantizer's scale, a sparse tensor's size, a subclass's attributes)."""
     from .formats.safe_pickle import Stub
-    from .records import Rebuild, StorageRef
+    from .records import Rebuild, StorageRef, Value
     if depth > 50:
         return "..."
     if isinstance(v, TensorRef):
@@ -281,6 +281,8 @@ def _skeleton(v: Any, depth: int = 0) -> Any:
         return ("storage", v.dtype)
     if isinstance(v, Rebuild):
         return (v.module, v.name, _skeleton(v.args, depth + 1))
+    if isinstance(v, Value):
+        return ("value", _skeleton(v.value, depth + 1))
     if isinstance(v, type) and issubclass(v, Stub):
         return ("global", v.stub_module, v.stub_name)
     if isinstance(v, Stub):

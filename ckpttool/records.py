@@ -217,6 +217,9 @@ class TensorRef:
     def form(self) -> str:
         """How torch holds it, in words: ``dense``, ``sparse_coo``, ``conj view``, ``subclass mypkg.T``..."""
         out = self.kind
+        if self.kind == "value":
+            v = getattr(self.rebuild, "value", None)
+            return f"value torch.{v}" if type(v).__name__ == "TorchDtype" else f"value {v!r}"
         if self.subclass:
             out = f"subclass {self.subclass}" if self.kind in ("dense", "subclass") else f"{out} {self.subclass}"
         if self.bits:
@@ -352,6 +355,14 @@ class Rebuild:
     module: str
     name: str
     args: Tuple[Any, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Value:
+    """A state_dict entry that is not a tensor (a quantized Linear's ``dtype``, a conv's absent ``bias``): what
+    torch's own ``state_dict()`` puts there, written back as it is."""
+
+    value: Any
 
 
 class Layout(str):

@@ -36,6 +36,9 @@ class StateDict:
     #: every entry of the file that is a state_dict (or a module holding one): (key, tensors); and why this one
     candidates: Tuple[Tuple[str, int], ...] = ()
     reason: str = ""
+    #: the ``_metadata`` torch's state_dict() carries (each module's version, which load_state_dict reads):
+    #: the file's own for a saved state_dict, made from the module classes for a pickled module
+    torch_metadata: Optional[Any] = None
 
 
 def is_tensor_dict(obj: Any) -> bool:
@@ -44,7 +47,20 @@ def is_tensor_dict(obj: Any) -> bool:
         return False
     if all(map(isinstance, obj.values(), itertools.repeat(TensorRef))):  # map: no generator frame per item
         return True
-    return all(isinstance(v, TensorRef) or tensor_like(v) is not None for v in obj.values())
+    entries = [_entry(v) for v in obj.values()]
+    return all(e is not None for e in entries) and any(e.kind != "value" for e in entries)
+
+
+def _entry(v: Any) -> Optional[TensorRef]:
+    """A state_dict value as one entry: a tensor, a tensor subclass's object, or what a quantized module's
+    state_dict() holds besides tensors (its ``dtype``, a ``(weight, bias)`` tuple, a ``None`` bias)."""
+    if isinstance(v, TensorRef):
+        return v
+    if v is None or type(v).__name__ == "TorchDtype":
+        return _value(v)
+    if type(v) is tuple and len(v) == 2:
+        return _packed(*v)
+    return tensor_like(v)
 
 
 # packages whose objects are tensors (tensor subclasses that pickle themselves as objects, not through torch's
@@ -101,13 +117,117 @@ _OWN_STATE_DICT = ("torch.ao.nn.quantized.", "torch.nn.quantized.", "torch.ao.nn
                    "torch.nn.intrinsic.quantized.", "torch.ao.nn.sparse.quantized.")
 
 
+def _detached(t: TensorRef) -> TensorRef:
+    """A module's parameter as ``state_dict()`` gives it: ``param.detach()``, a plain tensor."""
+    if not (t.is_parameter or t.requires_grad) or t.rebuild is not None:
+        return t
+    return dataclasses.replace(t, is_parameter=False, requires_grad=False)
+
+
+def _scalar_tensor(value: Any, name: str) -> Optional[TensorRef]:
+    """``torch.tensor(value)`` of a Python float (float32) or int (int64), as a record over its bytes: what a
+    quantized module's ``_save_to_state_dict`` puts under ``scale`` and ``zero_point``."""
+    import struct
+    from .records import BufferSpan, StorageRef
+    if type(value) is float:
+        dtype, data = "float32", struct.pack("<f", value)
+    elif type(value) is int and -(1 << 63) <= value < (1 << 63):
+        dtype, data = "int64", struct.pack("<q", value)
+    else:
+        return None
+    storage = StorageRef(key=name, dtype=dtype, device="cpu", nbytes=len(data), source=BufferSpan(data))
+    return TensorRef(shape=(), dtype=dtype, stride=(), storage=storage, device="cpu")
+
+
+def _value(value: Any) -> TensorRef:
+    """A state_dict entry that is no tensor (a dtype, None), as a record written back as it is."""
+    from .records import Value
+    return TensorRef(shape=(), dtype=str(value) if value is not None else "none", kind="value",
+                     explicit_nbytes=0, rebuild=Value(value))
+
+
+def _packed(weight: Any, bias: Any) -> Optional[TensorRef]:
+    """A quantized Linear's ``(weight, bias)`` tuple, as its state_dict() holds it: one entry, two parts."""
+    if not isinstance(weight, TensorRef) or not (bias is None or isinstance(bias, TensorRef)):
+        return None
+    parts = (("weight", weight),) + ((("bias", bias),) if bias is not None else ())
+    return TensorRef(shape=weight.shape, dtype=weight.dtype, device=weight.device, kind="packed",
+                     explicit_nbytes=sum(p.nbytes for _, p in parts), parts=parts, rebuild=(weight, bias))
+
+
+def quantized_entries(node: Any) -> Optional[List[Tuple[str, TensorRef]]]:
+    """The state_dict() entries of a torch.ao quantized module, as its own ``_save_to_state_dict`` writes them
+    (torch/ao/nn/quantized/modules: conv.py, linear.py, functional_modules.py), or None if it is not one these
+    rules know. Entries of its ``_parameters`` / ``_buffers`` and children are not included."""
+    if not isinstance(node, Stub):
+        return None
+    qual, state = node.qualname, node.state
+    if not qual.startswith(_OWN_STATE_DICT):
+        return None
+    if isinstance(state, tuple) and len(state) == 15 and isinstance(state[10], TensorRef) \
+            and state[10].kind == "quantized":  # _ConvNd.__getstate__: (..., w, b, scale, zero_point, training)
+        scale, zero_point = _scalar_tensor(state[12], "scale"), _scalar_tensor(state[13], "zero_point")
+        if scale is None or zero_point is None or not (state[11] is None or isinstance(state[11], TensorRef)):
+            return None
+        bias = state[11] if state[11] is not None else _value(None)
+        return [("weight", state[10]), ("bias", bias), ("scale", scale), ("zero_point", zero_point)]
+    st = _stub_state(node)
+    if st is None:
+        return None
+    if type(node).stub_name == "LinearPackedParams":  # dtype, then the (weight, bias) tuple
+        packed = st.get("_packed_params")
+        inner = packed.state[0] if isinstance(packed, Stub) and isinstance(packed.state, tuple) and packed.state \
+            and isinstance(packed.state[0], tuple) and len(packed.state[0]) == 2 else None
+        pair = _packed(*inner) if inner else None
+        if pair is None or "dtype" not in st:
+            return None
+        return [("dtype", _value(st["dtype"])), ("_packed_params", pair)]
+    linear = any(isinstance(c, Stub) and type(c).stub_name == "LinearPackedParams"
+                 for _, c in _items(st.get("_modules")))
+    if linear or type(node).stub_name == "QFunctional":  # scale and zero_point, as tensors
+        scale, zero_point = _scalar_tensor(st.get("scale"), "scale"), _scalar_tensor(st.get("zero_point"),
+                                                                                      "zero_point")
+        if scale is None or zero_point is None:
+            return None
+        return [("scale", scale), ("zero_point", zero_point)]
+    others = {k: v for k, v in st.items() if k not in ("_parameters", "_buffers", "_modules")}
+    return None if _holds_tensors(others) else []  # tensors outside its parameters: a rule of its own, unknown
+
+
 def _holds_tensors(obj: Any) -> int:
     return sum(1 for _ in itertools.islice(all_tensors(obj), 10_000))
 
 
+# Module classes whose ``_version`` is not 1 (torch.nn and torch.ao.nn of torch 2.14; tests/test_tensor_kinds.py
+# holds it to the installed torch): state_dict() records it in ``_metadata``, and load_state_dict reads entries
+# by it (a quantized Linear of version 3 keeps its weight in ``_packed_params``).
+MODULE_VERSIONS = {
+    **{f"torch.ao.nn.intrinsic.qat.modules.conv_fused.{c}": 2 for c in (
+        "ConvBn1d", "ConvBn2d", "ConvBn3d", "ConvBnReLU1d", "ConvBnReLU2d", "ConvBnReLU3d", "_ConvBnNd")},
+    "torch.ao.nn.intrinsic.quantized.dynamic.modules.linear_relu.LinearReLU": 4,
+    "torch.ao.nn.intrinsic.quantized.modules.bn_relu.BNReLU2d": 2,
+    "torch.ao.nn.intrinsic.quantized.modules.bn_relu.BNReLU3d": 2,
+    "torch.ao.nn.intrinsic.quantized.modules.linear_relu.LinearLeakyReLU": 3,
+    "torch.ao.nn.intrinsic.quantized.modules.linear_relu.LinearReLU": 3,
+    "torch.ao.nn.intrinsic.quantized.modules.linear_relu.LinearTanh": 3,
+    "torch.ao.nn.quantized.dynamic.modules.linear.Linear": 4,
+    **{f"torch.ao.nn.quantized.dynamic.modules.rnn.{c}": 2 for c in ("GRU", "LSTM", "RNNBase")},
+    **{f"torch.ao.nn.quantized.modules.batchnorm.{c}": 2 for c in ("BatchNorm2d", "BatchNorm3d", "_BatchNorm")},
+    "torch.ao.nn.quantized.modules.linear.Linear": 3,
+    "torch.ao.nn.quantized.modules.linear.LinearPackedParams": 3,
+    **{f"torch.ao.nn.quantized.modules.normalization.InstanceNorm{d}d": 2 for d in (1, 2, 3)},
+    **{f"torch.nn.modules.batchnorm.{c}": 2 for c in (
+        "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
+        "SyncBatchNorm", "_BatchNorm", "_LazyNormBase", "_NormBase")},
+    **{f"torch.nn.modules.instancenorm.{c}": 2 for c in (
+        "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LazyInstanceNorm1d", "LazyInstanceNorm2d",
+        "LazyInstanceNorm3d", "_InstanceNorm")},
+}
+
+
 def module_state_dict(obj: Stub, members: Optional[Dict[str, Tuple[List[str], List[str]]]] = None,
-                      path: Optional[str] = None, unmodeled: Optional[list] = None
-                      ) -> "collections.OrderedDict[str, TensorRef]":
+                      path: Optional[str] = None, unmodeled: Optional[list] = None,
+                      versions: Optional[list] = None) -> "collections.OrderedDict[str, TensorRef]":
     """The state_dict of a pickled or TorchScript module stub, in ``state_dict()`` order.
 
     For a pickled nn.Module: its ``_parameters``, then its ``_buffers`` not in
@@ -132,6 +252,8 @@ def module_state_dict(obj: Stub, members: Optional[Dict[str, Tuple[List[str], Li
             raise FormatError(f"module {prefix.rstrip('.') or '(top)'} contains itself", path)
         on_path.add(id(node))
         stack.append((node, None))
+        if versions is not None:  # (module name, its class's version), as state_dict()'s _metadata has them
+            versions.append((prefix[:-1], MODULE_VERSIONS.get(node.qualname, 1)))
         state = _stub_state(node) or {}
         kids = []
         if module_kind(node) == "pickled":
@@ -140,22 +262,30 @@ def module_state_dict(obj: Stub, members: Optional[Dict[str, Tuple[List[str], Li
                 non_persistent = set()
             for name, t in _items(state.get("_parameters")):
                 if isinstance(t, TensorRef):
-                    out[prefix + name] = t
+                    out[prefix + name] = _detached(t)
             for name, t in _items(state.get("_buffers")):
                 if isinstance(t, TensorRef) and name not in non_persistent:
                     out[prefix + name] = t
-            kids = [(name, c) for name, c in _items(state.get("_modules")) if module_kind(c)]
-            if unmodeled is not None:
-                qual = f"{type(node).stub_module}.{type(node).stub_name}"
+            own = quantized_entries(node)  # a quantized module's own state_dict() code, modelled
+            for name, t in own or ():
+                out[prefix + name] = t
+            kids = [(name, c) for name, c in _items(state.get("_modules"))
+                    if module_kind(c) or quantized_entries(c)]
+            qual = f"{type(node).stub_module}.{type(node).stub_name}"
+            if unmodeled is not None and own is None:
                 others = {k: v for k, v in state.items() if k not in ("_parameters", "_buffers", "_modules")}
                 n = _holds_tensors(others) if qual.startswith(_OWN_STATE_DICT) else 0
                 if n:
                     unmodeled.append((prefix.rstrip(".") or "(top)", qual, n))
+            if unmodeled is not None:
                 for name, c in _items(state.get("_modules")):  # a child module pickled otherwise (a tuple state)
-                    if isinstance(c, Stub) and not module_kind(c):
+                    if isinstance(c, Stub) and not module_kind(c) and quantized_entries(c) is None:
                         n = _holds_tensors(c)
                         if n:
                             unmodeled.append((prefix + name, c.qualname, n))
+        elif quantized_entries(node):  # a quantized conv: its state is a tuple, its entries its own
+            for name, t in quantized_entries(node):
+                out[prefix + name] = t
         else:  # TorchScript
             qual = f"{type(node).stub_module}.{type(node).stub_name}"
             params, buffers = (members or {}).get(qual, (None, None))
@@ -257,16 +387,21 @@ def get_entry(root: Any, key: str, path: Optional[str] = None) -> Any:
 
 def _as_state_dict(node: Any, entry: Optional[str], ckpt: Checkpoint) -> Optional[StateDict]:
     if is_tensor_dict(node):
+        meta = getattr(node, "_metadata", None)  # a saved state_dict's own (torch.save keeps the attribute)
+        meta = meta if isinstance(meta, dict) else None
         if all(map(isinstance, node.values(), itertools.repeat(TensorRef))):
-            return StateDict(entry, "state_dict", collections.OrderedDict(node))
-        return StateDict(entry, "state_dict", collections.OrderedDict((k, tensor_like(v)) for k, v in node.items()))
+            return StateDict(entry, "state_dict", collections.OrderedDict(node), torch_metadata=meta)
+        return StateDict(entry, "state_dict", collections.OrderedDict((k, _entry(v)) for k, v in node.items()),
+                         torch_metadata=meta)
     kind = module_kind(node)
     if kind:
         members = ckpt.metadata.get("_script_members")
         unmodeled: list = []
-        sd = module_state_dict(node, members, ckpt.path, unmodeled)
+        versions: list = []
+        sd = module_state_dict(node, members, ckpt.path, unmodeled, versions if kind == "pickled" else None)
+        meta = collections.OrderedDict((name, {"version": v}) for name, v in versions) if versions else None
         return StateDict(entry, f"{kind}_module", sd, type(node).stub_module + "." + type(node).stub_name,
-                         tuple(unmodeled))
+                         tuple(unmodeled), torch_metadata=meta)
     return None
 
 

@@ -204,63 +204,61 @@ def _quantized_model():
         return q.convert(p)
 
 
-def test_a_pickled_quantized_model_is_refused_not_shrunk(tmp_path):
-    """torch.ao quantized conv/linear keep their weights where their own state_dict() code finds them: ckpttool
-    does not model that yet, so convert and diff refuse (before: 2 of 10 state_dict entries, exit 0) and
-    inspect says INCOMPLETE."""
+def _same_entry(a, b) -> bool:
+    if isinstance(a, tuple):
+        return isinstance(b, tuple) and len(a) == len(b) and all(_same_entry(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and same(a, b)
+    return a == b
+
+
+@pytest.mark.parametrize("how", ["model", "state_dict"])
+def test_a_quantized_models_state_dict_is_torchs_own(how, tmp_path):
+    """torch.ao quantized conv/linear name their state_dict() entries by code of their own (a conv's weight,
+    bias, scale and zero_point from its tuple state; a Linear's scale and zero_point; its packed params' dtype
+    and (weight, bias) tuple). ckpttool names them the same (before: 2 of 10, exit 0); convert to .pt gives
+    what model.state_dict() gives, and a fresh quantized model loads it strictly and computes the same."""
     m = _quantized_model()
-    assert len(m.state_dict()) == 10
+    want = m.state_dict()
+    assert len(want) == 10
     path = str(tmp_path / "q.pt")
+    torch.save(m if how == "model" else want, path)
+    r = inspect(path)
+    assert [t.name for t in r.tensors] == list(want)
+    forms = {t.name: t.form for t in r.tensors}
+    assert forms["conv.weight"].startswith("quantized") and forms["fc._packed_params._packed_params"].startswith(
+        "packed") and forms["fc._packed_params.dtype"] == "value torch.qint8"
+    out = str(tmp_path / "o.pt")
+    convert(path, out, check=True)
+    got = load(out)
+    assert list(got) == list(want) and all(_same_entry(want[k], got[k]) for k in want)
+    fresh = _quantized_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh.load_state_dict(got)  # strict
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(fresh(x), m(x))
+    assert diff(path, out).equal
+    with pytest.raises(UsageError, match="fc._packed_params._packed_params \\(packed\\)"):
+        convert(path, str(tmp_path / "o.safetensors"))
+
+
+def test_a_quantized_module_of_unknown_rules_is_refused_not_shrunk(tmp_path):
+    """A quantized module whose state_dict() rules ckpttool does not know (an embedding's packed weight): convert
+    and diff refuse and inspect says INCOMPLETE, rather than a smaller state_dict passing for the whole."""
+    import torch.ao.nn.quantized as nnq
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        emb = nnq.Embedding(10, 4)
+    m = torch.nn.Sequential(emb)
+    path = str(tmp_path / "e.pt")
     torch.save(m, path)
     r = inspect(path)
-    assert any(n.startswith("INCOMPLETE: module conv") for n in r.notes), r.notes
-    for call in (lambda: convert(path, str(tmp_path / "o.safetensors")), lambda: convert(path, str(tmp_path / "o.pt")),
-                 lambda: diff(path, path)):
-        with pytest.raises(UsageError, match="packed parameters"):
-            call()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.pt"]
-
-
-# safetensors by the installed library's own capabilities
-
-
-@pytest.mark.parametrize("dtype", ["float8_e8m0fnu", "float4_e2m1fn_x2", "complex128", "uint16"])
-def test_safetensors_dtypes_are_the_installed_librarys(dtype, tmp_path):
-    """ckpttool writes a dtype to safetensors exactly when the installed safetensors.torch saves it and loads it
-    back (load_file), and then the file is what safetensors itself reads."""
-    from safetensors.torch import load_file, save_file
-    from ckpttool.formats.safetensors_writer import installed_safetensors_holds
-    t = torch.arange(8, dtype=torch.uint8).reshape(2, 4).view(getattr(torch, dtype)) if dtype.endswith(("fnu", "x2")) \
-        else torch.arange(8).reshape(2, 4).to(getattr(torch, dtype))
-    try:
-        save_file({"t": t}, str(tmp_path / "lib.safetensors"))
-        back = load_file(str(tmp_path / "lib.safetensors"))["t"]
-        library_holds = back.dtype == t.dtype and back.shape == t.shape
-    except Exception:
-        library_holds = False
-    assert installed_safetensors_holds(dtype) is library_holds
-    src = str(tmp_path / "a.pt")
-    torch.save({"t": t}, src)
-    out = str(tmp_path / "a.safetensors")
-    if library_holds:
-        convert(src, out, check=True)
-        got = load_file(out)["t"]
-        assert got.dtype == t.dtype and got.shape == t.shape
-        assert torch.equal(got.view(torch.uint8), t.view(torch.uint8))
-        assert diff(src, out).equal
-        assert inspect(str(tmp_path / "lib.safetensors")).tensors[0].shape == tuple(t.shape)  # its shape, as torch's
-    else:
-        with pytest.raises(UsageError, match="installed safetensors"):
-            convert(src, out)
-
-
-def test_a_dtype_the_library_lacks_is_refused(tmp_path, monkeypatch):
-    import ckpttool.formats.safetensors_writer as w
-    monkeypatch.setattr(w, "installed_safetensors_holds", lambda dtype: False)
-    src = str(tmp_path / "a.pt")
-    torch.save({"t": torch.zeros(4, dtype=torch.uint8).view(torch.float8_e8m0fnu)}, src)
-    with pytest.raises(UsageError, match="float8_e8m0fnu"):
-        convert(src, str(tmp_path / "a.safetensors"))
+    assert any(n.startswith("INCOMPLETE: module 0") for n in r.notes), r.notes
+    with pytest.raises(UsageError, match="packed parameters"):
+        convert(path, str(tmp_path / "o.pt"))
+    with pytest.raises(UsageError, match="packed parameters"):
+        diff(path, path)
 
 
 # which state_dict: the one the writing library's own loader takes
@@ -441,3 +439,40 @@ def test_dense_refuses_what_has_no_dense_form(kind, tmp_path):
     with pytest.raises(UsageError, match="--dense is for safetensors"):
         convert(src, str(tmp_path / "a.pt"), dense=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
+
+
+def test_module_versions_table_is_the_installed_torchs():
+    """The _metadata versions ckpttool gives a pickled module's state_dict come from its own table: it must be
+    every torch.nn / torch.ao.nn module class whose _version is not 1, with that version."""
+    import importlib
+    import inspect as pyinspect
+    import pkgutil
+    from ckpttool.tree import MODULE_VERSIONS
+    found = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for pkg in ("torch.nn.modules", "torch.ao.nn"):
+            for info in pkgutil.walk_packages(importlib.import_module(pkg).__path__, pkg + "."):
+                try:
+                    mod = importlib.import_module(info.name)
+                except Exception:  # noqa: BLE001 - optional backends
+                    continue
+                for cls in vars(mod).values():
+                    if pyinspect.isclass(cls) and issubclass(cls, torch.nn.Module) and cls.__module__ == mod.__name__ \
+                            and getattr(cls, "_version", 1) != 1:
+                        found[f"{cls.__module__}.{cls.__qualname__}"] = cls._version
+    assert found == MODULE_VERSIONS
+
+
+def test_converted_state_dict_keeps_module_versions(tmp_path):
+    """torch.save(model.state_dict()) carries _metadata (each module's version); the converted file keeps it."""
+    import torchvision
+    m = torchvision.models.resnet18(weights=None)
+    src, out = str(tmp_path / "a.pt"), str(tmp_path / "o.pt")
+    torch.save(m.state_dict(), src)
+    convert(src, out)
+    assert load(out)._metadata == load(src)._metadata
+    full = str(tmp_path / "full.pt")
+    torch.save(m, full)
+    convert(full, str(tmp_path / "f.pt"))
+    assert load(str(tmp_path / "f.pt"))._metadata == m.state_dict()._metadata  # made from the module classes

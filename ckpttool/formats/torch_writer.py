@@ -49,6 +49,7 @@ class TensorOut:
     offset: int = 0
     requires_grad: bool = False
     metadata: Tuple[Tuple[str, bool], ...] = ()
+    parameter: bool = False  # an nn.Parameter, as torch.save writes one (_rebuild_parameter around the tensor)
 
     @property
     def dtype(self) -> str:
@@ -199,6 +200,10 @@ class _Emitter:
                     self.emit(k)
                     self.emit(v)
                 w(b"u")
+            meta = getattr(obj, "_metadata", None) if type(obj) is not dict else None
+            if meta is not None:  # a state_dict's module versions, as torch.save writes them (BUILD)
+                self.emit({"_metadata": meta})
+                w(b"b")
         else:
             raise TypeError(f"cannot write a {type(obj).__name__} into a torch.save file")
 
@@ -219,6 +224,17 @@ class _Emitter:
         self.w(b"tQ")
 
     def _tensor(self, t: TensorOut) -> None:
+        if t.parameter:
+            self.glob("torch._utils", "_rebuild_parameter")
+            self.w(b"(")
+            self._plain_tensor(t, False)
+            self.emit(bool(t.requires_grad))
+            self.glob("collections", "OrderedDict")
+            self.w(b")RtR")
+            return
+        self._plain_tensor(t, t.requires_grad)
+
+    def _plain_tensor(self, t: TensorOut, requires_grad: bool) -> None:
         s = t.storage
         cls = _STORAGE_CLASS.get(s.dtype)
         self.glob("torch._utils", "_rebuild_tensor_v2" if cls else "_rebuild_tensor_v3")
@@ -227,7 +243,7 @@ class _Emitter:
         self.emit(t.offset)
         self.emit(tuple(t.shape))
         self.emit(tuple(t.stride))
-        self.emit(bool(t.requires_grad))
+        self.emit(bool(requires_grad))
         self.glob("collections", "OrderedDict")
         self.w(b")R")
         if not cls:
@@ -367,7 +383,7 @@ def rebuild_out(value: Any, tensor_out: Callable[[Any], Any], storage_out: Calla
     dtype, an object built with keyword arguments) is a ValueError naming it.
     """
     from ..pickles.reading import _TENSOR_FUNCS, Stub, TorchDevice, TorchDtype, TorchSize
-    from ..records import Layout, Rebuild, StorageRef, TensorRef
+    from ..records import Layout, Rebuild, StorageRef, TensorRef, Value
     funcs = {id(f): key for key, f in _TENSOR_FUNCS.items()}
     made: Dict[int, Any] = {} if memo is None else memo  # an object met twice is written once (shared)
 
@@ -389,6 +405,8 @@ def rebuild_out(value: Any, tensor_out: Callable[[Any], Any], storage_out: Calla
             return storage_out(v)
         if isinstance(v, Rebuild):
             return CallOut(v.module, v.name, tuple(out(a) for a in v.args))
+        if isinstance(v, Value):
+            return out(v.value)
         if isinstance(v, TorchDtype):
             return GlobalOut("torch", str(v))
         if isinstance(v, Layout):
