@@ -77,7 +77,7 @@ def _written_as_rebuilt(t: TensorRef) -> bool:
 
 
 def torch_tree(tensors: Mapping[str, TensorRef], cast: Optional[str], path: str,
-               metadata: Optional[Any] = None) -> "collections.OrderedDict":
+               metadata: Optional[Any] = None, detached: frozenset = frozenset()) -> "collections.OrderedDict":
     """TensorOut leaves over the source storages: each storage copied once, views and ties kept. A tensor the
     source rebuilt by a call of its own (sparse, nested, quantized, meta, a subclass) is written by that same
     call, its component tensors and storages written as the others are."""
@@ -117,6 +117,8 @@ def torch_tree(tensors: Mapping[str, TensorRef], cast: Optional[str], path: str,
                     from None
         _needs_data(name, t, path)
         s = storage_out(t.storage, t.dtype, dst or t.dtype)
+        if name in detached:  # a module's parameter: state_dict() gives param.detach(), a plain tensor
+            return TensorOut(s, tuple(t.shape), tuple(t.stride), t.storage_offset, metadata=t.metadata)
         return TensorOut(s, tuple(t.shape), tuple(t.stride), t.storage_offset, requires_grad=t.requires_grad,
                          metadata=t.metadata, parameter=t.is_parameter)
 
@@ -318,7 +320,7 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
         with writing(out):
             files, checked = _write_dcp(out, sd, cast, check)
     elif fmt == "state_dict":
-        tree = torch_tree(sd.tensors, cast, ckpt.path, sd.torch_metadata)
+        tree = torch_tree(sd.tensors, cast, ckpt.path, sd.torch_metadata, sd.detached)
         total = sum(s.nbytes for s in storages_of(tree))
         with writing(out):
             if shard is None:

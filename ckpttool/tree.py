@@ -39,6 +39,8 @@ class StateDict:
     #: the ``_metadata`` torch's state_dict() carries (each module's version, which load_state_dict reads):
     #: the file's own for a saved state_dict, made from the module classes for a pickled module
     torch_metadata: Optional[Any] = None
+    #: entries that are a module's parameters: state_dict() gives them detached (plain tensors, not Parameters)
+    detached: frozenset = frozenset()
 
 
 def is_tensor_dict(obj: Any) -> bool:
@@ -115,13 +117,6 @@ MAX_MODULE_VISITS = 1_000_000
 # modules whose state_dict() entries come from code of their own (_save_to_state_dict), not _parameters/_buffers
 _OWN_STATE_DICT = ("torch.ao.nn.quantized.", "torch.nn.quantized.", "torch.ao.nn.intrinsic.quantized.",
                    "torch.nn.intrinsic.quantized.", "torch.ao.nn.sparse.quantized.")
-
-
-def _detached(t: TensorRef) -> TensorRef:
-    """A module's parameter as ``state_dict()`` gives it: ``param.detach()``, a plain tensor."""
-    if not (t.is_parameter or t.requires_grad) or t.rebuild is not None:
-        return t
-    return dataclasses.replace(t, is_parameter=False, requires_grad=False)
 
 
 def _scalar_tensor(value: Any, name: str) -> Optional[TensorRef]:
@@ -227,7 +222,8 @@ MODULE_VERSIONS = {
 
 def module_state_dict(obj: Stub, members: Optional[Dict[str, Tuple[List[str], List[str]]]] = None,
                       path: Optional[str] = None, unmodeled: Optional[list] = None,
-                      versions: Optional[list] = None) -> "collections.OrderedDict[str, TensorRef]":
+                      versions: Optional[list] = None, detached: Optional[set] = None
+                      ) -> "collections.OrderedDict[str, TensorRef]":
     """The state_dict of a pickled or TorchScript module stub, in ``state_dict()`` order.
 
     For a pickled nn.Module: its ``_parameters``, then its ``_buffers`` not in
@@ -262,7 +258,9 @@ def module_state_dict(obj: Stub, members: Optional[Dict[str, Tuple[List[str], Li
                 non_persistent = set()
             for name, t in _items(state.get("_parameters")):
                 if isinstance(t, TensorRef):
-                    out[prefix + name] = _detached(t)
+                    out[prefix + name] = t
+                    if detached is not None and t.is_parameter:
+                        detached.add(prefix + name)
             for name, t in _items(state.get("_buffers")):
                 if isinstance(t, TensorRef) and name not in non_persistent:
                     out[prefix + name] = t
@@ -398,10 +396,12 @@ def _as_state_dict(node: Any, entry: Optional[str], ckpt: Checkpoint) -> Optiona
         members = ckpt.metadata.get("_script_members")
         unmodeled: list = []
         versions: list = []
-        sd = module_state_dict(node, members, ckpt.path, unmodeled, versions if kind == "pickled" else None)
+        detached: set = set()
+        sd = module_state_dict(node, members, ckpt.path, unmodeled, versions if kind == "pickled" else None,
+                               detached)
         meta = collections.OrderedDict((name, {"version": v}) for name, v in versions) if versions else None
         return StateDict(entry, f"{kind}_module", sd, type(node).stub_module + "." + type(node).stub_name,
-                         tuple(unmodeled), torch_metadata=meta)
+                         tuple(unmodeled), torch_metadata=meta, detached=frozenset(detached))
     return None
 
 
@@ -410,13 +410,18 @@ def _choose(found: List[Tuple[str, StateDict]], ckpt: Checkpoint) -> StateDict:
     keys = dict(found)
     candidates = tuple((k, len(sd.tensors)) for k, sd in found)
     ultralytics = any((sd.module_class or "").startswith("ultralytics.") for _, sd in found)
+    ema = next((k for k in ("state_dict_ema", "model_ema") if k in keys), None)
+    root = ckpt.root if isinstance(ckpt.root, dict) else {}
     if ultralytics and "ema" in keys:
         key, reason = "ema", "ultralytics loads ckpt['ema'] or ckpt['model'] (the EMA weights when present)"
+    elif ema and "arch" in root:  # timm's CheckpointSaver writes 'arch'; its loaders default to use_ema=True
+        key, reason = ema, f"a timm checkpoint: timm's load_state_dict / load_checkpoint take {ema} (use_ema=True, " \
+                           "their default)"
     else:
         key = found[0][0]
         reason = f"the first of the usual state_dict keys ({', '.join(k for k, _ in found)})"
-        if key == "state_dict" and "state_dict_ema" in keys:
-            reason += "; timm's load_checkpoint takes state_dict unless use_ema=True"
+        if ema and key != ema:
+            reason += f"; timm's loaders would take {ema} (use_ema=True)"
     return dataclasses.replace(keys[key], candidates=candidates, reason=reason)
 
 

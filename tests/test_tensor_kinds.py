@@ -302,15 +302,21 @@ def test_ultralytics_checkpoint_takes_the_ema_as_ultralytics_does(model, tmp_pat
         assert any("state_dict candidates: model (5 tensors), ema (5 tensors); took ema" in n for n in got.notes)
 
 
-def test_timm_checkpoint_says_state_dict_ema_exists(tmp_path):
+def test_timm_checkpoint_takes_the_ema_as_timm_does(tmp_path):
+    """A timm checkpoint (it has 'arch'): timm's loaders default to use_ema=True; another file with both keys
+    keeps the first usual key and says which the EMA is."""
     path = str(tmp_path / "timm.pth.tar")
-    sd = {"w": torch.ones(2)}
-    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": sd, "state_dict_ema": {"w": torch.zeros(2)}}, path)
+    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": {"w": torch.ones(2)},
+                "state_dict_ema": {"w": torch.zeros(2)}}, path)
     got = inspect(path)
-    assert got.entry == "state_dict"
+    assert got.entry == "state_dict_ema"
     note = next(n for n in got.notes if n.startswith("state_dict candidates"))
-    assert "state_dict_ema (1 tensors)" in note and "use_ema=True" in note and "--key" in note
-    assert inspect(path, key="state_dict_ema").entry == "state_dict_ema"
+    assert "state_dict (1 tensors)" in note and "use_ema=True" in note and "--key" in note
+    assert inspect(path, key="state_dict").entry == "state_dict"
+    other = str(tmp_path / "other.pt")
+    torch.save({"state_dict": {"w": torch.ones(2)}, "state_dict_ema": {"w": torch.zeros(2)}}, other)
+    got = inspect(other)
+    assert got.entry == "state_dict" and any("would take state_dict_ema" in n for n in got.notes)
 
 
 _OBJECT_SUBCLASS = """
