@@ -113,8 +113,7 @@ def torch_tree(tensors: Mapping[str, TensorRef], cast: Optional[str], path: str,
                 return rebuild_out(t.rebuild, lambda u: tensor_out(u, name),
                                    lambda ref: storage_out(ref, ref.dtype, ref.dtype), made)
             except ValueError as e:
-                raise UsageError(f"tensor {name} ({t.form}) holds {e}, which ckpttool cannot write back", path) \
-                    from None
+                raise UsageError(f"tensor {name} ({t.form}) cannot be written back: it holds {e}", path) from None
         _needs_data(name, t, path)
         s = storage_out(t.storage, t.dtype, dst or t.dtype)
         if name in detached:  # a module's parameter: state_dict() gives param.detach(), a plain tensor

@@ -384,7 +384,17 @@ def rebuild_out(value: Any, tensor_out: Callable[[Any], Any], storage_out: Calla
     """
     from ..pickles.reading import _TENSOR_FUNCS, Stub, TorchDevice, TorchDtype, TorchSize
     from ..records import Layout, Rebuild, StorageRef, TensorRef, Value
+    from ..pickles.uses import is_enum_class
+    from ..scanning import classify
     funcs = {id(f): key for key, f in _TENSOR_FUNCS.items()}
+    enums: Dict[str, bool] = {}
+
+    def allowed(module: str, name: str, how: str) -> None:
+        # a written file never holds a global scan would call dangerous, used as it is used here: convert's
+        # output is no more able to run code than torch.load(weights_only=True) of it allows
+        if classify(f"{module}.{name}", {how}) == "dangerous":
+            raise ValueError(f"a {'call' if how == 'called' else 'use'} of {module}.{name}, which scan calls "
+                             "dangerous")
     made: Dict[int, Any] = {} if memo is None else memo  # an object met twice is written once (shared)
 
     def out(v: Any) -> Any:
@@ -416,10 +426,16 @@ def rebuild_out(value: Any, tensor_out: Callable[[Any], Any], storage_out: Calla
         if isinstance(v, TorchDevice):
             return CallOut("torch", "device", tuple(v.args))
         if isinstance(v, type) and issubclass(v, Stub):
+            allowed(v.stub_module, v.stub_name, "referenced")
             return GlobalOut(v.stub_module, v.stub_name)
         if isinstance(v, Stub):
             if v.kwargs:
                 raise ValueError(f"an object of {v.qualname} made with keyword arguments")
+            # an Enum made from its value is an instantiation (proven from the installed source, as scan does)
+            how = "called" if v.called and not is_enum_class(v.qualname, enums) else "instantiated"
+            allowed(type(v).stub_module, type(v).stub_name, how)
+            if v.state is not None:
+                allowed(type(v).stub_module, type(v).stub_name, "built")
             return ObjectOut(type(v).stub_module, type(v).stub_name, v.called, tuple(out(a) for a in v.args),
                              out(v.state), tuple((out(k), out(x)) for k, x in v.items.items()),
                              tuple(out(x) for x in v.list_items))
