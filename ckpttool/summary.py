@@ -70,7 +70,7 @@ def summarize(ckpt: Checkpoint, sd: StateDict, filter: Optional[str] = None, sor
                 else:
                     groups[id(storage)] = [first, name]
         dtype, device = t.dtype, t.device
-        numel, nbytes = t.numel, t.nbytes
+        numel, nbytes = (t.numel, t.nbytes) if t.kind != "value" else (0, 0)  # a dtype entry counts no values
         total_params += numel
         total_bytes += nbytes
         by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
