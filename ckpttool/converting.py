@@ -234,16 +234,23 @@ def densify(tensors: Mapping[str, TensorRef], path: str) -> Tuple[Dict[str, Tens
     return out, how
 
 
+# what torch.load(weights_only=True) needs imported to rebuild a subclass: known packages only, never a module
+# the file names (importing one runs its top level: torch.utils.model_dump.__main__ runs a CLI)
+_SUBCLASS_IMPORTS = {"torchao": ("torchao",), "torch.nested": ("torch.nested", "torch._dynamo"),
+                     "torch.distributed.tensor": ("torch.distributed.tensor",)}
+
+
 def _import_subclass_package(t: TensorRef) -> None:
-    """torch.load(weights_only=True) rebuilds torchao's (and torch's own) tensor subclasses only once their
-    package is imported: the installed library, never code from the file."""
+    """torch.load(weights_only=True) rebuilds torchao's (and torch's nested / distributed) tensor subclasses
+    only once their package is imported: the installed library's, from a fixed list."""
     import importlib
     import importlib.util
     module = (t.subclass or "").rpartition(".")[0]
-    for top in ("torchao", "torch"):
-        if module == top or module.startswith(top + "."):
-            if importlib.util.find_spec(top) is not None:
-                importlib.import_module(module if top == "torch" else top)
+    for prefix, imports in _SUBCLASS_IMPORTS.items():
+        if module == prefix or module.startswith(prefix + "."):
+            for name in imports:
+                if importlib.util.find_spec(name.partition(".")[0]) is not None:
+                    importlib.import_module(name)
             return
 
 
@@ -315,32 +322,37 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
             progress(done[0], total)
 
     dropped: Dict[str, str] = {}
-    if fmt == "dcp":
-        with writing(out):
-            files, checked = _write_dcp(out, sd, cast, check)
-    elif fmt == "state_dict":
-        tree = torch_tree(sd.tensors, cast, ckpt.path, sd.torch_metadata, sd.detached)
-        total = sum(s.nbytes for s in storages_of(tree))
-        with writing(out):
-            if shard is None:
-                with atomic_output(out) as tmp:
-                    write_torch_zip(tmp, tree, progress=tick)
-                    checked = _check(tmp, sd, dict(tree), cast, check, dropped={})
-                files = [out]
-            else:
-                files, checked = _write_torch_shards(out, tree, shard, sd, cast, check, tick)
-    else:
-        entries, dropped = safetensors_entries(sd.tensors, cast, ckpt.path)
-        meta = {"format": "pt", **dropped, **meta}
-        total = sum(e.nbytes for e in entries)
-        with writing(out):
-            if shard is None:
-                with atomic_output(out) as tmp:
-                    write_safetensors(tmp, entries, meta, progress=tick)
-                    checked = _check(tmp, sd, {e.name: e for e in entries}, cast, check, dropped)
-                files = [out]
-            else:
-                files, checked = _write_shards(out, entries, meta, shard, sd, cast, check, dropped, tick)
+    try:
+        if fmt == "dcp":
+            with writing(out):
+                files, checked = _write_dcp(out, sd, cast, check)
+        elif fmt == "state_dict":
+            tree = torch_tree(sd.tensors, cast, ckpt.path, sd.torch_metadata, sd.detached)
+            total = sum(s.nbytes for s in storages_of(tree))
+            with writing(out):
+                if shard is None:
+                    with atomic_output(out) as tmp:
+                        write_torch_zip(tmp, tree, progress=tick)
+                        checked = _check(tmp, sd, dict(tree), cast, check, dropped={})
+                    files = [out]
+                else:
+                    files, checked = _write_torch_shards(out, tree, shard, sd, cast, check, tick)
+        else:
+            entries, dropped = safetensors_entries(sd.tensors, cast, ckpt.path)
+            meta = {"format": "pt", **dropped, **meta}
+            total = sum(e.nbytes for e in entries)
+            with writing(out):
+                if shard is None:
+                    with atomic_output(out) as tmp:
+                        write_safetensors(tmp, entries, meta, progress=tick)
+                        checked = _check(tmp, sd, {e.name: e for e in entries}, cast, check, dropped)
+                    files = [out]
+                else:
+                    files, checked = _write_shards(out, entries, meta, shard, sd, cast, check, dropped, tick)
+    except CkptError as e:  # what the writer refuses is about this source
+        if e.path is None:
+            e.path = ckpt.path
+        raise
     n = len(sd.tensors) - len(dropped)
     return ConvertResult(source=ckpt.path, source_format=ckpt.format, entry=sd.entry, entry_source=sd.source,
                          output=out, format=({"state_dict": "torch_sharded", "safetensors": "safetensors_sharded"}

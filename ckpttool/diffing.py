@@ -268,7 +268,22 @@ def _as_loaded(x, bits):
 _RANK = {"exact": 0, "no_data": 0, "close": 1, "not_compared": 2, "mismatch": 3}
 
 
-def _skeleton(v: Any, depth: int = 0) -> Any:
+def _skeleton(v: Any, depth: int = 0, memo: Optional[Dict[int, Any]] = None) -> Any:
+    """:func:`_skeleton_of`, each object once (a digest per object, so a file's shared tuples cost linear time)."""
+    import hashlib
+    memo = {} if memo is None else memo
+    key = id(v)
+    if key in memo:
+        return memo[key]
+    value = _skeleton_of(v, depth, memo)
+    digest = hashlib.sha1(repr(value).encode("utf-8", "replace")).hexdigest()
+    if isinstance(v, (dict, list, tuple, set, frozenset)) or hasattr(v, "__dict__"):
+        memo[key] = digest
+        memo.setdefault("_keep", []).append(v)
+    return digest
+
+
+def _skeleton_of(v: Any, depth: int, memo: Dict[int, Any]) -> Any:
     """A rebuild's arguments with their tensors and storages reduced to (dtype, shape): what must be equal
     besides the tensors' values (a quantizer's scale, a sparse tensor's size, a subclass's attributes)."""
     from .formats.safe_pickle import Stub
@@ -280,18 +295,18 @@ def _skeleton(v: Any, depth: int = 0) -> Any:
     if isinstance(v, StorageRef):
         return ("storage", v.dtype)
     if isinstance(v, Rebuild):
-        return (v.module, v.name, _skeleton(v.args, depth + 1))
+        return (v.module, v.name, _skeleton(v.args, depth + 1, memo))
     if isinstance(v, Value):
-        return ("value", _skeleton(v.value, depth + 1))
+        return ("value", _skeleton(v.value, depth + 1, memo))
     if isinstance(v, type) and issubclass(v, Stub):
         return ("global", v.stub_module, v.stub_name)
     if isinstance(v, Stub):
-        return (v.qualname, _skeleton(v.args, depth + 1), _skeleton(v.state, depth + 1),
-                _skeleton(sorted(v.items.items(), key=repr), depth + 1), _skeleton(v.list_items, depth + 1))
+        return (v.qualname, _skeleton(v.args, depth + 1, memo), _skeleton(v.state, depth + 1, memo),
+                _skeleton(sorted(v.items.items(), key=repr), depth + 1, memo), _skeleton(v.list_items, depth + 1, memo))
     if isinstance(v, dict):
-        return ("dict",) + tuple((repr(k), _skeleton(x, depth + 1)) for k, x in v.items())
+        return ("dict",) + tuple((repr(k), _skeleton(x, depth + 1, memo)) for k, x in v.items())
     if isinstance(v, (list, tuple)):
-        return (type(v).__name__,) + tuple(_skeleton(x, depth + 1) for x in v)
+        return (type(v).__name__,) + tuple(_skeleton(x, depth + 1, memo) for x in v)
     if isinstance(v, (set, frozenset)):
         return (type(v).__name__,) + tuple(sorted(repr(x) for x in v))
     if callable(v):

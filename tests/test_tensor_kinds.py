@@ -501,3 +501,78 @@ def test_converted_state_dict_keeps_module_versions(tmp_path):
     torch.save(m, full)
     convert(full, str(tmp_path / "f.pt"))
     assert load(str(tmp_path / "f.pt"))._metadata == m.state_dict()._metadata  # made from the module classes
+
+
+# an attacker review of the writer: a rebuild copied from a file must never carry what scan calls dangerous
+
+_EVIL_REBUILDS = r'''
+import sys, io, enum, argparse, functools, collections, torch, torch._tensor as tt, torch._utils as tu
+class R:
+    def __init__(self, f, a): self.f, self.a = f, a
+    def __reduce__(self): return (self.f, self.a)
+def sub(t, state):
+    st = t.untyped_storage()
+    class S:
+        def __reduce__(self):
+            return (tt._rebuild_from_type_v2, (tu._rebuild_tensor_v2, torch.Tensor,
+                    (torch.storage.TypedStorage(wrap_storage=st, dtype=t.dtype, _internal=True), 0, tuple(t.shape),
+                     t.stride(), False, collections.OrderedDict()), state))
+    return S()
+marker = sys.argv[2]
+t = torch.ones(2)
+cases = {
+    "func": R(tt._rebuild_from_type_v2, (io.FileIO, torch.Tensor, (marker, "w", torch.ones(1, dtype=torch.int64)), {})),
+    "enum_api": sub(t, {"e": R(enum.IntEnum, ("X", "A B"))}),
+    "state_attr": sub(t, (lambda ns: (setattr(ns, "items", io.FileIO), ns)[1])(argparse.Namespace())),
+    "state_partial": sub(t, (lambda ns: (setattr(ns, "items", functools.partial(io.FileIO, marker, "w")), ns)[1])(
+        argparse.Namespace())),
+}
+torch.save({"w": cases[sys.argv[3]]}, sys.argv[1])
+'''
+
+
+@pytest.mark.parametrize("case", ["func", "enum_api", "state_attr", "state_partial"])
+def test_convert_refuses_a_rebuild_that_would_run_code(case, tmp_path):
+    import subprocess
+    import sys
+    from ckpttool import scan
+    src, marker = str(tmp_path / "src.pt"), str(tmp_path / "MARKER")
+    r = subprocess.run([sys.executable, "-c", _EVIL_REBUILDS, src, marker, case], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert scan([src]).dangerous  # scan sees it in the source (the partial one too: its target runs on load)
+    with pytest.raises(UsageError, match="scan calls dangerous"):
+        convert(src, str(tmp_path / "o.pt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.pt"]
+
+
+def test_shared_and_deep_rebuild_arguments_are_bounded(tmp_path):
+    """x = (x, x) forty deep (exponential if walked as a tree) converts, diffs and stays small; a list nested
+    400 deep is refused in one line, not a RecursionError."""
+    import subprocess
+    import sys
+    code = r'''
+import sys, collections, torch, torch._tensor as tt, torch._utils as tu
+t = torch.ones(2); st = t.untyped_storage()
+x = ()
+for _ in range(int(sys.argv[2])):
+    x = (x, x) if sys.argv[3] == "dag" else [x]
+class S:
+    def __reduce__(self):
+        return (tt._rebuild_from_type_v2, (tu._rebuild_tensor_v2, torch.Tensor,
+                (torch.storage.TypedStorage(wrap_storage=st, dtype=t.dtype, _internal=True), 0, (2,), (1,), False,
+                 collections.OrderedDict()), {"x": x}))
+torch.save({"w": S()}, sys.argv[1])
+'''
+    dag, deep = str(tmp_path / "dag.pt"), str(tmp_path / "deep.pt")
+    for path, n, kind in ((dag, "40", "dag"), (deep, "400", "deep")):
+        r = subprocess.run([sys.executable, "-c", code, path, n, kind], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+    out = str(tmp_path / "o.pt")
+    convert(dag, out, check=True)
+    assert (tmp_path / "o.pt").stat().st_size < 100_000
+    assert diff(dag, out).equal
+    got = load(out)["w"]
+    x = got.x if hasattr(got, "x") else None
+    assert x is None or x[0] is x[1]  # still shared
+    with pytest.raises(UsageError, match="nested more than"):
+        convert(deep, str(tmp_path / "d.pt"))

@@ -87,6 +87,9 @@ class ObjectOut:
     list_items: Tuple[Any, ...] = ()
 
 
+_SCALARS = (int, float, str, bool, type(None), bytes)
+
+
 class _Emitter:
     """Protocol-2 pickle opcodes for plain containers, scalars and TensorOut leaves."""
 
@@ -98,6 +101,7 @@ class _Emitter:
         # fetched from the memo, as pickle does: so they load as one object, not two equal ones
         self.memo: Dict[int, int] = {}
         self.keep: List[Any] = []
+        self.foreign = False  # wrote something copied from a source file (a rebuild's globals and objects)
 
     def _memo_get(self, obj: Any) -> bool:
         i = self.memo.get(id(obj))
@@ -149,8 +153,10 @@ class _Emitter:
         elif isinstance(obj, StorageOut):
             self._storage(obj)
         elif isinstance(obj, GlobalOut):
+            self.foreign = True
             self.glob(obj.module, obj.name)
         elif isinstance(obj, CallOut):
+            self.foreign = True
             if self._memo_get(obj):
                 return
             self.glob(obj.module, obj.name)
@@ -170,10 +176,15 @@ class _Emitter:
             if not obj:
                 w(b")")
             else:
+                shared = not all(type(x) in _SCALARS for x in obj)  # a tuple of objects may be met again: memo
+                if shared and self._memo_get(obj):
+                    return
                 w(b"(")
                 for x in obj:
                     self.emit(x)
                 w(b"t")
+                if shared:
+                    self._memo_put(obj)
         elif isinstance(obj, list):
             if self._memo_get(obj):
                 return
@@ -253,6 +264,7 @@ class _Emitter:
         self.w(b"tR")
 
     def _object(self, o: ObjectOut) -> None:
+        self.foreign = True
         if self._memo_get(o):
             return
         self.glob(o.module, o.name)
@@ -280,10 +292,27 @@ class _Emitter:
 
 
 def pickle_tree(root: Any) -> bytes:
-    """``data.pkl`` for ``root`` (dicts, lists, tuples, scalars, strings, TensorOut leaves)."""
+    """``data.pkl`` for ``root`` (dicts, lists, tuples, scalars, strings, TensorOut leaves, and the calls,
+    globals and objects of rebuilds copied from a source).
+
+    Where a source's rebuild was copied, the written pickle is scanned as ``ckpttool scan`` scans a file: one
+    that would run anything scan calls dangerous (a global a rebuild calls, an object's method a function
+    calls) is a UsageError, and nothing is written.
+    """
     e = _Emitter()
     e.emit(root)
-    return e.finish()
+    data = e.finish()
+    if e.foreign:
+        from ..errors import UsageError
+        from ..pickles.uses import scan_pickle
+        from ..scanning import classify
+        r = scan_pickle(data)
+        bad = sorted(name for name, how in r.uses.items() if name.startswith("<") or classify(name, set(how)) ==
+                     "dangerous")
+        if bad or r.error:
+            raise UsageError(f"the pickle ckpttool would write holds what scan calls dangerous ({', '.join(bad[:3])}"
+                             f"{r.error or ''}), copied from the source's tensor records: not written")
+    return data
 
 
 def storages_of(root: Any) -> List[StorageOut]:
@@ -294,7 +323,7 @@ def storages_of(root: Any) -> List[StorageOut]:
     visited = set()
     while stack:
         node = stack.pop()
-        if isinstance(node, (dict, list, set, CallOut, ObjectOut)):
+        if isinstance(node, (dict, list, set, tuple, CallOut, ObjectOut)):
             if id(node) in visited:  # shared (written once, fetched from the memo)
                 continue
             visited.add(id(node))
@@ -372,6 +401,7 @@ def write_torch_zip(path: str, root: Any, progress: Optional[Callable[[int], Non
 
 
 _MAKING = object()
+MAX_REBUILD_DEPTH = 200
 
 
 def rebuild_out(value: Any, tensor_out: Callable[[Any], Any], storage_out: Callable[[Any], StorageOut],
@@ -397,16 +427,24 @@ def rebuild_out(value: Any, tensor_out: Callable[[Any], Any], storage_out: Calla
                              "dangerous")
     made: Dict[int, Any] = {} if memo is None else memo  # an object met twice is written once (shared)
 
+    depth = [0]
+
     def out(v: Any) -> Any:
-        if isinstance(v, (dict, list, set, Stub, Rebuild)):
-            got = made.get(id(v))
-            if got is _MAKING:
-                raise ValueError("an object that contains itself")
-            if got is None:
-                made[id(v)] = _MAKING
-                got = made[id(v)] = _out(v)
-            return got
-        return _out(v)
+        depth[0] += 1
+        try:
+            if depth[0] > MAX_REBUILD_DEPTH:  # the emitter recurses as deep: refused before it would fail
+                raise ValueError(f"objects nested more than {MAX_REBUILD_DEPTH} levels deep")
+            if isinstance(v, (dict, list, set, tuple, Stub, Rebuild)):
+                got = made.get(id(v))
+                if got is _MAKING:
+                    raise ValueError("an object that contains itself")
+                if got is None:
+                    made[id(v)] = _MAKING
+                    got = made[id(v)] = _out(v)
+                return got
+            return _out(v)
+        finally:
+            depth[0] -= 1
 
     def _out(v: Any) -> Any:
         if isinstance(v, TensorRef):

@@ -211,8 +211,8 @@ class UsePolicy(Policy):
                 # a function given an object may call its methods (dict(x) calls x.keys()): those looked up on the
                 # instance are whatever BUILD put there
                 for attr, v in a.attrs.items():
-                    if not attr.startswith("__") and isinstance(v, Global):
-                        self._call_value(v)
+                    if not attr.startswith("__") and isinstance(v, (Global, Made, Persistent)):
+                        self._call_value(v)  # a made callable too (a partial): calling it runs its target
         if not isinstance(func, Global):
             if isinstance(func, _DATA):
                 raise FormatError(f"pickle calls a {type(func).__name__}, which is not callable")
