@@ -125,8 +125,15 @@ def test_legacy_nested_tensor_torch_cannot_read_is_refused(tmp_path):
     it, so torch.load of the file fails (or reads garbage). ckpttool says so rather than show it."""
     from ckpttool.errors import FormatError
     src = save(tmp_path, "a.pt", {"t": make("nested")}, "legacy")
-    with pytest.raises(Exception):
-        load(src)
+    try:  # torch reads the sizes from memory not yet filled: it fails, or gives another tensor
+        got = load(src)["t"]
+        want = make("nested")
+        assert len(got.unbind()) != len(want.unbind()) or not all(
+            x.shape == y.shape and torch.equal(x, y) for x, y in zip(got.unbind(), want.unbind()))
+    except AssertionError:
+        raise
+    except Exception:  # noqa: BLE001 - torch's failure, whatever it is
+        pass
     with pytest.raises(FormatError, match="cannot read a nested tensor from a legacy-format file"):
         inspect(src)
 
