@@ -583,3 +583,19 @@ torch.save({"w": S()}, sys.argv[1])
     assert x is None or x[0] is x[1]  # still shared
     with pytest.raises(UsageError, match="nested more than"):
         convert(deep, str(tmp_path / "d.pt"))
+
+
+def test_a_quantized_state_dict_diffs_equal_to_itself(tmp_path):
+    """A new user's finding: a channels-last per-channel quantized weight (its data a strided view) and a dtype
+    entry made a quantized model's state_dict DIFFERENT from itself."""
+    m = _quantized_model()
+    path = str(tmp_path / "q.pt")
+    torch.save(m.state_dict(), path)
+    r = diff(path, path)
+    assert r.equal and r.exit_code == 0, (r.not_compared, r.value_mismatch)
+    other = _quantized_model()
+    with torch.no_grad():
+        other.fc.set_weight_bias(torch.quantize_per_tensor(torch.ones(2, 4), 0.1, 0, torch.qint8), None)
+    p2 = str(tmp_path / "q2.pt")
+    torch.save(other.state_dict(), p2)
+    assert not diff(path, p2).equal
