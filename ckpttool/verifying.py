@@ -297,14 +297,14 @@ def _same_tensors(ckpt: Checkpoint, orig: Checkpoint, label: str, atol: Optional
 
 
 def _format_round_trip(ckpt: Checkpoint, sd: StateDict, progress) -> List[CheckResult]:
-    from .converting import safetensors_entries, torch_tree
+    from .converting import not_plain, safetensors_entries, torch_tree
     from .formats.safetensors_writer import write_safetensors
     from .formats.torch_writer import write_torch_zip
     out: List[CheckResult] = []
     # every tensor torch.save can hold: dense ones with data, and those rebuilt by a call of their own
     # (sparse, nested, quantized, subclasses, meta), written back by that call
     every = {n: t for n, t in sd.tensors.items() if (t.has_data and t.kind == "dense") or t.rebuild is not None}
-    plain = {n: t for n, t in every.items() if t.rebuild is None and not t.metadata}
+    plain = {n: t for n, t in every.items() if not not_plain(t)}
     if not every:
         return [CheckResult("format round trip", None, "skip", "no tensor with data")]
     with scratch_folder(prefix="ckpttool-verify-") as tmpdir:
