@@ -168,6 +168,9 @@ class TensorRef:
     kind: str = "dense"          # dense | quantized | meta | string | packed | sparse_coo... | nested | subclass
     subclass: Optional[str] = None  # e.g. a tensor subclass "mypkg.MyTensor"
     explicit_nbytes: Optional[int] = None
+    #: The element count torch gives (``numel()``) where ``shape`` cannot say it: a nested tensor, whose rows
+    #: differ in length (``shape`` holds ``"j"`` for a ragged dim, as torch prints ``j1``).
+    explicit_numel: Optional[int] = None
     #: torch.save's tensor metadata (``_rebuild_tensor_v2``'s last argument), as (key, value) pairs: the conj
     #: and neg bits of a view torch has not materialised. The bytes are the un-conjugated, un-negated values.
     metadata: Tuple[Tuple[str, Any], ...] = ()
@@ -178,6 +181,8 @@ class TensorRef:
 
     @property
     def numel(self) -> int:
+        if self.explicit_numel is not None:
+            return self.explicit_numel
         return math.prod(self.shape)
 
     @property
@@ -220,8 +225,16 @@ class TensorRef:
         if self.kind == "value":
             v = getattr(self.rebuild, "value", None)
             return f"value torch.{v}" if type(v).__name__ == "TorchDtype" else f"value {v!r}"
-        if self.subclass:
+        if self.kind == "jagged":  # torch.nested's own subclass: its long name says nothing more
+            out = "jagged nested"
+        elif self.kind == "quantized":
+            out = _quantizer(self.rebuild)
+        elif self.subclass:
             out = f"subclass {self.subclass}" if self.kind in ("dense", "subclass") else f"{out} {self.subclass}"
+        elif isinstance(self.rebuild, Rebuild) and self.rebuild.name == "_rebuild_parameter_with_state":
+            state = self.rebuild.args[3] if len(self.rebuild.args) > 3 else None
+            names = ", ".join(sorted(map(str, state)))[:80] if isinstance(state, dict) else "state"
+            out = f"parameter with attributes ({names})" + ("" if out == "dense" else f" ({out})")
         if self.bits:
             out = " ".join(self.bits) + " view" + ("" if out == "dense" else f" ({out})")
         return out
@@ -341,10 +354,25 @@ def new_tensor_ref(shape: Tuple[int, ...], dtype: str, stride: Tuple[int, ...], 
     d["kind"] = kind
     d["subclass"] = None
     d["explicit_nbytes"] = None
+    d["explicit_numel"] = None
     d["metadata"] = ()
     d["parts"] = ()
     d["rebuild"] = None
     return t
+
+
+def _quantizer(rebuild) -> str:
+    """``quantized per_tensor_affine scale=0.05 zero_point=3``, ``quantized per_channel_affine axis=0``."""
+    params = rebuild.args[4] if isinstance(rebuild, Rebuild) and len(rebuild.args) > 4 else None
+    if not isinstance(params, tuple) or not params:
+        return "quantized"
+    scheme = str(getattr(params[0], "stub_name", params[0]))
+    if scheme == "per_tensor_affine" and len(params) == 3:
+        return f"quantized {scheme} scale={params[1]:g} zero_point={params[2]}" \
+            if isinstance(params[1], float) else f"quantized {scheme}"
+    if scheme.startswith("per_channel") and len(params) == 4:
+        return f"quantized {scheme} axis={params[3]}"
+    return f"quantized {scheme}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -418,9 +446,12 @@ class TensorInfo:
     #: How torch holds it when not a plain dense tensor (``TensorRef.form``), and its components, if any.
     form: str = "dense"
     parts: Tuple[Tuple[str, str, Tuple[int, ...], int], ...] = ()  # (name, dtype, shape, nbytes)
+    explicit_numel: Optional[int] = None  # where shape cannot say it (``TensorRef.explicit_numel``)
 
     @property
     def numel(self) -> int:
+        if self.explicit_numel is not None:
+            return self.explicit_numel
         return math.prod(self.shape)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -453,6 +484,7 @@ def new_tensor_info(name: str, shape: Tuple[int, ...], dtype: str, device: str, 
     d["stats"] = stats
     d["form"] = "dense"
     d["parts"] = ()
+    d["explicit_numel"] = None
     return info
 
 
@@ -527,9 +559,13 @@ class TensorDiff:
     atol: Optional[float] = None
     rtol: Optional[float] = None
     note: str = ""
+    form_a: str = ""               # how torch holds each side (``TensorRef.form``), set where they differ
+    form_b: str = ""
 
     def to_dict(self) -> Dict[str, Any]:
         d: Dict[str, Any] = {"name": self.name}
+        if self.form_a or self.form_b:
+            d.update(form_a=self.form_a, form_b=self.form_b)
         if self.name_b != self.name:
             d["name_b"] = self.name_b
         if self.shape_a != self.shape_b:
@@ -583,6 +619,9 @@ class DiffResult:
     prefix_alignment: Any          # align.Alignment
     equal: bool
     exit_code: int = 0
+    #: pairs torch holds differently (a Parameter with attributes vs a plain tensor, sparse vs dense, a conj
+    #: view vs resolved values): a difference even where the values are equal
+    form_mismatch: Tuple[TensorDiff, ...] = ()
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -593,6 +632,7 @@ class DiffResult:
             "only_in_a": list(self.only_in_a), "only_in_b": list(self.only_in_b),
             "shape_mismatch": [d.to_dict() for d in self.shape_mismatch],
             "dtype_mismatch": [d.to_dict() for d in self.dtype_mismatch],
+            "form_mismatch": [d.to_dict() for d in self.form_mismatch],
             "value_mismatch": [d.to_dict() for d in self.value_mismatch],
             "value_close": [d.to_dict() for d in self.value_close],
             "not_compared": [d.to_dict() for d in self.not_compared],

@@ -77,10 +77,11 @@ def summarize(ckpt: Checkpoint, sd: StateDict, filter: Optional[str] = None, sor
         devices[device] = devices.get(device, 0) + 1
         info = new_tensor_info(name, t.shape, dtype, device, nbytes, t.stride, t.storage_offset,
                                storage.key if storage is not None else None, computed.get(name) if stats else None)
-        if t.kind != "dense" or t.subclass or t.metadata:  # a form of its own: said, with its parts
+        if t.kind != "dense" or t.subclass or t.metadata or t.rebuild is not None:  # a form of its own: said, with its parts
             d = info.__dict__
             d["form"] = t.form
             d["parts"] = tuple((n, p.dtype, p.shape, p.nbytes) for n, p in t.parts)
+            d["explicit_numel"] = t.explicit_numel
         infos_list.append(info)
     infos = tuple(infos_list)
     shared = tuple(tuple(g) for g in groups.values() if type(g) is list)

@@ -207,12 +207,12 @@ def _tensor_parts(tree, prefix: str = "") -> list:
 
 
 def _composite(kind: str, shape, dtype: str, parts, rebuild: Rebuild, subclass: Optional[str] = None,
-               requires_grad: bool = False) -> TensorRef:
+               requires_grad: bool = False, numel: Optional[int] = None) -> TensorRef:
     parts = tuple(parts)
     device = parts[0][1].device if parts else "cpu"
     return TensorRef(shape=tuple(shape), dtype=dtype, device=device, kind=kind, subclass=subclass,
                      requires_grad=bool(requires_grad), explicit_nbytes=sum(p.nbytes for _, p in parts),
-                     parts=parts, rebuild=rebuild)
+                     explicit_numel=numel, parts=parts, rebuild=rebuild)
 
 
 def _rebuild_qtensor(storage, storage_offset, size, stride, quantizer_params, requires_grad=False,
@@ -272,8 +272,10 @@ def _rebuild_nested(buffer, sizes, strides, storage_offsets):
     parts = (("buffer", buffer), ("sizes", sizes), ("strides", strides), ("storage_offsets", storage_offsets))
     if not all(isinstance(t, TensorRef) for _, t in parts):
         raise FormatError("malformed nested tensor record: its parts are not all tensors")
+    # the rows' own sizes are in the sizes tensor's data: the shape says how many rows, numel what torch counts
     return _composite("nested", sizes.shape[:1], buffer.dtype, parts,
-                      Rebuild("torch._utils", "_rebuild_nested_tensor", (buffer, sizes, strides, storage_offsets)))
+                      Rebuild("torch._utils", "_rebuild_nested_tensor", (buffer, sizes, strides, storage_offsets)),
+                      numel=buffer.numel)
 
 
 def _as_parameter(data, requires_grad=True, backward_hooks=None, state=None):
@@ -318,8 +320,24 @@ def _rebuild_from_type(func, new_type, args, state=None):
     if _stub_name(func) == "torch._utils._rebuild_wrapper_subclass" and len(args) >= 3:
         dtype = str(args[1]) if isinstance(args[1], TorchDtype) else dtype
         shape = args[2] if isinstance(args[2], tuple) and _naturals(args[2]) else ()
-    kind = "jagged" if name == "torch.nested._internal.nested_tensor.NestedTensor" else "subclass"
-    return _composite(kind, shape, dtype, parts, rebuild, subclass=name)
+    if name == "torch.nested._internal.nested_tensor.NestedTensor":
+        shape, numel = _jagged_shape(args[0] if len(args) == 1 else None)
+        return _composite("jagged", shape, dtype, parts, rebuild, subclass=name, numel=numel)
+    return _composite("subclass", shape, dtype, parts, rebuild, subclass=name)
+
+
+def _jagged_shape(kwargs) -> Tuple[tuple, Optional[int]]:
+    """A jagged NestedTensor's shape as torch prints it, ``(batch, "j", ...)``, and its numel: the values' shape
+    with the ragged dim (``_ragged_idx``) replaced by ``"j"``, after the batch (the offsets' length - 1)."""
+    if not isinstance(kwargs, dict):
+        return (), None
+    values, offsets, ragged = kwargs.get("values"), kwargs.get("offsets"), kwargs.get("_ragged_idx", 1)
+    if not (isinstance(values, TensorRef) and isinstance(offsets, TensorRef) and len(offsets.shape) == 1
+            and isinstance(ragged, int) and 1 <= ragged <= len(values.shape)):
+        return (), None
+    dims = list(values.shape)
+    dims[ragged - 1] = "j"
+    return (max(offsets.shape[0] - 1, 0), *dims), values.numel
 
 
 def _codecs_encode(text, encoding="utf-8", errors="strict"):
