@@ -232,7 +232,8 @@ def filter_cmd(source: str, model: Optional[str], model_args, target: Optional[s
 @click.option("--check", is_flag=True, help="After writing, compare every byte of the output with the source.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--dense", is_flag=True, help="safetensors: write each tensor it cannot hold (sparse, quantized, a "
-                                            "conj view...) as the dense tensor torch gives for it (lossy; listed).")
+                                            "conj view...) as the plain tensor torch gives for it (the form is not kept; "
+                                            "each one listed).")
 @click.option("--trust", is_flag=True, help="ONNX: allow importing and running the code a pickled full model names.")
 @click.option("--import-path", multiple=True, type=click.Path(), metavar="DIR",
               help="ONNX with --trust: where the pickled model's code lives (repeatable).")

@@ -152,11 +152,7 @@ def safetensors_entries(tensors: Mapping[str, TensorRef], cast: Optional[str],
     """
     held = [(name, t) for name, t in tensors.items() if not_plain(t)]
     if held:
-        shown = ", ".join(f"{name} ({t.form})" for name, t in held[:5]) + (f" and {len(held) - 5} more"
-                                                                           if len(held) > 5 else "")
-        raise UsageError(f"safetensors holds plain dense tensors only; {len(held)} tensor(s) here are not: {shown}; "
-                         "--to state_dict writes them exactly, --dense writes the dense tensor torch gives for each "
-                         "(lossy: a sparse tensor densified, a quantized one dequantized)", path)
+        raise UsageError(refusal("safetensors holds plain dense tensors only", held), path)
     groups: Dict[int, List[str]] = collections.defaultdict(list)
     for name, t in tensors.items():
         _needs_data(name, t, path)
@@ -186,6 +182,34 @@ def not_plain(t: TensorRef) -> bool:
     return t.rebuild is not None or bool(t.metadata) or t.kind != "dense"
 
 
+def no_dense_form(t: TensorRef) -> Optional[str]:
+    """Why ``--dense`` cannot give a plain tensor for ``t`` (None where torch can)."""
+    if t.kind in ("nested", "jagged"):
+        return "its rows differ in length"
+    if t.kind == "meta":
+        return "a meta tensor has no data"
+    if t.kind == "value":
+        return "a state_dict value that is not a tensor"
+    if t.kind == "packed":
+        return "a quantized module's packed (weight, bias), not one tensor"
+    return None
+
+
+def refusal(what: str, held: List[Tuple[str, TensorRef]]) -> str:
+    """One line: which tensors a format cannot hold as they are, and the way forward for each kind."""
+    shown = ", ".join(f"{name} ({t.form})" for name, t in held[:5]) + (f" and {len(held) - 5} more"
+                                                                       if len(held) > 5 else "")
+    no_dense = [(name, why) for name, t in held for why in [no_dense_form(t)] if why]
+    out = f"{what}; {len(held)} tensor(s) here are not: {shown}; --to state_dict writes them exactly"
+    if len(no_dense) < len(held):
+        out += (", --dense writes the plain tensor torch gives for each (sparse densified, quantized "
+                "dequantized, a view resolved: the form is not kept)")
+    if no_dense:
+        out += "; no dense form: " + ", ".join(f"{name} ({why})" for name, why in no_dense[:3]) + \
+            (f" and {len(no_dense) - 3} more" if len(no_dense) > 3 else "")
+    return out
+
+
 def densify(tensors: Mapping[str, TensorRef], path: str) -> Tuple[Dict[str, TensorRef], Dict[str, str]]:
     """``--dense``: each tensor that is not plain dense, as the dense tensor torch gives for it (imports torch).
 
@@ -204,12 +228,15 @@ def densify(tensors: Mapping[str, TensorRef], path: str) -> Tuple[Dict[str, Tens
     todo = {n: t for n, t in tensors.items() if not_plain(t)}
     if not todo:
         return out, how
+    no_dense = [(name, t, why) for name, t in todo.items() for why in [no_dense_form(t)] if why]
+    if no_dense:  # all of them, at once
+        shown = ", ".join(f"{name} ({t.form}: {why})" for name, t, why in no_dense[:3])
+        raise UsageError(f"--dense: {len(no_dense)} tensor(s) have no dense form: {shown}"
+                         f"{f' and {len(no_dense) - 3} more' if len(no_dense) > 3 else ''}; write them to .pt "
+                         "(--to state_dict)", path)
     import torch
     with tempfile.TemporaryDirectory(prefix="ckpttool-dense-") as d:
         for name, t in todo.items():
-            if t.kind in ("nested", "jagged") or t.kind == "meta":
-                raise UsageError(f"--dense: tensor {name} is a {t.form} tensor, which has no dense form "
-                                 f"{'(no data)' if t.kind == 'meta' else '(its rows differ in length)'}", path)
             scratch = os.path.join(d, "one.pt")
             write_torch_zip(scratch, torch_tree({name: t}, None, path))
             _import_subclass_package(t)
@@ -218,11 +245,15 @@ def densify(tensors: Mapping[str, TensorRef], path: str) -> Tuple[Dict[str, Tens
                 try:
                     x = torch.load(scratch, weights_only=True)[name]
                     if x.layout != torch.strided:
-                        x, did = x.to_dense(), "densified"
+                        x, did = x.to_dense(), "densified (to_dense(); the layout is not kept)"
                     elif x.is_quantized or type(x) not in (torch.Tensor, torch.nn.Parameter):
-                        x, did = x.dequantize(), "dequantized"  # torchao's subclasses dequantize themselves
+                        # torchao's subclasses dequantize themselves
+                        x, did = x.dequantize(), "dequantized (dequantize(); the quantization is not kept)"
+                    elif x.is_conj() or x.is_neg():
+                        x, did = x.resolve_conj().resolve_neg(), "resolved (the values torch gives; the view " \
+                                                                 "bit is not kept)"
                     else:
-                        x, did = x.resolve_conj().resolve_neg(), "resolved"
+                        x, did = x.detach(), "a plain tensor (the attributes are not kept)"
                     if type(x) not in (torch.Tensor, torch.nn.Parameter) or x.layout != torch.strided:
                         raise TypeError(f"it became a {type(x).__name__}")
                 except Exception as e:  # noqa: BLE001 - torch's own refusal, said in one line
@@ -230,7 +261,7 @@ def densify(tensors: Mapping[str, TensorRef], path: str) -> Tuple[Dict[str, Tens
                     raise UsageError(f"--dense: torch cannot make tensor {name} ({t.form}) dense here: "
                                      f"{type(e).__name__}: {first}; write it to .pt (--to state_dict)", path) from None
             out[name] = from_torch(x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else x, name)
-            how[name] = f"{t.form} -> {did} {out[name].dtype}"
+            how[name] = f"{t.form} -> {out[name].dtype}, {did}"
     return out, how
 
 

@@ -193,6 +193,11 @@ def diff_text(r: DiffResult, limit: int = 50) -> str:
         out += [f"dtype mismatch ({len(r.dtype_mismatch)}):",
                 tabulate(_clean(rows), headers=["name", "A", "B", "values", "max abs"], tablefmt="simple",
                          disable_numparse=True), ""]
+    if r.form_mismatch:
+        rows = [[d.name, d.form_a, d.form_b, d.status or "-"] for d in r.form_mismatch[:limit]]
+        out += [f"held differently by torch ({len(r.form_mismatch)}):",
+                tabulate(_clean(rows), headers=["name", "A", "B", "values"], tablefmt="simple",
+                         disable_numparse=True), ""]
     diffs = list(r.value_mismatch) + list(r.value_close)
     if diffs:
         rows = [[d.name, _shape(d.shape_a), d.dtype_a if d.dtype_a == d.dtype_b else f"{d.dtype_a}/{d.dtype_b}",
@@ -265,7 +270,7 @@ def convert_text(r: ConvertResult) -> str:
         rows.append(["tied", f"{len(r.tied)} stored once: " + ", ".join(f"{a} = {b}" for a, b in r.tied[:4])
                      + (" ..." if len(r.tied) > 4 else "")])
     for i, (name, how) in enumerate(r.densified):  # every one said: the output differs from the source here
-        rows.append(["dense (lossy)" if i == 0 else "", f"{name}: {how}"])
+        rows.append(["written plain" if i == 0 else "", f"{name}: {how}"])
     for k, v in (r.details or {}).items():
         rows.append([k.replace("_", " "), v if isinstance(v, str) else json.dumps(v)])
     c = r.checked or {}
