@@ -8,13 +8,14 @@ torch: a diff of values stays a small process.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from . import numbers
 from .align import Alignment, align as find_alignment, pair_names
 from .errors import CkptError, UsageError
-from .records import Checkpoint, DiffResult, TensorDiff, TensorRef, read_pieces
+from .records import Checkpoint, DiffResult, Rebuild, TensorDiff, TensorRef, read_pieces
 from .tree import open_state_dict
 
 Progress = Optional[Any]
@@ -82,6 +83,7 @@ def diff(a: Union[str, Checkpoint], b: Union[str, Checkpoint], key_a: Optional[s
 
     shape_mm: List[TensorDiff] = []
     dtype_mm: List[TensorDiff] = []
+    form_mm: List[TensorDiff] = []
     to_compare: List[Tuple[TensorDiff, TensorRef, TensorRef]] = []
     for na, nb in pairs.items():
         ta, tb = sa.tensors[na], sb.tensors[nb]
@@ -91,6 +93,11 @@ def diff(a: Union[str, Checkpoint], b: Union[str, Checkpoint], key_a: Optional[s
             continue
         if ta.dtype != tb.dtype:
             dtype_mm.append(d)
+        if ta.rebuild is not None or tb.rebuild is not None or ta.kind != tb.kind or ta.subclass != tb.subclass:
+            forms = form_difference(ta, tb)
+            if forms:
+                d = dataclasses.replace(d, form_a=forms[0], form_b=forms[1])
+                form_mm.append(d)
         to_compare.append((d, ta, tb))
 
     compared: List[TensorDiff] = []
@@ -109,10 +116,11 @@ def diff(a: Union[str, Checkpoint], b: Union[str, Checkpoint], key_a: Optional[s
                 progress(done, total)
     by_name = {d.name: d for d in compared}
     dtype_mm = [by_name.get(d.name, d) for d in dtype_mm]  # with how their values compare
+    form_mm = [by_name.get(d.name, d) for d in form_mm]
     mismatch = tuple(d for d in compared if d.status == "mismatch")
     close = tuple(d for d in compared if d.status == "close")
     undecided = tuple(d for d in compared if d.status == "not_compared")  # values that could not be compared
-    equal = not (only_a or only_b or shape_mm or dtype_mm or mismatch or undecided)
+    equal = not (only_a or only_b or shape_mm or dtype_mm or form_mm or mismatch or undecided)
     return DiffResult(
         path_a=ca.path, path_b=cb.path, format_a=ca.format, format_b=cb.format, entry_a=sa.entry,
         entry_b=sb.entry, count_a=len(names_a), count_b=len(names_b), only_in_a=tuple(only_a),
@@ -121,7 +129,29 @@ def diff(a: Union[str, Checkpoint], b: Union[str, Checkpoint], key_a: Optional[s
         exact=sum(1 for d in compared if d.status == "exact"),
         not_compared=tuple(d for d in compared if d.status in ("not_compared", "no_data")),
         values_compared=values, atol=atol, rtol=rtol, prefix_alignment=alignment, equal=equal,
-        exit_code=0 if equal else 1)
+        exit_code=0 if equal else 1, form_mismatch=tuple(form_mm))
+
+
+def _param_state(t: TensorRef) -> Optional[Tuple[TensorRef, Any]]:
+    """(the tensor, its attributes) of a Parameter saved with attributes of its own, else None."""
+    r = t.rebuild
+    if isinstance(r, Rebuild) and r.name == "_rebuild_parameter_with_state" and r.args and \
+            isinstance(r.args[0], TensorRef):
+        return r.args[0], (r.args[3] if len(r.args) > 3 else None)
+    return None
+
+
+def form_difference(a: TensorRef, b: TensorRef) -> Optional[Tuple[str, str]]:
+    """(A's form, B's form) where torch holds the two differently, else None. Two Parameters with the same
+    attribute names but other attribute values differ too. A conj / neg view is its values as torch gives
+    them (``torch.equal`` of the view and its resolved copy): the bits alone are no difference."""
+    fa, fb = (dataclasses.replace(t, metadata=()).form if t.metadata else t.form for t in (a, b))
+    if fa != fb:
+        return fa, fb
+    pa, pb = _param_state(a), _param_state(b)
+    if pa and pb and _skeleton(pa[1]) != _skeleton(pb[1]):
+        return fa, fb + " (other attribute values)"
+    return None
 
 
 def _pieces(t: TensorRef, n: int, reuse: bool = False) -> Iterator[bytes]:
@@ -193,6 +223,7 @@ def compare_tensors(d: TensorDiff, a: TensorRef, b: TensorRef, atol: Optional[fl
     with the count of elements outside it and the max abs / rel difference.
     """
     import dataclasses
+    a, b = (_param_state(t)[0] if _param_state(t) else t for t in (a, b))  # attributes: form_difference's
     if a.is_composite or b.is_composite or (a.rebuild is not None and a.has_data) or \
             (b.rebuild is not None and b.has_data):
         return _compare_rebuilt(d, a, b, atol, rtol, chunk_elements)
