@@ -234,6 +234,7 @@ def module_state_dict(obj: Stub, members: Optional[Dict[str, Tuple[List[str], Li
     out: "collections.OrderedDict[str, TensorRef]" = collections.OrderedDict()
     stack: List[Tuple[Any, Optional[str]]] = [(obj, "")]  # prefix None marks leaving a node
     on_path = set()
+    seen: Dict[int, Any] = {}
     visits = 0
     while stack:
         node, prefix = stack.pop()
@@ -250,56 +251,65 @@ def module_state_dict(obj: Stub, members: Optional[Dict[str, Tuple[List[str], Li
         stack.append((node, None))
         if versions is not None:  # (module name, its class's version), as state_dict()'s _metadata has them
             versions.append((prefix[:-1], MODULE_VERSIONS.get(node.qualname, 1)))
-        state = _stub_state(node) or {}
-        kids = []
-        if module_kind(node) == "pickled":
-            non_persistent = state.get("_non_persistent_buffers_set") or set()
-            if not isinstance(non_persistent, (set, frozenset, list, tuple)):
-                non_persistent = set()
-            for name, t in _items(state.get("_parameters")):
-                if isinstance(t, TensorRef):
-                    out[prefix + name] = t
-                    if detached is not None and t.is_parameter:
-                        detached.add(prefix + name)
-            for name, t in _items(state.get("_buffers")):
-                if isinstance(t, TensorRef) and name not in non_persistent:
-                    out[prefix + name] = t
-            own = quantized_entries(node)  # a quantized module's own state_dict() code, modelled
-            for name, t in own or ():
-                out[prefix + name] = t
-            kids = [(name, c) for name, c in _items(state.get("_modules"))
-                    if module_kind(c) or quantized_entries(c)]
-            qual = f"{type(node).stub_module}.{type(node).stub_name}"
-            if unmodeled is not None and own is None:
-                others = {k: v for k, v in state.items() if k not in ("_parameters", "_buffers", "_modules")}
-                n = _holds_tensors(others) if qual.startswith(_OWN_STATE_DICT) else 0
-                if n:
-                    unmodeled.append((prefix.rstrip(".") or "(top)", qual, n))
-            if unmodeled is not None:
-                for name, c in _items(state.get("_modules")):  # a child module pickled otherwise (a tuple state)
-                    if isinstance(c, Stub) and not module_kind(c) and quantized_entries(c) is None:
-                        n = _holds_tensors(c)
-                        if n:
-                            unmodeled.append((prefix + name, c.qualname, n))
-        elif quantized_entries(node):  # a quantized conv: its state is a tuple, its entries its own
-            for name, t in quantized_entries(node):
-                out[prefix + name] = t
-        else:  # TorchScript
-            qual = f"{type(node).stub_module}.{type(node).stub_name}"
-            params, buffers = (members or {}).get(qual, (None, None))
-            tensor_attrs = [(k, v) for k, v in state.items() if isinstance(v, TensorRef)]
-            if params is None:  # class code not found: every tensor attribute is state
-                for k, v in tensor_attrs:
-                    out[prefix + k] = v
-            else:
-                for wanted in (params, buffers):
-                    for k, v in tensor_attrs:
-                        if k in wanted:
-                            out[prefix + k] = v
-            kids = [(k, v) for k, v in state.items() if module_kind(v) == "script"]
+        known = seen.get(id(node))
+        if known is None:  # a shared submodule is worked out once, then named under each of its names
+            known = seen[id(node)] = _module_entries(node, members, unmodeled is not None)
+        entries, kids, problems = known
+        for name, t, is_detached in entries:
+            out[prefix + name] = t
+            if detached is not None and is_detached:
+                detached.add(prefix + name)
+        for name, qual, n in problems:
+            unmodeled.append(((prefix + name).rstrip(".") or "(top)", qual, n))
         for name, child in reversed(kids):
             stack.append((child, f"{prefix}{name}."))
     return out
+
+
+def _module_entries(node: Any, members, want_unmodeled: bool):
+    """One module's own state_dict entries ``(name, tensor, detached)``, its children ``(name, module)`` and,
+    if asked, the tensors its own code would name that are not modelled ``(name, qualname, count)``."""
+    state = _stub_state(node) or {}
+    entries, kids, problems = [], [], []
+    if module_kind(node) == "pickled":
+        non_persistent = state.get("_non_persistent_buffers_set") or set()
+        if not isinstance(non_persistent, (set, frozenset, list, tuple)):
+            non_persistent = set()
+        for name, t in _items(state.get("_parameters")):
+            if isinstance(t, TensorRef):
+                entries.append((name, t, t.is_parameter))
+        for name, t in _items(state.get("_buffers")):
+            if isinstance(t, TensorRef) and name not in non_persistent:
+                entries.append((name, t, False))
+        own = quantized_entries(node)  # a quantized module's own state_dict() code, modelled
+        for name, t in own or ():
+            entries.append((name, t, False))
+        kids = [(name, c) for name, c in _items(state.get("_modules"))
+                if module_kind(c) or quantized_entries(c)]
+        qual = f"{type(node).stub_module}.{type(node).stub_name}"
+        if want_unmodeled and own is None:
+            others = {k: v for k, v in state.items() if k not in ("_parameters", "_buffers", "_modules")}
+            n = _holds_tensors(others) if qual.startswith(_OWN_STATE_DICT) else 0
+            if n:
+                problems.append(("", qual, n))
+        if want_unmodeled:
+            for name, c in _items(state.get("_modules")):  # a child module pickled otherwise (a tuple state)
+                if isinstance(c, Stub) and not module_kind(c) and quantized_entries(c) is None:
+                    n = _holds_tensors(c)
+                    if n:
+                        problems.append((name, c.qualname, n))
+    elif quantized_entries(node):  # a quantized conv: its state is a tuple, its entries its own
+        entries = [(name, t, False) for name, t in quantized_entries(node)]
+    else:  # TorchScript
+        qual = f"{type(node).stub_module}.{type(node).stub_name}"
+        params, buffers = (members or {}).get(qual, (None, None))
+        tensor_attrs = [(k, v) for k, v in state.items() if isinstance(v, TensorRef)]
+        if params is None:  # class code not found: every tensor attribute is state
+            entries = [(k, v, False) for k, v in tensor_attrs]
+        else:
+            entries = [(k, v, False) for wanted in (params, buffers) for k, v in tensor_attrs if k in wanted]
+        kids = [(k, v) for k, v in state.items() if module_kind(v) == "script"]
+    return entries, kids, problems
 
 
 def _items(obj: Any):
