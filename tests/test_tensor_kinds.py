@@ -54,7 +54,7 @@ KINDS = {
                   "quantized", []),
     "quantized_per_channel": (lambda v: _qc(0.1 * (1 + v)), "quantized", ["data", "scales", "zero_points"]),
     "meta": (lambda v: torch.empty(3, 4 + v, device="meta"), "meta", []),
-    "parameter_with_state": (lambda v: _param_with_state(), "dense", []),
+    "parameter_with_state": (lambda v: _param_with_state(), "parameter with attributes (note)", []),
 }
 
 
@@ -118,6 +118,73 @@ def test_inspect_shows_one_tensor_with_its_form(kind, tmp_path, fmt):
         assert [p[0] for p in t.parts] == parts
     else:
         assert {"values", "offsets"} <= {p[0].rsplit("/", 1)[-1] for p in t.parts}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_inspect_counts_values_and_shape_as_torch_does(kind, tmp_path):
+    """numel as torch's numel() (a nested tensor: its elements, not its row count); the shape as torch prints
+    it, a jagged tensor's ragged dim as "j" where torch prints j1."""
+    path = save(tmp_path, "a.pt", {"t": make(kind)}, "zip")
+    x = load(path)["t"]
+    r = inspect(path)
+    assert r.tensors[0].numel == x.numel() and r.total_params == x.numel()
+    if kind == "jagged":
+        assert r.tensors[0].shape == tuple("j" if not isinstance(d, int) else d for d in x.shape)
+        assert r.tensors[0].shape[1] == "j" and r.tensors[0].shape[0] == x.shape[0]
+    elif kind != "nested":  # a strided nested tensor has no size() torch will give: its rows are listed
+        assert r.tensors[0].shape == tuple(x.shape)
+
+
+def test_a_parameter_with_attributes_and_a_plain_tensor_differ_in_form_not_values(tmp_path):
+    a = save(tmp_path, "a.pt", {"t": _param_with_state()}, "zip")
+    b = save(tmp_path, "b.pt", {"t": torch.arange(4.0)}, "zip")
+    r = diff(a, b)
+    assert not r.equal and r.exit_code == 1 and not r.value_mismatch and r.exact == 1
+    [d] = r.form_mismatch
+    assert (d.form_a, d.form_b, d.status) == ("parameter with attributes (note)", "dense", "exact")
+    other = _param_with_state()
+    other.note = "changed"
+    c = save(tmp_path, "c.pt", {"t": other}, "zip")
+    r = diff(a, c)
+    assert not r.equal and r.form_mismatch[0].form_b.endswith("(other attribute values)")
+    assert diff(a, a).equal
+
+
+def test_dense_lists_every_entry_without_a_dense_form_at_once(tmp_path):
+    m = QuantModel().eval()
+    import torch.ao.quantization as q
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m.qconfig = q.get_default_qconfig("fbgemm")
+        q.prepare(m, inplace=True)
+        m(torch.randn(1, 3, 8, 8))
+        q.convert(m, inplace=True)
+    src = save(tmp_path, "q.pt", m.state_dict(), "zip")
+    with pytest.raises(UsageError) as e:
+        convert(src, str(tmp_path / "q.safetensors"), dense=True)
+    msg = str(e.value)
+    assert "\n" not in msg and "have no dense form" in msg
+    assert "fc._packed_params.dtype (value torch.qint8: a state_dict value that is not a tensor)" in msg
+    assert "fc._packed_params._packed_params (packed: a quantized module's packed (weight, bias)" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.pt"]
+
+
+def test_safetensors_refusal_offers_dense_only_where_it_works(tmp_path):
+    src = save(tmp_path, "a.pt", {"j": make("jagged")}, "zip")
+    with pytest.raises(UsageError) as e:
+        convert(src, str(tmp_path / "a.safetensors"))
+    assert "--dense" not in str(e.value) and "no dense form: j (its rows differ in length)" in str(e.value)
+    src = save(tmp_path, "b.pt", {"j": make("jagged"), "s": make("sparse_coo")}, "zip")
+    with pytest.raises(UsageError) as e:
+        convert(src, str(tmp_path / "b.safetensors"))
+    assert "--dense writes" in str(e.value) and "no dense form: j (" in str(e.value)
+
+
+def test_quantizer_parameters_are_shown(tmp_path):
+    path = save(tmp_path, "a.pt", {"t": make("quantized"), "c": make("quantized_per_channel")}, "zip")
+    forms = {t.name: t.form for t in inspect(path).tensors}
+    assert forms == {"t": "quantized per_tensor_affine scale=0.1 zero_point=3",
+                     "c": "quantized per_channel_affine axis=0"}
 
 
 def test_legacy_nested_tensor_torch_cannot_read_is_refused(tmp_path):
@@ -466,7 +533,7 @@ def test_dense_writes_what_torch_gives_and_says_so(kind, tmp_path):
 @pytest.mark.parametrize("kind", ["nested", "jagged", "meta"])
 def test_dense_refuses_what_has_no_dense_form(kind, tmp_path):
     src = save(tmp_path, "a.pt", {"t": make(kind)}, "zip")
-    with pytest.raises(UsageError, match="--dense: tensor t is a .* no dense form"):
+    with pytest.raises(UsageError, match=r"--dense: 1 tensor\(s\) have no dense form: t \("):
         convert(src, str(tmp_path / "a.safetensors"), dense=True)
     with pytest.raises(UsageError, match="--dense is for safetensors"):
         convert(src, str(tmp_path / "a.pt"), dense=True)
