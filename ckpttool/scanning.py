@@ -34,9 +34,10 @@ from __future__ import annotations
 import mmap
 import os
 import re
+import stat
 import struct
 import tarfile
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from .errors import CkptError, FileAccessError, FormatError
 from .pickles.allowlist import BENIGN, SUPPORTED_OPCODES, TORCH_FORMAT_INTERNALS, advice, weights_only_admits
@@ -617,16 +618,162 @@ def scan_file(path: str) -> ScanFile:
                     problems=tuple(found.problems), weights_only=weights_only)
 
 
-def scan(paths: Sequence[str]) -> ScanResult:
+# What a folder's walk scans. A file is scanned when its name ends with one of these (then a file that cannot be
+# read is reported as unreadable: it was meant to be a checkpoint), or else when its first bytes are those of
+# something a loader reads (see _loader_reads): torch.load goes by neither name nor extension.
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".pt2", ".ptl", ".bin", ".ckpt", ".tar", ".pkl", ".pickle", ".joblib",
+                       ".npy", ".npz", ".safetensors", ".onnx", ".gguf")
+
+ProgressFn = Callable[[int, int], None]
+
+
+def _loader_reads(path: str, head: bytes, size: int) -> bool:
+    """Would a loader read this file of no checkpoint name? Its magic bytes (zip, tar, numpy, pickle protocol 2+,
+    safetensors, GGUF), or else, for pickles of protocol 0 and 1 (which have none), a pickle read from byte 0
+    that ends where it should, or that calls something on the way (text that merely starts like an opcode is
+    neither)."""
+    if head[:4] == b"PK\x03\x04" or head[:6] == _NPY_MAGIC or head[:4] == b"GGUF" or _starts_like_pickle(head):
+        return True
+    if len(head) > 262 and head[257:262] == b"ustar":
+        return True
+    from .formats import safetensors
+    if safetensors.looks_like(head, size):
+        return True
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        r = scan_pickle(mm, 0, size=size)  # stops at the first byte that is no pickle: text ends at once
+    # a call counts, of a name a pickle could import (text that merely starts with "c" names no such module)
+    return not r.error or any((name.startswith("<") or _NAME.fullmatch(name)) and classify(name, how) == "dangerous"
+                              for name, how in r.uses.items())
+
+
+def _skip_reason(path: str, name: str, onnx_folder: bool) -> Optional[str]:
+    """Why a file met in a folder's walk is not scanned, or None to scan it."""
+    known = name.lower().endswith(CHECKPOINT_SUFFIXES)
+    try:
+        st = os.stat(path)
+    except OSError:
+        # reported as unreadable, but for a broken symbolic link of no checkpoint name (nothing a loader can read)
+        return "broken symbolic link" if os.path.islink(path) and not known else None
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"  # a FIFO or a device: opening it could block or never end
+    if known and not (onnx_folder and not name.lower().endswith(".onnx")):
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None  # reported as unreadable: nothing proves it is not a checkpoint
+    if st.st_size == 0:
+        return "empty"
+    try:
+        if _loader_reads(path, head, st.st_size):
+            return None
+    except (OSError, ValueError):
+        return None
+    return "external data of an .onnx model" if known else "not a checkpoint format"
+
+
+def _walk(top: str, units: List[Tuple[str, Optional[CkptError]]], skipped: List[Tuple[str, str]]) -> None:
+    """Append what folder ``top`` holds, to any depth and in name order, to ``units`` ((path, None) to scan, or
+    (path, why it cannot be)) and ``skipped``. A folder with ``.metadata`` is a torch.distributed.checkpoint,
+    scanned as one (its ``.distcp`` files with it); symbolic links to folders are not followed (no loops, nothing
+    outside the tree)."""
+    before = len(units)
+
+    def unlistable(e: OSError) -> None:
+        where = e.filename or top
+        units.append((where, FileAccessError(f"cannot list the folder: {e.strerror or e}", where)))
+
+    for folder, dirs, files in os.walk(top, onerror=unlistable):
+        dirs.sort()
+        for d in [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+            skipped.append((os.path.join(folder, d), "symbolic link to a folder, not followed"))
+            dirs.remove(d)
+        dcp = ".metadata" in files and os.path.isfile(os.path.join(folder, ".metadata"))
+        if dcp:
+            units.append((folder, None))
+        onnx_folder = any(n.lower().endswith(".onnx") for n in files)
+        for n in sorted(files):
+            if dcp and (n == ".metadata" or n.endswith(".distcp")):
+                continue
+            p = os.path.join(folder, n)
+            why = _skip_reason(p, n, onnx_folder)
+            if why is None:
+                units.append((p, None))
+            else:
+                skipped.append((p, why))
+    if len(units) == before:
+        units.append((top, FormatError("no checkpoint file in this folder", top)))
+
+
+def scan(paths: Sequence[str], *, walk: bool = False, keep_going: bool = False,
+         progress: Optional[ProgressFn] = None) -> ScanResult:
     """Scan each path; the result is dangerous when any file is.
+
+    ``walk``: a folder (other than a DCP checkpoint, always one entry) is walked to any depth and each
+    checkpoint file in it is an entry of its own (see ``CHECKPOINT_SUFFIXES``; other files are scanned when
+    their bytes are a loader's, else listed in ``skipped``); symbolic links to folders are not followed.
+    Without it a folder is one entry (an HF folder's pickles together). ``keep_going``: a file that cannot be
+    read is an entry with ``error`` and the scan goes on (exit code 2 unless another is dangerous); a scan of
+    one path that is itself unreadable still raises, as with nothing else to report. ``progress(done, total)``
+    is called as files are done.
 
     >>> r = scan(["model.pt"])       # doctest: +SKIP
     >>> r.dangerous, r.files[0].dangerous_names   # doctest: +SKIP
     (False, ())
+    >>> r = scan(["downloads/"], walk=True, keep_going=True)   # doctest: +SKIP
+    >>> [(f.path, f.verdict) for f in r.files]   # doctest: +SKIP
+    [('downloads/a.pt', 'safe'), ('downloads/evil.pkl', 'dangerous'), ('downloads/cut.pt', 'unreadable')]
     """
-    files = tuple(scan_file(os.fspath(p)) for p in paths)
+    paths = [os.fspath(p) for p in paths]
+    units: List[Tuple[str, Optional[CkptError]]] = []
+    skipped: List[Tuple[str, str]] = []
+    for p in paths:
+        if walk and os.path.isdir(p):
+            _walk(p, units, skipped)
+        else:
+            units.append((p, None))
+    # one path named and nothing else: its error is the command's (the one-line error every command gives)
+    strict = not keep_going or (len(paths) == 1 and len(units) == 1 and units[0][0] == paths[0])
+    files: List[ScanFile] = []
+    for done, (path, error) in enumerate(units):
+        if progress is not None:
+            progress(done, len(units))
+        if error is None:
+            try:
+                files.append(scan_file(path))
+                continue
+            except CkptError as e:
+                error = e
+            except OSError as e:  # gone or failing mid-scan (an I/O error): a line of its own, not a traceback
+                error = FileAccessError(f"cannot read: {e.strerror or e}", path)
+        if strict:
+            raise error
+        files.append(ScanFile(path=path, pickles=0, globals=(), format=_format_guess(path), error=error.message))
+    if progress is not None:
+        progress(len(units), len(units))
     dangerous = any(f.dangerous_names for f in files)
-    return ScanResult(files=files, dangerous=dangerous, exit_code=1 if dangerous else 0)
+    code = 1 if dangerous else 2 if any(f.error is not None for f in files) else 0
+    return ScanResult(files=tuple(files), dangerous=dangerous, exit_code=code, skipped=tuple(skipped))
+
+
+def _format_guess(path: str) -> str:
+    """The format an unreadable file's first bytes claim ("" when none): what it was meant to be."""
+    try:
+        if os.path.isdir(path):
+            return "dcp" if os.path.isfile(os.path.join(path, ".metadata")) else ""
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return ""
+    from .formats import safetensors
+    for ok, name in ((head[:4] == b"PK\x03\x04", "zip"), (_starts_like_pickle(head), "pickle"),
+                     (head[:6] == _NPY_MAGIC, "npy"), (safetensors.looks_like(head, len(head) + 1), "safetensors"),
+                     (len(head) > 262 and head[257:262] == b"ustar", "tar"), (head[:4] == b"GGUF", "gguf"),
+                     (path.lower().endswith(".onnx"), "onnx")):
+        if ok:
+            return name
+    return ""
 
 
 def safe_globals_line(f: ScanFile) -> Optional[str]:

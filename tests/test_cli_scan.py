@@ -56,7 +56,9 @@ def test_clean_files_exit_0(name, make):
     r = run("scan", make(name))
     no_crash(r)
     assert r.exit_code == 0, r.output
-    assert r.stdout.rstrip().endswith("result: no dangerous globals")
+    # a folder is walked: each shard is a file of its own, counted on the verdict line
+    verdict = "result: no dangerous globals in 2 files" if name == "sharded_bin" else "result: no dangerous globals"
+    assert r.stdout.rstrip().endswith(verdict)
 
 
 def test_dangerous_file_exits_1(evil, tmp_path):
@@ -152,9 +154,13 @@ def test_several_clean_paths_exit_0(make):
 
 
 def test_a_missing_path_among_several_exits_2(evil, tmp_path, make):
-    r = run("scan", make("state_dict.pt"), str(tmp_path / "gone.pt"))
+    gone = str(tmp_path / "gone.pt")
+    r = run("scan", make("state_dict.pt"), gone)
     no_crash(r)
-    assert r.exit_code == 2 and "no such file or directory" in r.stderr
+    # the scan goes on past it: the missing one is an entry of its own, the exit code says it
+    assert r.exit_code == 2 and r.stderr == ""
+    assert f"{gone}  (?): UNREADABLE: no such file or directory\n" in r.stdout
+    assert r.stdout.splitlines()[-1] == "result: UNREADABLE: 1 of 2 files (no dangerous globals in the 1 other)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +194,9 @@ def test_json_clean_exit_0(make):
     r = run("scan", make("state_dict.pt"), "--json")
     assert r.exit_code == 0
     d = json.loads(r.stdout)
-    assert d == {"dangerous": False, "files": d["files"]} and d["files"][0]["dangerous"] == []
+    assert d == {"dangerous": False, "files": d["files"], "skipped": [],
+                 "counts": {"files": 1, "dangerous": 0, "unreadable": 0, "needs_code": 0, "safe": 1}}
+    assert d["files"][0]["dangerous"] == [] and d["files"][0]["verdict"] == "safe" and d["files"][0]["error"] is None
 
 
 def test_json_error_prints_nothing_on_stdout(tmp_path):
