@@ -21,18 +21,28 @@ Checks, each pass / fail / skip with the reason:
    file's own pickled model with ``--trust``).
 5. ``computes the same``: a seeded forward pass in eval mode, TF32 off, on each device, compared with
    the CPU's; with ``--against ORIGINAL``, compared with the original's outputs on the same input.
+   Inputs are ``--input NAME:SHAPE`` or ``--input-shape SHAPE``, or an ONNX graph's own input shapes.
+
+PASS means: nothing failed, a plain ``torch.load(weights_only=True)`` of the file works here (with the
+``--map-location`` the user names, if any), and every comparison asked for ran. What a check could not
+run is not a pass: a comparison with ``--against`` that cannot run (no inputs, no model) is an error
+naming everything missing at once, before any check runs; the report lists what was proven and what not.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
+import math
 import os
 import platform
+import re
 import shlex
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .errors import UsageError
 from .formats import open as open_checkpoint
+from .onnx_export import SHAPES_NEEDED, parse_inputs, shape_text
 from .records import Checkpoint, CheckResult, TensorRef, VerifyReport
 from .tree import StateDict, find_state_dict, module_kind, open_state_dict
 from .writing import scratch_folder
@@ -103,11 +113,58 @@ def resolve_devices(devices: Sequence[str]) -> Tuple[List[str], Optional[str]]:
     return list(dict.fromkeys(out)), None
 
 
+MapLocation = Union[None, str, Dict[str, str]]
+_DEVICE = re.compile(r"^(cpu|meta|mps|cuda(:\d+)?)$")
+
+
+def parse_map_location(items: Union[None, str, Sequence[str]]) -> MapLocation:
+    """``--map-location``: one device (``cpu``: every storage goes there) or ``SRC=DST`` pairs (a dict, as
+    torch.load takes it: each storage whose tag is exactly SRC goes to DST).
+
+    >>> parse_map_location(["cpu"]), parse_map_location(["cuda:1=cuda:0"]), parse_map_location(())
+    ('cpu', {'cuda:1': 'cuda:0'}, None)
+    """
+    if items is None or isinstance(items, str):
+        items = [] if items is None else [items]
+    items = list(items)
+    if not items:
+        return None
+    pairs = [i for i in items if "=" in i]
+    bad = [i for i in items if not all(_DEVICE.match(p.strip()) for p in i.split("=", 1))]
+    if bad:
+        raise UsageError(f"--map-location {bad[0]!r} is not a device (cpu, cuda:0) or SRC=DST (cuda:1=cuda:0)")
+    if not pairs:
+        if len(items) > 1:
+            raise UsageError("--map-location takes one device, or SRC=DST pairs (repeatable)")
+        return items[0].strip()
+    if len(pairs) != len(items):
+        raise UsageError("--map-location takes one device, or SRC=DST pairs, not both")
+    return {src.strip(): dst.strip() for src, dst in (p.split("=", 1) for p in pairs)}
+
+
+def _mapped(tag: str, mapping: MapLocation) -> str:
+    """Where torch.load(map_location=mapping) puts a storage tagged ``tag``."""
+    if mapping is None:
+        return tag
+    if isinstance(mapping, str):
+        return mapping
+    return mapping.get(tag, tag)
+
+
+def _map_location_code(mapping: MapLocation) -> str:
+    return f"map_location={mapping!r}"
+
+
 def verify(path: str, model: Optional[str] = None, model_args: Sequence[str] = (), against: Optional[str] = None,
            devices: Sequence[str] = (), input_shapes: Sequence[str] = (), atol: Optional[float] = None,
            rtol: Optional[float] = None, key: Optional[str] = None, trust: bool = False,
-           import_path: Sequence[str] = (), progress: Optional[Callable[[int, int], None]] = None) -> VerifyReport:
+           import_path: Sequence[str] = (), progress: Optional[Callable[[int, int], None]] = None,
+           inputs: Sequence[str] = (), map_location: Union[None, str, Sequence[str]] = None) -> VerifyReport:
     """Run every check that applies to ``path``; see the module doc.
+
+    ``inputs`` are ``NAME:SHAPE`` (``["x:1x3x224x224"]``), ``input_shapes`` plain shapes in order; with
+    neither, an ONNX graph's own input shapes are used. ``map_location`` is a device (``"cpu"``) or
+    ``SRC=DST`` pairs, as torch.load's: the file's storages are checked where it puts them.
 
     >>> r = verify("model.safetensors", model="torchvision.models:resnet18", input_shapes=["1x3x224x224"])  # doctest: +SKIP
     >>> r.ok, [(c.name, c.device, c.status) for c in r.checks][:2]  # doctest: +SKIP
@@ -116,32 +173,47 @@ def verify(path: str, model: Optional[str] = None, model_args: Sequence[str] = (
     for name, v in (("--atol", atol), ("--rtol", rtol)):
         if v is not None and not v >= 0:
             raise UsageError(f"{name} must be >= 0")
-    from .onnx_export import parse_shape
-    shapes = [parse_shape(s) for s in input_shapes]
+    specs = parse_inputs(inputs, input_shapes)
+    mapping = parse_map_location(map_location)
     devs, skipped_note = resolve_devices(devices)
     env = environment()
-    checks: List[CheckResult] = []
 
     from .scanning import scan_file
     scanned = scan_file(path)
     ckpt, sd = open_state_dict(path, key)
+    runner = _Runner.for_path(ckpt, sd, model, model_args, trust, import_path, key)
+    orig = orig_ckpt = None
+    if against:
+        orig_ckpt, orig_sd = open_state_dict(against)
+        orig = _Runner.for_path(orig_ckpt, orig_sd, model, model_args, trust, import_path, None)
+        if runner.module_factory is None and runner.onnx_path is None and orig.module_factory is not None:
+            runner.borrow(orig, against)  # a migrated state_dict runs in the original's model
+    # everything a comparison asked for needs, said at once before any check runs
+    feeds, problems, wanted = _plan_inputs(specs, ckpt, orig_ckpt)
+    needs: List[str] = []
+    if orig is not None and "onnx" in (ckpt.format, orig_ckpt.format):
+        # ONNX initializers are named by the exporter: outputs are the only comparison with the original
+        if feeds is None and not problems:
+            needs.append(wanted)
+        if not runner.can_run:
+            needs.append(runner.why_not)
+        if not orig.can_run:
+            needs.append(f"to run {against}: {orig.why_not}")
+    if problems or needs:
+        said = problems + ([f"comparing outputs with {against} needs: " + "; ".join(needs)] if needs else [])
+        raise UsageError("; ".join(said), ckpt.path)
+
+    checks: List[CheckResult] = []
     checks.append(_readable(ckpt, sd, scanned))
     if scanned.weights_only is not None:
-        checks.append(_torch_load(ckpt, sd, scanned, trust))
+        checks.append(_torch_load(ckpt, sd, scanned, trust, mapping))
     if skipped_note:
         checks.append(CheckResult("devices", "cuda", "skip", skipped_note))
     checks.append(_integrity(ckpt, sd))
     checks += _format_round_trip(ckpt, sd, progress)
-    checks += _device_round_trip(ckpt, sd, devs)
-
-    runner = _Runner.for_path(ckpt, sd, model, model_args, trust, import_path, key)
-    orig = None
-    if against:
-        orig_ckpt, orig_sd = open_state_dict(against)
-        orig = _Runner.for_path(orig_ckpt, orig_sd, model, model_args, trust, import_path, None)
+    checks += _device_round_trip(ckpt, sd, devs, mapping)
+    if orig is not None:
         checks.append(_same_tensors(ckpt, orig_ckpt, against, atol, rtol))
-        if runner.module_factory is None and runner.onnx_path is None and orig.module_factory is not None:
-            runner.borrow(orig, against)  # a migrated state_dict runs in the original's model
     loads = True
     if runner.module_factory is None:
         checks.append(CheckResult("loads into model", None, "skip", runner.why_not))
@@ -152,8 +224,8 @@ def verify(path: str, model: Optional[str] = None, model_args: Sequence[str] = (
     if not loads:
         checks.append(CheckResult("computes the same", None, "skip",
                                   "the state_dict does not load into the model (above): outputs would mean nothing"))
-    elif not shapes:
-        checks.append(CheckResult("computes the same", None, "skip", "no --input-shape given"))
+    elif feeds is None:
+        checks.append(CheckResult("computes the same", None, "skip", f"not run: it needs {wanted}"))
     elif not runner.can_run:
         checks.append(CheckResult("computes the same", None, "skip", runner.why_not))
     else:
@@ -162,7 +234,7 @@ def verify(path: str, model: Optional[str] = None, model_args: Sequence[str] = (
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         try:
-            checks += _compute(runner, orig, devs, shapes, atol, rtol, against)
+            checks += _compute(runner, orig, devs, feeds, atol, rtol, against)
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     ok = not any(c.status == "fail" for c in checks)
@@ -170,14 +242,72 @@ def verify(path: str, model: Optional[str] = None, model_args: Sequence[str] = (
                         checks=tuple(checks), ok=ok, exit_code=0 if ok else 1)
 
 
-def _compute(runner: "_Runner", orig: Optional["_Runner"], devs: List[str], shapes, atol, rtol,
+MAX_GRAPH_INPUT_NUMEL = 1 << 28  # an input shape taken from a graph, unasked: at most 1 GiB of float32
+
+Feed = Tuple[Optional[str], Tuple[int, ...], str]  # (input name, shape, dtype); a torch model's may be unnamed
+
+
+def _feeds_text(feeds: List[Feed]) -> str:
+    return ", ".join((f"{n} " if n else "") + shape_text(s) for n, s, _ in feeds)
+
+
+def _plan_inputs(specs, ckpt: Checkpoint, orig_ckpt: Optional[Checkpoint]) -> Tuple[Optional[List[Feed]], List[str],
+                                                                                     Optional[str]]:
+    """``(feeds, problems, wanted)``: the model's inputs (name, shape, dtype) in the order it takes them, or None
+    where nothing says them; what is wrong with the inputs given (every problem, for one error); and, where
+    the feeds are None, what would say them.
+
+    An ONNX graph (this file's, else the original's) names its inputs and says their dtypes and shapes:
+    ``--input NAME:SHAPE`` must use its names, ``--input-shape`` give one shape per input, and with neither,
+    a graph whose input shapes are all fixed gives them itself.
+    """
+    graph = next((c.metadata.get("inputs") for c in (ckpt, orig_ckpt) if c is not None and c.format == "onnx"),
+                 None)
+    wanted = f"input shapes ({SHAPES_NEEDED})"
+    if graph is None:  # a torch model: the shapes given, in the order given, as float32
+        if not specs:
+            return None, [], wanted
+        return [(n, s, "float32") for n, s in specs], [], None
+    where = ckpt.path if ckpt.format == "onnx" else orig_ckpt.path
+    names = [g["name"] for g in graph]
+    given = {n: s for n, s in specs if n is not None}
+    if specs and not given:  # --input-shape: one per graph input, in order
+        if len(specs) != len(graph):
+            return None, [f"the ONNX graph of {where} takes {len(graph)} input(s) ({', '.join(names)}), "
+                          f"--input-shape gave {len(specs)}"], None
+        return [(g["name"], s, g["dtype"]) for g, (_, s) in zip(graph, specs)], [], None
+    problems = []
+    unknown = [n for n in given if n not in names]
+    if unknown:
+        problems.append(f"the ONNX graph of {where} takes inputs {', '.join(names)}, not {', '.join(unknown)}")
+    feeds: List[Feed] = []
+    open_dims = []
+    for g in graph:
+        shape = given.get(g["name"], g.get("shape"))
+        if shape is None or not all(isinstance(d, int) and d > 0 for d in shape):
+            open_dims.append((g["name"], shape_text(shape) if shape is not None else "of unknown rank"))
+            continue
+        if g["name"] not in given and math.prod(shape) > MAX_GRAPH_INPUT_NUMEL:  # the file's word: not a 1 TB input
+            open_dims.append((g["name"], f"{shape_text(shape)}, too large to make up"))
+            continue
+        feeds.append((g["name"], tuple(shape), g["dtype"]))
+    open_text = (", ".join(f"--input {n}:SHAPE" for n, _ in open_dims) + f" (the ONNX graph of {where} leaves "
+                 f"dimensions open: " + ", ".join(f"{n} {d}" for n, d in open_dims) + ")") if open_dims else None
+    if open_text and given:
+        problems.append(f"it needs {open_text}")
+    if problems or open_text:
+        return None, problems, open_text
+    return feeds, [], None
+
+
+def _compute(runner: "_Runner", orig: Optional["_Runner"], devs: List[str], feeds: List[Feed], atol, rtol,
              against: Optional[str]) -> List[CheckResult]:
-    checks = runner.compute_checks(devs, shapes, atol, rtol)
+    checks = runner.compute_checks(devs, feeds, atol, rtol)
     if orig is not None:
         if not orig.can_run:
             checks.append(CheckResult("matches original", None, "skip", f"{against}: {orig.why_not}"))
         else:
-            checks.append(runner.against(orig, shapes, atol, rtol, against))
+            checks.append(runner.against(orig, feeds, atol, rtol, against))
     return checks
 
 
@@ -199,22 +329,33 @@ def _readable(ckpt: Checkpoint, sd: StateDict, scanned) -> CheckResult:
     return CheckResult("readable", None, "pass", detail)
 
 
-def _torch_load(ckpt: Checkpoint, sd: StateDict, scanned, trust: bool) -> CheckResult:
-    """Would a plain ``torch.load(path, weights_only=True)`` read this file here?"""
+def _torch_load(ckpt: Checkpoint, sd: StateDict, scanned, trust: bool, mapping: MapLocation = None) -> CheckResult:
+    """Would a plain ``torch.load(path, weights_only=True)`` (with the user's map_location) read this file here?"""
     name = "torch.load"
-    missing = sorted({t.device for t in sd.tensors.values() if not _device_present(t.device)})
+    call = "torch.load(weights_only=True" + (f", {_map_location_code(mapping)})" if mapping is not None else ")")
+    if importlib.util.find_spec("torch") is None:  # found without importing it (630 MB): not installed here
+        return CheckResult(name, None, "fail", "torch is not installed here, so a plain torch.load cannot read it: "
+                                               "pip install 'ckpttool[torch]'")
+    tags = sorted({t.device for t in sd.tensors.values()})
+    missing = sorted({_mapped(d, mapping) for d in tags if not _device_present(_mapped(d, mapping))})
     if missing:
-        return CheckResult(name, None, "fail",
-                           f"a plain torch.load fails here: the file puts tensors on {', '.join(missing)}, which this "
-                           "machine lacks (the device tags check names the remap that fixes the file)")
+        if mapping is None:
+            return CheckResult(name, None, "fail",
+                               f"a plain torch.load fails here: the file puts tensors on {', '.join(missing)}, which "
+                               f"this machine lacks; --map-location cpu checks torch.load(map_location='cpu') instead "
+                               f"(the device tags check names the remap that fixes the file)")
+        return CheckResult(name, None, "fail", f"{call} fails here: it puts tensors on {', '.join(missing)}, which "
+                                               f"this machine lacks")
+    where = f" (storages tagged {', '.join(tags)} go to {', '.join(sorted({_mapped(d, mapping) for d in tags}))})" \
+        if mapping is not None and tags else ""
     if scanned.weights_only:
-        return CheckResult(name, None, "pass", "torch.load(weights_only=True) reads it as it is")
+        return CheckResult(name, None, "pass", f"{call} reads it as it is{where}")
     how = f"it needs: {scanned.advice}" if scanned.advice else \
         "no add_safe_globals line makes it (" + "; ".join(p.split(": ", 1)[-1] for p in scanned.problems
                                                          if "no add_safe_globals" in p)[:300] + ")"
     if trust:
-        return CheckResult(name, None, "pass", f"loads only with weights_only=False, allowed by --trust; {how}")
-    return CheckResult(name, None, "fail", f"torch.load(weights_only=True) refuses it; {how}; or pass --trust "
+        return CheckResult(name, None, "pass", f"loads only with weights_only=False, allowed by --trust; {how}{where}")
+    return CheckResult(name, None, "fail", f"{call} refuses it; {how}; or pass --trust "
                                            "if the file may run code with weights_only=False")
 
 
@@ -385,18 +526,33 @@ def _compare_back(name: str, fmt: str, src: Dict[str, TensorRef], path: str, sha
     return CheckResult(name, fmt, "pass", detail)
 
 
-def _device_round_trip(ckpt: Checkpoint, sd: StateDict, devs: List[str]) -> List[CheckResult]:
+def _device_round_trip(ckpt: Checkpoint, sd: StateDict, devs: List[str],
+                       mapping: MapLocation = None) -> List[CheckResult]:
     out = []
     tags = sorted({t.device for t in sd.tensors.values() if t.has_data or t.is_composite})
-    missing = [d for d in tags if not _device_present(d)]
+    if ckpt.format == "dcp":  # dcp.load reads every chunk with torch.load(map_location="cpu"), whatever its tag
+        out.append(CheckResult("device tags", None, "pass", f"storages tagged {', '.join(tags) or 'nothing'}; "
+                                                            f"dcp.load reads them onto the CPU"))
+        tags = []
+    missing = [d for d in tags if not _device_present(_mapped(d, mapping))]
     if missing:
         kinds = sorted({d.partition(":")[0] for d in missing})
         fix = " ".join(f"--map {k}=cpu" for k in kinds)  # cuda=cpu covers every cuda:N
-        out.append(CheckResult("device tags", None, "skip",
-                               f"the file's storages say {', '.join(missing)}, which this machine lacks: a plain "
-                               f"torch.load fails here, torch.load(map_location='cpu') is needed; to fix the file: "
-                               f"ckpttool remap {shlex.quote(ckpt.path)} -o FIXED.pt {fix}"))
-    else:
+        loader = "torch.jit.load" if ckpt.format == "torchscript" else "torch.load"
+        if mapping is None:
+            detail = (f"the file's storages say {', '.join(missing)}, which this machine lacks: a plain {loader} "
+                      f"fails here, {loader}(map_location='cpu') is needed (--map-location cpu checks that)")
+        else:
+            detail = (f"{_map_location_code(mapping)} puts the storages tagged {', '.join(missing)} on "
+                      f"{', '.join(sorted({_mapped(d, mapping) for d in missing}))}, which this machine lacks")
+        out.append(CheckResult("device tags", None, "fail", f"{detail}; to fix the file: ckpttool remap "
+                                                            f"{shlex.quote(ckpt.path)} -o FIXED.pt {fix}"))
+    elif mapping is not None and any(_mapped(d, mapping) != d for d in tags):
+        moved = sorted({_mapped(d, mapping) for d in tags})
+        out.append(CheckResult("device tags", None, "pass", f"storages tagged {', '.join(tags)}; "
+                                                            f"{_map_location_code(mapping)} puts them on "
+                                                            f"{', '.join(moved)}, present here"))
+    elif ckpt.format != "dcp":
         out.append(CheckResult("device tags", None, "pass", f"storages tagged {', '.join(tags) or 'nothing'}, "
                                                             f"all present here"))
     for dev in devs:
@@ -504,7 +660,7 @@ class _Runner:
                 from .onnx_export import _trusted_module
                 net = _trusted_module(ckpt, str(bundled[0]), import_path)
                 return net, {n: t.to_torch() for n, t in sd.tensors.items()}
-            r.module_factory, r.label = bundled_model, f"the file's pickled {bundled[0]!r} (--trust)"
+            r.module_factory, r.label = bundled_model, f"the model pickled in its entry {bundled[0]} (--trust)"
             return r
         r.why_not = ("the file's pickled model runs only with --trust (or pass --model SPEC)" if bundled
                      else "a state_dict alone does not run: pass --model SPEC")
@@ -555,8 +711,8 @@ class _Runner:
             sess = ort.InferenceSession(self.onnx_path, providers=["CPUExecutionProvider"])
             names = [i.name for i in sess.get_inputs()]
             if len(names) != len(inputs):
-                raise UsageError(f"the ONNX model takes {len(names)} inputs, --input-shape gave {len(inputs)}",
-                                 self.ckpt.path)
+                raise UsageError(f"the ONNX model takes {len(names)} inputs ({', '.join(names)}), "
+                                 f"{len(inputs)} given", self.ckpt.path)
             try:
                 got = sess.run(None, {n: x.numpy() for n, x in zip(names, inputs)})
             except Exception as e:  # onnxruntime's errors: shapes and types the graph does not take
@@ -567,6 +723,9 @@ class _Runner:
         net, sd = self._module_on(dev)
         if sd is not None:
             net.load_state_dict({n: t.to(dev) for n, t in sd.items()}, strict=False)
+        # floating inputs in the model's own precision (an fp16 export compared with its fp32 original)
+        own = next((p.dtype for p in list(net.parameters()) + list(net.buffers()) if p.is_floating_point()), None)
+        inputs = [x.to(own) if own is not None and x.is_floating_point() else x for x in inputs]
         with torch.no_grad():
             try:
                 y = net(*[x.to(dev) for x in inputs])
@@ -576,12 +735,13 @@ class _Runner:
         ys = list(y) if isinstance(y, (list, tuple)) else [y]
         return [t.detach().cpu() for t in ys]
 
-    def compute_checks(self, devs: List[str], shapes, atol, rtol) -> List[CheckResult]:
-        inputs = _inputs(shapes)
+    def compute_checks(self, devs: List[str], feeds: List[Feed], atol, rtol) -> List[CheckResult]:
+        inputs = _inputs(feeds)
         ref = self.outputs("cpu", inputs)
+        shown = _feeds_text(feeds)
         out = [CheckResult("computes the same", "cpu", "pass",
-                           f"reference: {len(ref)} output(s) {', '.join(str(list(r.shape)) for r in ref)} "
-                           f"via {self.label}")]
+                           f"reference: {len(ref)} output(s) {', '.join(shape_text(r.shape) for r in ref)} "
+                           f"via {self.label}, on seeded inputs {shown}")]
         for dev in devs:
             if dev == "cpu":
                 continue
@@ -592,19 +752,35 @@ class _Runner:
                                         "vs cpu"))
         return out
 
-    def against(self, orig: "_Runner", shapes, atol, rtol, label: str) -> CheckResult:
-        inputs = _inputs(shapes)
+    def against(self, orig: "_Runner", feeds: List[Feed], atol, rtol, label: str) -> CheckResult:
+        inputs = _inputs(feeds)
+        shown = _feeds_text(feeds)
         return _compare_outputs("matches original", "cpu", self.outputs("cpu", inputs),
-                                orig.outputs("cpu", inputs), atol, rtol, f"vs {label} via {orig.label}")
+                                orig.outputs("cpu", inputs), atol, rtol, f"vs {label} via {orig.label}",
+                                f" (inputs {shown})")
 
 
-def _inputs(shapes) -> List[Any]:
+def _inputs(feeds: List[Feed]) -> List[Any]:
+    """Seeded inputs: floating ones normal, integer and bool ones 0 or 1 (valid as ids, masks and flags)."""
     import torch
     gen = torch.Generator().manual_seed(0)
-    return [torch.randn(s, generator=gen) for s in shapes]
+    out = []
+    for _, shape, dtype in feeds:
+        dt = getattr(torch, dtype, None)
+        if not isinstance(dt, torch.dtype):
+            dt = torch.float32
+        if dt.is_floating_point or dt.is_complex:
+            x = torch.randn(shape, generator=gen)
+            out.append(x if dt == torch.float32 else x.to(dt))
+        elif dt == torch.bool:
+            out.append(torch.randint(0, 2, shape, generator=gen).bool())
+        else:
+            out.append(torch.randint(0, 2, shape, generator=gen).to(dt))
+    return out
 
 
-def _compare_outputs(name: str, dev: str, got: List[Any], ref: List[Any], atol, rtol, what: str) -> CheckResult:
+def _compare_outputs(name: str, dev: str, got: List[Any], ref: List[Any], atol, rtol, what: str,
+                     on: str = "") -> CheckResult:
     import torch
     if len(got) != len(ref):
         return CheckResult(name, dev, "fail", f"{len(got)} outputs {what}, expected {len(ref)}")
@@ -613,8 +789,9 @@ def _compare_outputs(name: str, dev: str, got: List[Any], ref: List[Any], atol, 
         if tuple(g.shape) != tuple(r.shape):
             return CheckResult(name, dev, "fail", f"output{i}: shape {list(g.shape)} {what}, expected "
                                                   f"{list(r.shape)}", culprit=f"output{i}")
-        dt = str(r.dtype).replace("torch.", "")
-        a_def, r_def = OUTPUT_TOLERANCE.get(dt, (0.0, 0.0))
+        # the looser of the two dtypes' tolerances: an fp16 export is held to fp16's, not to its original's fp32
+        a_def, r_def = (max(pair) for pair in zip(*(OUTPUT_TOLERANCE.get(str(t.dtype).replace("torch.", ""), (0.0, 0.0))
+                                                     for t in (g, r))))
         at = a_def if atol is None else atol
         rt = r_def if rtol is None else rtol
         g64, r64 = g.to(torch.float64), r.to(torch.float64)
@@ -625,7 +802,7 @@ def _compare_outputs(name: str, dev: str, got: List[Any], ref: List[Any], atol, 
         worst_abs, worst_rel = max(worst_abs, max_abs), max(worst_rel, max_rel)
         if not torch.allclose(g64, r64, atol=at, rtol=rt, equal_nan=True):
             return CheckResult(name, dev, "fail", f"output{i} {what}: max abs diff {max_abs:.3g}, max rel "
-                                                  f"{max_rel:.3g} (atol {at}, rtol {rt})", culprit=f"output{i}",
+                                                  f"{max_rel:.3g} (atol {at}, rtol {rt}){on}", culprit=f"output{i}",
                                max_abs=max_abs, max_rel=max_rel)
     return CheckResult(name, dev, "pass", f"{len(got)} output(s) {what}: max abs diff {worst_abs:.3g}, "
-                                          f"max rel {worst_rel:.3g}", max_abs=worst_abs, max_rel=worst_rel)
+                                          f"max rel {worst_rel:.3g}{on}", max_abs=worst_abs, max_rel=worst_rel)

@@ -60,6 +60,17 @@ def assert_only_torch_load_fails(report: VerifyReport, *words: str) -> None:
     assert verify_text(report).splitlines()[-1].startswith("result: FAIL")
 
 
+def assert_only_device_load_fails(report: VerifyReport, *words: str) -> None:
+    """Every check passes but ``torch.load`` and ``device tags``: the file's storages name devices this machine
+    lacks, so a plain torch.load(weights_only=True) fails here; the gate says so (exit 1) and how to go on."""
+    bad = [c for c in report.checks if c.status == "fail"]
+    assert [c.name for c in bad] == ["torch.load", "device tags"], [c.to_dict() for c in bad]
+    assert report.ok is False and report.exit_code == 1
+    for w in words:
+        assert w in bad[0].detail, bad[0].detail
+    assert verify_text(report).splitlines()[-1] == "result: FAIL: torch.load"
+
+
 def assert_runs_everywhere(report: VerifyReport) -> None:
     """loads into model and computes the same pass on every checked device."""
     c = by_key(report)
@@ -206,7 +217,7 @@ def test_resnet18_state_dict_passes_every_check(r18):
     assert "cpu" in r.devices
     assert_runs_everywhere(r)
     assert "torchvision.models:resnet18" in c[("loads into model", "cpu")].detail
-    assert "[1, 1000]" in c[("computes the same", "cpu")].detail
+    assert "1 output(s) 1x1000 via" in c[("computes the same", "cpu")].detail
 
 
 @pytest.mark.parametrize("fmt, kwargs", [
@@ -459,11 +470,12 @@ def run_fix_command(detail: str, fixed: str) -> None:
 def test_gpu_tagged_checkpoint_verifies_on_cpu_machine(committed, name, tmp_path):
     path = committed(name)
     r = verify(path, model=CLASSNET, input_shapes=[CLASSNET_SHAPE])
-    assert_only_torch_load_fails(r, "cuda:0, cuda:1", "device tags")  # a plain torch.load fails on this machine
+    # a plain torch.load fails on this machine
+    assert_only_device_load_fails(r, "cuda:0, cuda:1", "device tags", "--map-location cpu")
     assert r.entry == "model_state_dict" and r.devices == ("cpu",)
     c = by_key(r)
     tags = c[("device tags", None)]
-    assert tags.status == "skip"
+    assert tags.status == "fail"
     assert "cuda:0, cuda:1" in tags.detail
     assert f"ckpttool remap {path} -o FIXED.pt --map " in tags.detail
     assert "map_location='cpu'" in tags.detail and "checked below" not in tags.detail
@@ -486,7 +498,7 @@ def test_suggested_remap_command_survives_a_path_with_spaces(committed, tmp_path
     path = str(folder / "gpu run.pt")
     shutil.copyfile(committed("gpu_tagged.pt"), path)
     tags = by_key(verify(path))[("device tags", None)]
-    assert tags.status == "skip"
+    assert tags.status == "fail"
     fixed = str(tmp_path / "FIXED.pt")
     run_fix_command(tags.detail, fixed)
     assert by_key(verify(fixed))[("device tags", None)].status == "pass"
@@ -496,7 +508,7 @@ def test_gpu_tagged_checkpoint_matches_cpu_original(committed, make):
     """The GPU-saved file holds the same tensors as the CPU one (same seed) and computes the same."""
     r = verify(committed("gpu_tagged.pt"), against=make("state_dict.pt"), model=CLASSNET,
                input_shapes=[CLASSNET_SHAPE])
-    assert_only_torch_load_fails(r, "cuda:0, cuda:1")
+    assert_only_device_load_fails(r, "cuda:0, cuda:1")
     c = by_key(r)
     assert c[("same tensors as original", None)].status == "pass"
     assert c[("matches original", "cpu")].status == "pass" and c[("matches original", "cpu")].max_abs == 0.0
@@ -683,7 +695,7 @@ def test_onnx_input_shape_it_cannot_take_is_a_usage_error(r18):
 def test_onnx_wrong_number_of_inputs(r18):
     with pytest.raises(UsageError) as e:
         verify(r18["onnx"], input_shapes=[SHAPE, SHAPE])
-    assert "takes 1 inputs" in str(e.value)
+    assert f"the ONNX graph of {r18['onnx']} takes 1 input(s) (x), --input-shape gave 2" in str(e.value)
 
 
 def test_verify_leaves_tf32_settings_as_it_found_them(r18):
@@ -767,11 +779,13 @@ def test_gpu_cuda_saved_file_verifies_without_device_tag_skip(tmp_path):
 def test_gpu_two_gpu_file_on_one_gpu_names_only_the_missing_device(committed, tmp_path):
     path = committed("gpu_tagged.pt")
     r = verify(path, model=CLASSNET, input_shapes=[CLASSNET_SHAPE])
+    assert_only_device_load_fails(r, "cuda:1")  # torch.load without map_location fails on one GPU
+    tags = by_key(r)[("device tags", None)]
+    assert tags.status == "fail"
+    assert "storages say cuda:1," in tags.detail  # cuda:0 is here
+    r = verify(path, model=CLASSNET, input_shapes=[CLASSNET_SHAPE], map_location=["cuda:1=cuda:0"])
     assert_all_pass(r)
     assert_runs_everywhere(r)
-    tags = by_key(r)[("device tags", None)]
-    assert tags.status == "skip"
-    assert "storages say cuda:1," in tags.detail  # cuda:0 is here
     fixed = str(tmp_path / "FIXED.pt")
     run_fix_command(tags.detail, fixed)
     assert by_key(verify(fixed))[("device tags", None)].status == "pass"
@@ -811,7 +825,7 @@ def test_verify_without_model_imports_torch_only_for_a_gpu(committed, name):
     checks = {(c["name"], c["device"]): c for c in out["checks"]}
     assert checks[("format round trip", "torch_zip")]["status"] == "pass"
     if not CUDA:
-        assert checks[("device tags", None)]["status"] == "skip"
+        assert checks[("device tags", None)]["status"] == "fail"
         assert "ckpttool remap" in checks[("device tags", None)]["detail"]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict
+from typing import Any, Dict, List, Union
 
 from ..dtypes import ONNX_DTYPE, itemsize
 from ..errors import FileAccessError, FormatError, MissingDependencyError
@@ -95,6 +95,28 @@ def check_framing(path: str) -> None:
         raise FormatError("not a valid ONNX model: it has no graph", path)
 
 
+def value_info(v: Any) -> Dict[str, Any]:
+    """A graph input or output as ``{"name", "dtype", "shape"}``, dtypes in torch's names.
+
+    A dimension is its size, the name of a symbolic one (``"batch"``), or None where the graph says
+    nothing; ``shape`` is None for an input of unknown rank, ``dtype`` names a non-tensor type
+    (``"sequence"``, ``"map"``, ``"optional"``) as such.
+    """
+    kind = v.type.WhichOneof("value") if v.HasField("type") else None
+    if kind != "tensor_type":
+        return {"name": v.name, "dtype": {"sequence_type": "sequence", "map_type": "map", "optional_type": "optional",
+                                          "sparse_tensor_type": "sparse"}.get(kind or "", "unknown"), "shape": None}
+    tt = v.type.tensor_type
+    dtype = ONNX_DTYPE.get(tt.elem_type, "unknown")
+    if not tt.HasField("shape"):
+        return {"name": v.name, "dtype": dtype, "shape": None}
+    shape: List[Union[int, str, None]] = []
+    for d in tt.shape.dim:
+        which = d.WhichOneof("value")
+        shape.append(int(d.dim_value) if which == "dim_value" else d.dim_param if which == "dim_param" else None)
+    return {"name": v.name, "dtype": dtype, "shape": shape}
+
+
 def read(path: str) -> Checkpoint:
     """Read an ONNX model's initializers (external data located, not read)."""
     check_framing(path)
@@ -147,8 +169,9 @@ def read(path: str) -> Checkpoint:
     meta = {
         "ir_version": model.ir_version, "producer": f"{model.producer_name} {model.producer_version}".strip(),
         "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
-        "inputs": [i.name for i in model.graph.input if i.name not in tensors],
-        "outputs": [o.name for o in model.graph.output], "nodes": len(model.graph.node),
+        # what a caller feeds and gets back (an initializer listed as an input is a weight, not an input)
+        "inputs": [value_info(i) for i in model.graph.input if i.name not in tensors],
+        "outputs": [value_info(o) for o in model.graph.output], "nodes": len(model.graph.node),
         "external_data": sorted(external),
     }
     files = (path,) + tuple(os.path.join(folder, e) for e in sorted(external))
