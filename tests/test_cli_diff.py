@@ -140,7 +140,9 @@ def test_differences_human_report(differing):
     w_line = next(l for l in out.splitlines() if l.startswith("w "))
     diff = (a["w"].double() - b["w"].double()).abs()
     rel = (diff / b["w"].double().abs()).max().item()
-    assert w_line.split() == ["w", "(6,", "5)", "float32", "differs", f"{diff.max().item():.3g}", f"{rel:.3g}", "2/30"]
+    change = ((a["w"].double() - b["w"].double()).norm() / b["w"].double().norm()).item()
+    assert w_line.split() == ["w", "(6,", "5)", "float32", "differs", f"{change:.3g}", f"{diff.max().item():.3g}",
+                              f"{rel:.3g}", "2/30"]
 
 
 def test_nan_and_inf_differences_stay_valid_json(tmp_path):
