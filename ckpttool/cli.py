@@ -23,12 +23,25 @@ def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
+# optional packages -> the extra that installs them (setup.cfg); the core (inspect, diff, convert to .pt and
+# safetensors, remap, scan) needs none of them
+_EXTRAS = {"torch": "torch", "torchvision": "torch", "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx"}
+
+
 class _Group(click.Group):
     """Translates CkptError into the one-line message and exit code, in one place."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except ImportError as e:  # an optional dependency of this command is not installed: say which extra
+            extra = _EXTRAS.get((e.name or "").partition(".")[0])
+            if extra is None or ctx.params.get("debug") or os.environ.get("CKPTTOOL_DEBUG") == "1":
+                raise
+            what = ctx.invoked_subcommand or "this command"
+            click.echo(f"ckpttool: error: {what} needs {e.name.partition('.')[0]}, which is not installed here: "
+                       f"pip install 'ckpttool[{extra}]'", err=True)
+            ctx.exit(2)
         except CkptError as e:
             if ctx.params.get("debug") or os.environ.get("CKPTTOOL_DEBUG") == "1":
                 raise
@@ -61,13 +74,14 @@ def cli(debug: bool) -> None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-quiet_option = click.option("--quiet", "-q", is_flag=True, help="Print nothing but the result.")
+quiet_option = click.option("--quiet", "-q", is_flag=True, help="Print at most the verdict line (result: ...); the "
+                                                                 "exit code says the rest.")
 
 
 @contextlib.contextmanager
 def _progress(quiet: bool, label: str):
     """A progress callback drawing a bar on stderr when it is a terminal and the work takes a while."""
-    if quiet or not sys.stderr.isatty():
+    if quiet or sys.stderr is None or not sys.stderr.isatty():
         yield None
         return
     bar = None
@@ -90,11 +104,44 @@ def _progress(quiet: bool, label: str):
 
 
 def _emit(record, as_json: bool, text) -> None:
+    """Print a result: one JSON object (``--json``), the human report, or with ``-q`` at most its verdict
+    line (``result: ...``), as ``cmp -s`` / ``diff -q`` users expect; the exit code says the rest."""
     from .render import to_json
+    quiet = bool(click.get_current_context().params.get("quiet"))
     if as_json:  # indented for a person at a terminal, one line for a pipe (jq, CI logs): the same object
         click.echo(to_json(record, indent=2 if sys.stdout.isatty() else None))
-    else:
-        click.echo(text(record))
+        return
+    if quiet and text.__name__ == "inspect_text":  # no verdict to print: skip rendering 20,000 rows
+        return
+    out = text(record)
+    if quiet:
+        last = out.rpartition("\n")[2]
+        if not last.startswith("result:"):
+            return
+        out = last
+    click.echo(_coloured(out))
+
+
+# verdict words and their colours, on the verdict line only
+_VERDICTS = (("DANGEROUS", "red"), ("UNREADABLE", "red"), ("FAIL", "red"), ("DIFFERENT", "yellow"), ("PASS", "green"),
+             ("EQUAL", "green"), ("no dangerous globals", "green"))
+
+
+def _coloured(text: str) -> str:
+    """The verdict line's word in colour when stdout is a terminal; never with NO_COLOR set (no-color.org)
+    or TERM=dumb, never into a pipe or file."""
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb" or sys.stdout is None or \
+            not sys.stdout.isatty():
+        return text
+    head, sep, last = text.rpartition("\n")
+    if not last.startswith("result: "):
+        return text
+    for word, colour in _VERDICTS:
+        i = last.find(word, len("result: "))
+        if i == len("result: "):
+            last = last[:i] + click.style(word, fg=colour, bold=True) + last[i + len(word):]
+            break
+    return head + sep + last
 
 
 @cli.command()
@@ -142,28 +189,47 @@ def inspect(path: str, key: Optional[str], filter_: Optional[str], sort: str, de
                                          "Integers and bools always compare exactly.")
 @click.option("--no-align", is_flag=True, help="Do not strip a wrapper prefix (module., _orig_mod., model.) "
                                                "that every key of one side carries.")
+@click.option("--sort", type=click.Choice(["change", "name", "size", "file"]), default="change", show_default=True,
+              help="Row order of every table (and the JSON lists): change = largest relative change "
+                   "||A-B||/||B|| first (integer tensors such as step counters after the floating ones), "
+                   "name, size = most elements first, file = A's order.")
+@click.option("--filter", "filter_", metavar="REGEX",
+              help="Only pairs whose name in A matches REGEX (re.search); the counts, the tables and the "
+                   "result (and exit code) then cover those only, and the header says how many of all.")
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True, metavar="N",
+              help="At most N rows in each table.")
+@click.option("--all", "show_all", is_flag=True, help="Every row of every table (instead of --top).")
+@click.option("--depth", type=click.IntRange(min=1), metavar="N",
+              help="Add a table per module (names folded N levels, as inspect --depth): tensors, how many "
+                   "changed, the largest relative change, and a bar of it.")
 @json_option
 @quiet_option
 def diff(a: str, b: str, key_a: Optional[str], key_b: Optional[str], no_values: bool, atol: Optional[float],
-         rtol: Optional[float], no_align: bool, as_json: bool, quiet: bool) -> None:
+         rtol: Optional[float], no_align: bool, sort: str, filter_: Optional[str], top: int, show_all: bool,
+         depth: Optional[int], as_json: bool, quiet: bool) -> None:
     """Compare the state_dicts of A and B: keys, shapes, dtypes and values.
 
     Any two formats ckpttool reads. Exit 0 when equal (within tolerance), 1 when
     they differ, 2 on an error. Values are read tensor by tensor from the files.
+    Tables show the largest relative change ||A-B||/||B|| first, 20 rows each.
 
     \b
     Examples:
       ckpttool diff model.pt model.safetensors
+      ckpttool diff base.pt finetuned.pt --depth 1          # which modules changed, and how much
+      ckpttool diff base.pt finetuned.pt --filter '^layer4\\.' --all
       ckpttool diff ddp_ckpt.pt plain.pt --key-a model_state_dict   # module. aligned
       ckpttool diff a.pt b.pt --atol 1e-4 --rtol 1e-3 --json
-      ckpttool diff a.pt b.pt --no-values
+      ckpttool diff a.pt b.pt --no-values --sort name
     """
+    import functools
     from .diffing import diff as run_diff
     from .render import diff_text
     with _progress(quiet, "comparing values") as progress:
         result = run_diff(a, b, key_a=key_a, key_b=key_b, values=not no_values, atol=atol, rtol=rtol,
-                          align=not no_align, progress=progress)
-    _emit(result, as_json, diff_text)
+                          align=not no_align, progress=progress, filter=filter_, sort=sort, depth=depth)
+    view = functools.update_wrapper(functools.partial(diff_text, top=None if show_all else top), diff_text)
+    _emit(result, as_json, view)
     sys.exit(result.exit_code)
 
 
@@ -187,11 +253,16 @@ def diff(a: str, b: str, key_a: Optional[str], key_b: Optional[str], no_values: 
                                                          "safetensors + model.safetensors.index.json, or with --to pt "
                                                          "pytorch_model-*.bin + pytorch_model.bin.index.json.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--complete", is_flag=True, help="Write the target's full state_dict: each key the source lacks is the "
+                                               "model's own initialisation (seeded; with --target, the target's "
+                                               "tensor), listed; the output then loads with strict=True.")
+@click.option("--seed", type=int, default=0, show_default=True, help="--complete: torch.manual_seed before the model "
+                                                                      "is built.")
 @json_option
 @quiet_option
 def filter_cmd(source: str, model: Optional[str], model_args, target: Optional[str], target_key: Optional[str],
                out: str, key: Optional[str], renames, no_align: bool, to: Optional[str], max_shard_size: Optional[str],
-               force: bool, as_json: bool, quiet: bool) -> None:
+               force: bool, complete: bool, seed: int, as_json: bool, quiet: bool) -> None:
     """Keep the tensors of SOURCE that fit a target model, and report the rest.
 
     A source key is kept when its name (after stripping a wrapper prefix such as
@@ -206,13 +277,15 @@ def filter_cmd(source: str, model: Optional[str], model_args, target: Optional[s
       ckpttool filter resnet50.pth --model torchvision.models:resnet50 --arg num_classes=120 -o fit.pt
       ckpttool filter ddp_ckpt.tar --model nets.py:ClassNet -o net.safetensors
       ckpttool filter big.pt --target small.safetensors -o fit.pt --rename '^encoder\\.=backbone.'
+      ckpttool filter resnet50.pth -m torchvision.models:resnet50 --arg num_classes=120 -o full.pt --complete
     """
     from .filtering import filter_checkpoint
     from .render import filter_text
     with _progress(quiet, "reading tensors") as progress:
         result = filter_checkpoint(source, out, model=model, model_args=model_args, target=target,
                                    target_key=target_key, key=key, renames=renames, align=not no_align, to=to,
-                                   force=force, progress=progress, max_shard_size=max_shard_size)
+                                   force=force, progress=progress, max_shard_size=max_shard_size,
+                                   complete=complete, seed=seed)
     _emit(result, as_json, filter_text)
     sys.exit(result.exit_code)
 
@@ -224,7 +297,8 @@ def filter_cmd(source: str, model: Optional[str], model_args, target: Optional[s
 @click.option("--to", type=click.Choice(["state_dict", "pt", "safetensors", "onnx", "dcp"]),
               help="Target format (default: from OUT's extension: .pt/.pth/.bin, .safetensors, .onnx).")
 @click.option("--key", "-k", help="Entry holding the state_dict (default: found automatically).")
-@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32", "fp64"]), help="Cast floating tensors only.")
+@click.option("--dtype", metavar="DTYPE", help="Cast floating tensors only: float16 (fp16, half), bfloat16 (bf16), "
+                                               "float32 (fp32), float64 (fp64); torch.float16 too.")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Add to the safetensors header (repeatable).")
 @click.option("--max-shard-size", metavar="SIZE", help="Write a folder of shards of at most SIZE (5GB, 500MiB): "
                                                          "safetensors + model.safetensors.index.json, or with --to pt "
@@ -234,20 +308,31 @@ def filter_cmd(source: str, model: Optional[str], model_args, target: Optional[s
 @click.option("--dense", is_flag=True, help="safetensors: write each tensor it cannot hold (sparse, quantized, a "
                                             "conj view...) as the plain tensor torch gives for it (the form is not kept; "
                                             "each one listed).")
+@click.option("--rename", "renames", multiple=True, metavar="REGEX=REPL",
+              help="Rename keys (after the wrapper prefix is stripped); applied in order, repeatable.")
+@click.option("--no-align", is_flag=True, help="Keep a wrapper prefix every key carries (module. of DataParallel/"
+                                               "DDP, _orig_mod. of torch.compile); stripped by default.")
 @click.option("--trust", is_flag=True, help="ONNX: allow importing and running the code a pickled full model names.")
 @click.option("--import-path", multiple=True, type=click.Path(), metavar="DIR",
               help="ONNX with --trust: where the pickled model's code lives (repeatable).")
 @click.option("--model", "-m", metavar="SPEC", help="ONNX from a state_dict: MODULE:FACTORY or FILE.py:CLASS.")
 @click.option("--arg", "model_args", multiple=True, metavar="NAME=VALUE", help="Argument for --model (repeatable).")
+@click.option("--input", "input_", multiple=True, metavar="NAME:1x3x224x224",
+              help="ONNX: name and shape of each input, in forward's order (repeatable); names the graph's inputs.")
 @click.option("--input-shape", multiple=True, metavar="1x3x224x224", help="ONNX: shape of each input (repeatable).")
 @click.option("--opset", type=int, help="ONNX opset version (default: the exporter's).")
 @click.option("--dynamic-batch", is_flag=True, help="ONNX: make the first dimension of inputs and outputs dynamic.")
+@click.option("--legacy-exporter", is_flag=True, help="ONNX: use torch's TorchScript-based exporter (deprecated by "
+                                                      "torch; the only one for a TorchScript archive) instead of "
+                                                      "torch.onnx.export(dynamo=True).")
 @json_option
 @quiet_option
 def convert(source: str, out: str, to: Optional[str], key: Optional[str], dtype: Optional[str], metadata,
-            max_shard_size: Optional[str], check: bool, force: bool, dense: bool, trust: bool, import_path,
+            max_shard_size: Optional[str], check: bool, force: bool, dense: bool, renames, no_align: bool,
+            trust: bool, import_path,
             model: Optional[str],
-            model_args, input_shape, opset: Optional[int], dynamic_batch: bool, as_json: bool, quiet: bool) -> None:
+            model_args, input_, input_shape, opset: Optional[int], dynamic_batch: bool, legacy_exporter: bool,
+            as_json: bool, quiet: bool) -> None:
     """Convert a checkpoint's state_dict to a torch.save state_dict, safetensors or ONNX.
 
     From a state_dict in any format, a checkpoint dict (its state_dict entry or
@@ -260,16 +345,21 @@ def convert(source: str, out: str, to: Optional[str], key: Optional[str], dtype:
     Examples:
       ckpttool convert full_model.pth -o model.safetensors
       ckpttool convert ckpt.tar -o weights.pt --key model_state_dict --dtype fp16
+      ckpttool convert ddp_ckpt.pt -o model.safetensors   # module. stripped, said in the report
+      ckpttool convert ckpt.pt -o model.pt --rename '^backbone[.]=encoder.'
       ckpttool convert big.pt -o big_hf/ --to safetensors --max-shard-size 5GB
       ckpttool convert resnet.pt -o resnet.onnx --model torchvision.models:resnet50 --input-shape 1x3x224x224
+      ckpttool convert full_model.pth -o model.onnx --trust --input image:1x3x224x224 --dynamic-batch
+      ckpttool convert scripted.pt -o model.onnx --trust --legacy-exporter --input-shape 1x3x224x224
     """
     from .converting import convert as run_convert
     from .render import convert_text
     with _progress(quiet, "converting") as progress:
         result = run_convert(source, out, to=to, key=key, dtype=dtype, metadata=metadata,
                              max_shard_size=max_shard_size, force=force, check=check, progress=progress,
-                             dense=dense, trust=trust, import_path=tuple(import_path), model=model, model_args=tuple(model_args),
-                             input_shapes=tuple(input_shape), opset=opset, dynamic_batch=dynamic_batch)
+                             dense=dense, renames=tuple(renames), align=not no_align, trust=trust, import_path=tuple(import_path), model=model, model_args=tuple(model_args),
+                             input_shapes=tuple(input_shape), opset=opset, dynamic_batch=dynamic_batch,
+                             inputs=tuple(input_), legacy_exporter=legacy_exporter)
     _emit(result, as_json, convert_text)
     sys.exit(result.exit_code)
 
@@ -306,7 +396,8 @@ def remap(path: str, out: str, maps, to: Optional[str], check: bool, force: bool
     """
     from .remapping import remap as run_remap
     from .render import remap_text
-    result = run_remap(path, out, list(maps), force=force, check=check, to=to)
+    with _progress(quiet, "rewriting") as progress:
+        result = run_remap(path, out, list(maps), force=force, check=check, to=to, progress=progress)
     _emit(result, as_json, remap_text)
     sys.exit(result.exit_code)
 
@@ -319,7 +410,14 @@ def remap(path: str, out: str, maps, to: Optional[str], check: bool, force: bool
                                                     "with --trust, a state_dict with --model, TorchScript, ONNX).")
 @click.option("--device", "devices", multiple=True, metavar="D",
               help="Device to check (repeatable): cpu, cuda, cuda:1, mps. Default: cpu, plus cuda:0 when available.")
-@click.option("--input-shape", multiple=True, metavar="1x3x224x224", help="Shape of each model input (repeatable).")
+@click.option("--input", "input_", multiple=True, metavar="NAME:1x3x224x224",
+              help="Name and shape of a model input (repeatable); an ONNX graph's names. Default for an ONNX "
+                   "graph: the input shapes it declares.")
+@click.option("--input-shape", multiple=True, metavar="1x3x224x224", help="Shape of each model input, in order "
+                                                                          "(repeatable).")
+@click.option("--map-location", "map_location", multiple=True, metavar="DEVICE|SRC=DST",
+              help="Check the file as torch.load(map_location=...) reads it: a device (cpu: every storage there) "
+                   "or SRC=DST tags (cuda:1=cuda:0, repeatable). Default: a plain torch.load.")
 @click.option("--atol", type=float, help="Output tolerance (default by output dtype: float32 1e-4, float16 1e-2, "
                                          "bfloat16 5e-2, float64 1e-7).")
 @click.option("--rtol", type=float, help="Relative output tolerance (defaults as --atol's).")
@@ -329,8 +427,8 @@ def remap(path: str, out: str, maps, to: Optional[str], check: bool, force: bool
               help="With --trust: where the pickled model's code lives (repeatable).")
 @json_option
 @quiet_option
-def verify(path: str, model: Optional[str], model_args, against: Optional[str], devices, input_shape,
-           atol: Optional[float], rtol: Optional[float], key: Optional[str], trust: bool, import_path,
+def verify(path: str, model: Optional[str], model_args, against: Optional[str], devices, input_, input_shape,
+           map_location, atol: Optional[float], rtol: Optional[float], key: Optional[str], trust: bool, import_path,
            as_json: bool, quiet: bool) -> None:
     """Prove a checkpoint loads, round-trips and computes the same on CPU and GPU.
 
@@ -339,21 +437,28 @@ def verify(path: str, model: Optional[str], model_args, against: Optional[str], 
     device round trip on each device; load_state_dict(strict=True) into the model
     (--model, or --trust for a pickled model); a seeded forward pass on each device
     in eval mode with TF32 off, compared with the CPU's (and with --against's).
-    Exit 0 when nothing failed, 1 when a check failed, 2 on an error.
+
+    PASS means nothing failed, a plain torch.load(weights_only=True) of the file
+    works on this machine (or with --map-location's), and every comparison asked
+    for ran; the report lists what was proven and what was not. A comparison
+    with --against that cannot run is an error naming all it needs.
+    Exit 0 on PASS, 1 when a check failed, 2 on an error.
 
     \b
     Examples:
       ckpttool verify model.safetensors
       ckpttool verify weights.pt --model torchvision.models:resnet50 --input-shape 1x3x224x224
-      ckpttool verify model.onnx --against full_model.pth --trust --input-shape 1x3x224x224
+      ckpttool verify model.onnx --against full_model.pth --trust     # input shapes from the graph
+      ckpttool verify model.onnx --against full_model.pth --trust --input image:1x3x224x224
       ckpttool verify model.safetensors --against full_model.pth --trust --input-shape 1x3x32x32
+      ckpttool verify gpu_ckpt.pt --map-location cpu                  # as torch.load(map_location='cpu')
       ckpttool verify ckpt.pt --device cuda:1 --json
     """
     from .render import verify_text
     from .verifying import verify as run_verify
     result = run_verify(path, model=model, model_args=tuple(model_args), against=against, devices=tuple(devices),
                         input_shapes=tuple(input_shape), atol=atol, rtol=rtol, key=key, trust=trust,
-                        import_path=tuple(import_path))
+                        import_path=tuple(import_path), inputs=tuple(input_), map_location=tuple(map_location))
     _emit(result, as_json, verify_text)
     sys.exit(result.exit_code)
 
@@ -370,17 +475,32 @@ def scan(paths, as_json: bool, quiet: bool) -> None:
     pickles nested in bytes) opcode by opcode, without unpickling. Each global
     is safe (torch.load(weights_only=True) allows it, or a benign type),
     needs code (a class only instantiated and filled, like a pickled model), or
-    dangerous (anything called that is not allowed). Exit 1 when anything is
-    dangerous, 0 otherwise.
+    dangerous (anything called that is not allowed).
+
+    A folder is walked to any depth and each file in it is reported on its own
+    (path, format, verdict): every file named .pt .pth .pt2 .ptl .bin .ckpt
+    .tar .pkl .pickle .joblib .npy .npz .safetensors .onnx .gguf, and any other
+    file whose bytes a loader reads (zip, tar, numpy, safetensors, a pickle);
+    the rest are listed as not scanned (beside an .onnx model, a file that is
+    no checkpoint is its external data). A torch.distributed.checkpoint
+    folder (.metadata) is one entry. With several files, a safe one is one
+    line (--json lists every global). Symbolic links to folders are not followed (no
+    loops, nothing outside the tree); links to files are. A file that cannot be
+    read gets a one-line error in its entry and the scan goes on (one file named
+    alone that cannot be read is the command's error).
+
+    Exit 1 when anything is dangerous, else 2 when anything is unreadable, else 0.
 
     \b
     Examples:
       ckpttool scan downloaded.pt
-      ckpttool scan *.pt *.bin --json
+      ckpttool scan models/ --json          # every checkpoint under models/
+      ckpttool scan *.pt *.bin hf_folder/ -q  # just the verdict line
     """
     from .render import scan_text
     from .scanning import scan as run_scan
-    result = run_scan(list(paths))
+    with _progress(quiet, "scanning files") as progress:
+        result = run_scan(list(paths), walk=True, keep_going=True, progress=progress)
     _emit(result, as_json, scan_text)
     sys.exit(result.exit_code)
 
@@ -417,7 +537,7 @@ def main(argv=None) -> None:
                 installed.append((sig, default))
     try:
         try:
-            cli.main(args=argv, prog_name="ckpttool")
+            cli.main(args=_hoist_debug(sys.argv[1:] if argv is None else list(argv)), prog_name="ckpttool")
         finally:
             for sig, default in installed:  # main() called from other code leaves its signals as they were
                 signal.signal(sig, default)
@@ -436,6 +556,15 @@ def main(argv=None) -> None:
         if argv is None and _teardown_skippable():
             _exit_now(code)
         raise SystemExit(code) from None
+
+
+def _hoist_debug(args: list) -> list:
+    """``--debug`` is the group's option; accept it after the subcommand too (``ckpttool diff a b --debug``):
+    moved to the front, up to a ``--`` that ends the options."""
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" not in args[:end]:
+        return args
+    return ["--debug"] + [a for a in args[:end] if a != "--debug"] + args[end:]
 
 
 def _teardown_skippable() -> bool:

@@ -229,6 +229,12 @@ class TensorRef:
             out = "jagged nested"
         elif self.kind == "quantized":
             out = _quantizer(self.rebuild)
+        elif self.subclass in ("torch.Tensor", "torch.nn.parameter.Parameter") and self.kind == "dense":
+            # torch's own class, saved with attributes of its own (_rebuild_from_type_v2's state)
+            state = self.rebuild.args[3] if isinstance(self.rebuild, Rebuild) and len(self.rebuild.args) > 3 else None
+            names = ", ".join(sorted(map(str, state)))[:80] if isinstance(state, dict) and state else "state"
+            what = "tensor" if self.subclass == "torch.Tensor" else "parameter"
+            out = f"{what} with attributes ({names})"
         elif self.subclass:
             out = f"subclass {self.subclass}" if self.kind in ("dense", "subclass") else f"{out} {self.subclass}"
         elif isinstance(self.rebuild, Rebuild) and self.rebuild.name == "_rebuild_parameter_with_state":
@@ -507,8 +513,13 @@ class InspectResult:
     pickled_classes: Tuple[str, ...]
     notes: Tuple[str, ...]
     metadata: Dict[str, Any]
-    tree: Optional[Tuple[Tuple[str, int, int], ...]] = None  # (module, tensors, params) with --depth
+    #: (module, tensors, values[, parameters, buffers]) with --depth; the last two where the file says which
+    tree: Optional[Tuple[Tuple[Any, ...], ...]] = None
     exit_code: int = 0
+    #: values in parameters and in buffers, where the file says which is which (a pickled module's _parameters
+    #: and _buffers); None for a plain state_dict, which does not say
+    parameters: Optional[int] = None
+    buffers: Optional[int] = None
 
     def to_dict(self, tensors: bool = True) -> Dict[str, Any]:
         """The JSON object; ``tensors=False`` leaves the ``tensors`` list empty (its writer writes it apart)."""
@@ -517,7 +528,8 @@ class InspectResult:
             "entry": self.entry, "entry_source": self.entry_source,
             "tensors": [t.to_dict() for t in self.tensors] if tensors else [],
             "tensor_count": len(self.tensors),
-            "total_params": self.total_params, "total_bytes": self.total_bytes,
+            "total_values": self.total_params, "total_params": self.total_params,  # (every value: its old name)
+            "parameters": self.parameters, "buffers": self.buffers, "total_bytes": self.total_bytes,
             "bytes_by_dtype": dict(self.bytes_by_dtype), "devices": dict(self.devices),
             "shared_storages": [list(g) for g in self.shared_storages],
             "other_entries": dict(self.other_entries),
@@ -525,7 +537,7 @@ class InspectResult:
             "notes": list(self.notes), "metadata": _jsonable(self.metadata),
         }
         if self.tree is not None:
-            d["tree"] = [{"module": m, "tensors": n, "params": p} for m, n, p in self.tree]
+            d["tree"] = [dict(zip(("module", "tensors", "values", "parameters", "buffers"), row)) for row in self.tree]
         return d
 
 
@@ -561,6 +573,48 @@ class TensorDiff:
     note: str = ""
     form_a: str = ""               # how torch holds each side (``TensorRef.form``), set where they differ
     form_b: str = ""
+    #: ||A - B||_2 / ||B||_2 over the values (float64 sums of squares): 0.0 when exact, inf where ||B|| is 0
+    #: and A is not, nan where a NaN meets a number; None where values were not compared or not measurable
+    rel_change: Optional[float] = None
+    index: int = 0                 # the pair's position in A's file order (sorting; not in the JSON)
+
+    _INTEGRAL = frozenset({"int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8", "bool"})
+
+    @staticmethod
+    def change_rank(v: Optional[float]) -> Tuple[int, float]:
+        """Sort key part for a relative change, largest first: inf, then unknown (None / nan), then finite."""
+        if v is None or v != v:
+            return 1, 0.0
+        if v == math.inf:
+            return 0, 0.0
+        return 2, -v
+
+    @property
+    def integral(self) -> bool:
+        """Both sides integers or bools (step counters, indices): their relative change says little of a weight's."""
+        return self.dtype_a in TensorDiff._INTEGRAL and self.dtype_b in TensorDiff._INTEGRAL
+
+    @staticmethod
+    def sort_key(sort: str):
+        """The key that orders TensorDiffs for ``diff --sort``: ``change`` (floating tensors first, each group
+        by relative change, largest first: inf, then unmeasured/nan, then finite; integer tensors after),
+        ``name`` (A's name), ``size`` (most elements first) or ``file`` (A's order). Ties keep A's order.
+
+        >>> ds = [TensorDiff("a", "a", (4,), (4,), "float32", "float32", rel_change=0.1, index=0),
+        ...       TensorDiff("n", "n", (), (), "int64", "int64", rel_change=1.0, index=1),
+        ...       TensorDiff("b", "b", (2,), (2,), "float32", "float32", rel_change=0.5, index=2)]
+        >>> [d.name for d in sorted(ds, key=TensorDiff.sort_key("change"))]
+        ['b', 'a', 'n']
+        """
+        if sort == "change":
+            return lambda d: (d.integral,) + TensorDiff.change_rank(d.rel_change) + (d.index,)
+        if sort == "name":
+            return lambda d: (d.name, d.index)
+        if sort == "size":
+            return lambda d: (-math.prod(d.shape_a), d.index)
+        if sort == "file":
+            return lambda d: d.index
+        raise ValueError(f"unknown sort order {sort!r}")
 
     def to_dict(self) -> Dict[str, Any]:
         d: Dict[str, Any] = {"name": self.name}
@@ -578,6 +632,7 @@ class TensorDiff:
             d["dtype"] = self.dtype_a
         if self.status:
             d["status"] = self.status
+            d["rel_change"] = _num(self.rel_change)
         if self.status in ("close", "mismatch"):
             d.update(max_abs=_num(self.max_abs), max_rel=_num(self.max_rel), mismatched=self.mismatched,
                      numel=self.numel, atol=self.atol, rtol=self.rtol)
@@ -622,8 +677,38 @@ class DiffResult:
     #: pairs torch holds differently (a Parameter with attributes vs a plain tensor, sparse vs dense, a conj
     #: view vs resolved values): a difference even where the values are equal
     form_mismatch: Tuple[TensorDiff, ...] = ()
+    common: int = -1               # pairs compared (after --filter); -1: count_a - len(only_in_a)
+    filter: Optional[str] = None   # --filter REGEX: every list, count and the verdict cover the matching names only
+    #: with a filter: (pairs, only in A, only in B) before it
+    filter_totals: Optional[Tuple[int, int, int]] = None
+    sort: str = "file"             # the order of every list: change | name | size | file
+    depth: Optional[int] = None    # --depth N: names folded N levels into ``modules``
+    #: (module, tensors, changed, max relative change, elements): tensors counts names in A or B (B-only ones
+    #: as A would spell them); changed those not exact (values, shape, dtype or form differ, or in one file only);
+    #: the change is the floating tensors' largest, the integer ones' (step counters) where no floating one changed
+    modules: Optional[Tuple[Tuple[str, int, int, Optional[float], int], ...]] = None
+    #: where a side held several state_dicts: which was taken and why (``A: took state_dict_ema of ...``)
+    notes: Tuple[str, ...] = ()
+
+    @property
+    def pairs(self) -> int:
+        return self.common if self.common >= 0 else self.count_a - len(self.only_in_a)
 
     def to_dict(self) -> Dict[str, Any]:
+        d = self._to_dict()
+        d["notes"] = list(self.notes)
+        d["sort"] = self.sort
+        d["filter"] = None if self.filter is None else {
+            "regex": self.filter, "pairs": self.pairs, "pairs_total": self.filter_totals[0],
+            "only_in_a": len(self.only_in_a), "only_in_a_total": self.filter_totals[1],
+            "only_in_b": len(self.only_in_b), "only_in_b_total": self.filter_totals[2]}
+        if self.modules is not None:
+            d["depth"] = self.depth
+            d["modules"] = [{"module": m, "tensors": n, "changed": c, "max_rel_change": _num(v), "numel": e}
+                            for m, n, c, v, e in self.modules]
+        return d
+
+    def _to_dict(self) -> Dict[str, Any]:
         return {
             "equal": self.equal,
             "a": {"path": self.path_a, "format": self.format_a, "entry": self.entry_a, "tensors": self.count_a},
@@ -695,6 +780,8 @@ class FilterResult:
     output_format: Optional[str] = None
     verified: Optional[Dict[str, Any]] = None
     exit_code: int = 0
+    filled: Tuple[str, ...] = ()    # --complete: missing target keys written from filled_from
+    filled_from: str = ""
 
     @property
     def cast(self) -> Tuple[KeptTensor, ...]:
@@ -711,6 +798,7 @@ class FilterResult:
             "missing": list(self.missing),
             "cast": [{"name": k.name, "from": k.source_dtype, "to": k.dtype} for k in self.cast],
             "output": self.output, "output_format": self.output_format, "verified": self.verified,
+            "filled": list(self.filled), "filled_from": self.filled_from or None,
         }
 
 
@@ -733,6 +821,8 @@ class ConvertResult:
     details: Optional[Dict[str, Any]] = None  # e.g. ONNX export: opset, inputs, max difference
     exit_code: int = 0
     densified: Tuple[Tuple[str, str], ...] = ()  # --dense: (name, "sparse_coo -> densified float32")
+    #: how names were changed: ("prefix", "module."), ("rule", "REGEX=REPL")..., ("renamed", "N of M")
+    renamed: Tuple[Tuple[str, str], ...] = ()
 
     def to_dict(self) -> Dict[str, Any]:
         d = {"output": self.output, "format": self.format, "tensors": self.tensors,
@@ -742,6 +832,10 @@ class ConvertResult:
              "bytes_written": self.bytes_written, "checked": self.checked}
         if self.densified:
             d["densified"] = {a: b for a, b in self.densified}
+        if self.renamed:
+            d["names"] = {"prefix_stripped": dict(self.renamed).get("prefix", ""),
+                          "rules": [v for k, v in self.renamed if k == "rule"],
+                          "renamed": dict(self.renamed).get("renamed", "")}
         if self.details is not None:
             d["details"] = _jsonable(self.details)
         return d
@@ -835,7 +929,7 @@ class ScanGlobal:
 
 @dataclass(frozen=True)
 class ScanFile:
-    """What ``scan`` found in one path."""
+    """What ``scan`` found in one path (a file, or a DCP folder); ``error``: why it could not be read."""
 
     path: str
     pickles: int
@@ -844,6 +938,7 @@ class ScanFile:
     advice: Optional[str] = None     # the add_safe_globals line torch.load(weights_only=True) needs
     problems: Tuple[str, ...] = ()   # where a pickle stopped, what was ambiguous
     weights_only: Optional[bool] = None  # torch.load(weights_only=True) reads it as it is (None: not torch.load's)
+    error: Optional[str] = None      # one line: why it is unreadable (then nothing else was found)
 
     @property
     def dangerous_names(self) -> Tuple[str, ...]:
@@ -853,9 +948,18 @@ class ScanFile:
     def needs_code(self) -> Tuple[str, ...]:
         return tuple(g.name for g in self.globals if g.verdict == "needs code")
 
+    @property
+    def verdict(self) -> str:
+        """``dangerous`` | ``unreadable`` | ``needs code`` | ``safe`` (what ran before a read failed counts)."""
+        if self.dangerous_names:
+            return "dangerous"
+        if self.error is not None:
+            return "unreadable"
+        return "needs code" if self.needs_code else "safe"
+
     def to_dict(self) -> Dict[str, Any]:
-        return {"path": self.path, "format": self.format, "pickles": self.pickles,
-                "dangerous": list(self.dangerous_names),
+        return {"path": self.path, "format": self.format, "verdict": self.verdict, "error": self.error,
+                "pickles": self.pickles, "dangerous": list(self.dangerous_names),
                 "needs_code": list(self.needs_code), "globals": [g.name for g in self.globals],
                 "details": [g.to_dict() for g in self.globals], "add_safe_globals": self.advice,
                 "weights_only_loads": self.weights_only, "problems": list(self.problems)}
@@ -863,11 +967,24 @@ class ScanFile:
 
 @dataclass(frozen=True)
 class ScanResult:
-    """The result of ``scan``: dangerous when any file is."""
+    """The result of ``scan``: one entry per file; exit 1 when any is dangerous, else 2 when any is unreadable."""
 
     files: Tuple[ScanFile, ...]
     dangerous: bool
     exit_code: int = 0
+    skipped: Tuple[Tuple[str, str], ...] = ()  # (path, why): files of scanned folders that were not scanned
+
+    @property
+    def unreadable(self) -> Tuple[ScanFile, ...]:
+        return tuple(f for f in self.files if f.verdict == "unreadable")
+
+    def counts(self) -> Dict[str, int]:
+        """How many files of each verdict, and in all."""
+        out = {"files": len(self.files), "dangerous": 0, "unreadable": 0, "needs_code": 0, "safe": 0}
+        for f in self.files:
+            out[f.verdict.replace(" ", "_")] += 1
+        return out
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"dangerous": self.dangerous, "files": [f.to_dict() for f in self.files]}
+        return {"dangerous": self.dangerous, "counts": self.counts(), "files": [f.to_dict() for f in self.files],
+                "skipped": [{"path": p, "reason": why} for p, why in self.skipped]}

@@ -71,3 +71,8 @@ def printable(text: str, one_line: bool = True) -> str:
     'w\\\\x1b[2J'
     """
     return text.translate(_ESCAPES_ONE_LINE if one_line else _ESCAPES)
+
+
+def plural(n: int, word: str, many: str = "") -> str:
+    """``1 tensor``, ``2 tensors``, ``1,024 storages``."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
