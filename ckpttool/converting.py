@@ -14,6 +14,7 @@ import dataclasses
 import os
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+from .align import Rename, apply_renames, common_prefix
 from .dtypes import itemsize
 from .errors import CheckFailedError, CkptError, FileAccessError, UsageError
 from .formats import open as open_checkpoint
@@ -21,14 +22,34 @@ from .formats.safetensors_writer import EntryOut, parse_size, write_safetensors,
 from .formats.torch_writer import StorageOut, TensorOut, rebuild_out, storages_of, write_torch_zip
 from .formats.write import shards_to, target_format
 from .records import Checkpoint, ConvertResult, TensorRef, read_pieces
+from .text import plural
 from .tree import StateDict, find_state_dict, open_state_dict
 from .writing import atomic_output, check_output, folder_output, writing
 
 Progress = Optional[Callable[[int, int], None]]
 CHUNK = 1 << 24  # 16 MiB of source bytes per read
 FLOATING = ("float64", "float32", "float16", "bfloat16")
-DTYPES = {"fp16": "float16", "float16": "float16", "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16",
-          "fp32": "float32", "float32": "float32", "float": "float32", "fp64": "float64", "float64": "float64"}
+# --dtype: torch's names, their torch. spellings and the usual aliases (what every output prints is accepted)
+DTYPES = {"fp16": "float16", "float16": "float16", "half": "float16", "f16": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp32": "float32", "float32": "float32", "float": "float32", "f32": "float32",
+          "fp64": "float64", "float64": "float64", "double": "float64", "f64": "float64"}
+def parse_dtype(dtype: Optional[str]) -> Optional[str]:
+    """``--dtype`` (``fp16``, ``half``, ``torch.float16``...) -> torch's dtype name, or None; a UsageError for the rest.
+
+    >>> parse_dtype("torch.float16"), parse_dtype("bf16"), parse_dtype(None)
+    ('float16', 'bfloat16', None)
+    """
+    if not dtype:
+        return None
+    name = str(dtype).lower()
+    cast = DTYPES.get(name[len("torch."):] if name.startswith("torch.") else name)
+    if cast is None:
+        raise UsageError(f"--dtype {dtype!r}: use float16 (fp16, half), bfloat16 (bf16), float32 (fp32, float) "
+                         "or float64 (fp64, double)")
+    return cast
+
+
 def parse_metadata(items: Sequence[str]) -> Dict[str, str]:
     """``["k=v", ...]`` -> dict (values are kept as text, as safetensors stores them)."""
     out = {}
@@ -124,9 +145,13 @@ def torch_tree(tensors: Mapping[str, TensorRef], cast: Optional[str], path: str,
     out: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
     if metadata is not None:  # the state_dict's _metadata (module versions): load_state_dict reads it
         out._metadata = rebuild_out(metadata, lambda u: u, lambda ref: ref)
+    held = [(name, t) for name, t in tensors.items() if cast and t.rebuild is not None and t.dtype in FLOATING]
+    if held:  # every one, at once
+        shown = ", ".join(f"{name} ({t.form})" for name, t in held[:5]) + (f" and {len(held) - 5} more"
+                                                                           if len(held) > 5 else "")
+        raise UsageError(f"--dtype does not apply to {plural(len(held), 'tensor')} torch rebuilds by a call of its "
+                         f"own: {shown}; convert without --dtype", path)
     for name, t in tensors.items():
-        if cast and t.rebuild is not None and t.dtype in FLOATING:
-            raise UsageError(f"--dtype does not apply to tensor {name} ({t.form}); convert without --dtype", path)
         out[name] = tensor_out(t, name, _out_dtype(t, cast))
     return out
 
@@ -153,6 +178,7 @@ def safetensors_entries(tensors: Mapping[str, TensorRef], cast: Optional[str],
     held = [(name, t) for name, t in tensors.items() if not_plain(t)]
     if held:
         raise UsageError(refusal("safetensors holds plain dense tensors only", held), path)
+    _dtypes_held(tensors, cast, path)
     groups: Dict[int, List[str]] = collections.defaultdict(list)
     for name, t in tensors.items():
         _needs_data(name, t, path)
@@ -182,6 +208,59 @@ def not_plain(t: TensorRef) -> bool:
     return t.rebuild is not None or bool(t.metadata) or t.kind != "dense"
 
 
+WRAPPERS = ("module", "_orig_mod")  # DataParallel / DDP, torch.compile: prefixes no model's own names have
+
+
+def wrapper_prefix(names: Sequence[str]) -> str:
+    """The wrapper prefix every name carries (``module.``, ``_orig_mod.module.``...), or ``""``."""
+    parts = []
+    for part in common_prefix(list(names)):
+        if part not in WRAPPERS:
+            break
+        parts.append(part)
+    return "".join(p + "." for p in parts)
+
+
+def rename_state_dict(sd: StateDict, rules: Sequence[Rename], align: bool, path: str
+                      ) -> Tuple[StateDict, Tuple[Tuple[str, str], ...]]:
+    """``sd`` with a wrapper prefix stripped (``align``) and the rename rules applied; ``renamed`` says what
+    changed: ``(("prefix", "module."), ("rule", "^backbone\\.=encoder."), ("renamed", "N of M")...)``.
+    Two names landing on one, or a name renamed to nothing, is a UsageError: nothing is written."""
+    prefix = wrapper_prefix(list(sd.tensors)) if align else ""
+    if not prefix and not rules:
+        return sd, ()
+
+    def new(name: str) -> str:
+        return apply_renames(name[len(prefix):], rules)
+
+    out: "collections.OrderedDict[str, TensorRef]" = collections.OrderedDict()
+    names: Dict[str, str] = {}
+    changed = 0
+    for name, t in sd.tensors.items():
+        to = new(name)
+        if not to:
+            raise UsageError(f"--rename makes key {name!r} an empty name", path)
+        if to in names:
+            raise UsageError(f"keys {names[to]!r} and {name!r} both become {to!r}; check the --rename rules", path)
+        names[to] = name
+        out[to] = t
+        changed += to != name
+    meta = sd.torch_metadata
+    if isinstance(meta, dict):  # each module's version, under its new name (a module's name + "." renamed)
+        moved = collections.OrderedDict()
+        for module, v in meta.items():
+            m = str(module)
+            if prefix and (m + ".").startswith(prefix):
+                m = m[len(prefix):] if len(m) >= len(prefix) else ""
+            m = apply_renames(m + "." if m else m, rules).rstrip(".") if rules else m
+            moved.setdefault(m, v)
+        meta = moved
+    detached = frozenset(new(n) for n in sd.detached)
+    said = ((("prefix", prefix),) if prefix else ()) + tuple(("rule", f"{r.pattern.pattern}={r.repl}")
+                                                            for r in rules) + (("renamed", f"{changed} of {len(out)}"),)
+    return dataclasses.replace(sd, tensors=out, torch_metadata=meta, detached=detached), said
+
+
 def no_dense_form(t: TensorRef) -> Optional[str]:
     """Why ``--dense`` cannot give a plain tensor for ``t`` (None where torch can)."""
     if t.kind in ("nested", "jagged"):
@@ -196,18 +275,35 @@ def no_dense_form(t: TensorRef) -> Optional[str]:
 
 
 def refusal(what: str, held: List[Tuple[str, TensorRef]]) -> str:
-    """One line: which tensors a format cannot hold as they are, and the way forward for each kind."""
+    """One line: which tensors a format cannot hold as they are, and the way forward that works for all."""
     shown = ", ".join(f"{name} ({t.form})" for name, t in held[:5]) + (f" and {len(held) - 5} more"
                                                                        if len(held) > 5 else "")
     no_dense = [(name, why) for name, t in held for why in [no_dense_form(t)] if why]
-    out = f"{what}; {len(held)} tensor(s) here are not: {shown}; --to state_dict writes them exactly"
-    if len(no_dense) < len(held):
-        out += (", --dense writes the plain tensor torch gives for each (sparse densified, quantized "
+    out = f"{what}; {len(held)} tensor(s) here are not: {shown}; a .pt output (-o NAME.pt) holds them exactly"
+    if not no_dense:
+        out += (", or --dense writes the plain tensor torch gives for each (sparse densified, quantized "
                 "dequantized, a view resolved: the form is not kept)")
-    if no_dense:
-        out += "; no dense form: " + ", ".join(f"{name} ({why})" for name, why in no_dense[:3]) + \
-            (f" and {len(no_dense) - 3} more" if len(no_dense) > 3 else "")
+    else:
+        out += "; --dense cannot: no dense form for " + ", ".join(f"{name} ({why})" for name, why in no_dense[:3]) \
+            + (f" and {len(no_dense) - 3} more" if len(no_dense) > 3 else "")
     return out
+
+
+def _dtypes_held(tensors: Mapping[str, TensorRef], cast: Optional[str], path: str) -> None:
+    """Every dtype safetensors cannot hold, with the tensors of it, in one line (before anything is written)."""
+    from .formats.safetensors_writer import dtype_code
+    bad: Dict[str, List[str]] = {}
+    for name, t in tensors.items():
+        dtype = cast if cast and t.dtype in FLOATING else t.dtype
+        try:
+            dtype_code(dtype)
+        except UsageError:
+            bad.setdefault(dtype, []).append(name)
+    if bad:
+        said = "; ".join(f"{dt}: {', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}"
+                         for dt, names in bad.items())
+        raise UsageError(f"safetensors cannot hold {', '.join(bad)} tensors (the installed safetensors does not "
+                         f"write and read them back): {said}; a .pt output (-o NAME.pt) holds them", path)
 
 
 def densify(tensors: Mapping[str, TensorRef], path: str) -> Tuple[Dict[str, TensorRef], Dict[str, str]]:
@@ -297,9 +393,13 @@ def _same_bytes_region(a: TensorRef, b: TensorRef) -> bool:
 def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, key: Optional[str] = None,
             dtype: Optional[str] = None, metadata: Union[Sequence[str], Mapping[str, str]] = (),
             max_shard_size: Optional[Union[str, int]] = None, force: bool = False, check: bool = False,
-            progress: Progress = None, dense: bool = False, **onnx_options: Any) -> ConvertResult:
+            progress: Progress = None, dense: bool = False, renames: Sequence[str] = (), align: bool = True,
+            **onnx_options: Any) -> ConvertResult:
     """Convert ``source``'s state_dict to ``out`` (format from ``to`` or OUT's extension).
 
+    Names: a wrapper prefix every key carries (``module.`` of DataParallel/DDP, ``_orig_mod.`` of
+    torch.compile, nested in any order) is stripped unless ``align=False``, then the ``renames`` rules
+    (``REGEX=REPL``, in order) apply, as filter does; the result's ``renamed`` says what changed.
     ``dense`` (safetensors only): write each tensor safetensors cannot hold as the dense tensor torch gives
     for it (lossy; see :func:`densify`), listed in the result's ``densified``. ``dtype`` (fp16/bf16/fp32)
     casts floating tensors only. ``metadata`` goes into a
@@ -314,6 +414,9 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
     if max_shard_size not in (None, ""):
         to = shards_to(os.fspath(out), to)
     fmt = target_format(os.fspath(out), to)
+    if fmt == "onnx" and renames:
+        raise UsageError("--rename is for state_dict, safetensors and dcp output (ONNX names come from the model)")
+    rules = [Rename.parse(r) if isinstance(r, str) else r for r in renames]  # bad rules fail before any reading
     if fmt == "onnx":
         from .onnx_export import export_onnx
         return export_onnx(source, out, key=key, dtype=dtype, force=force, progress=progress, **onnx_options)
@@ -321,11 +424,7 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
         unused = ", ".join(sorted(k for k, v in onnx_options.items() if v not in (None, (), False)))
         if unused:
             raise UsageError(f"{unused}: only for --to onnx")
-    cast = None
-    if dtype:
-        cast = DTYPES.get(str(dtype).lower())
-        if cast is None:
-            raise UsageError(f"--dtype {dtype!r}: use fp16, bf16, fp32 or fp64")
+    cast = parse_dtype(dtype)
     meta = dict(metadata) if isinstance(metadata, Mapping) else parse_metadata(metadata)
     if meta and fmt != "safetensors":
         raise UsageError("--metadata is only for safetensors output")
@@ -338,6 +437,7 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
     ckpt, sd = open_state_dict(source if isinstance(source, Checkpoint) else os.fspath(source), key)
     if not sd.tensors:
         raise UsageError("the checkpoint holds no tensors to convert", ckpt.path)
+    sd, renamed = rename_state_dict(sd, rules, align, ckpt.path)
     densified: Dict[str, str] = {}
     if dense:
         made, densified = densify(sd.tensors, ckpt.path)
@@ -389,7 +489,7 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
                          output=out, format=({"state_dict": "torch_sharded", "safetensors": "safetensors_sharded"}
                                              if shard else {"state_dict": "torch_zip"}).get(fmt, fmt), tensors=n,
                          files=tuple(files), tied=tuple(sorted(dropped.items())), cast_to=cast,
-                         densified=tuple(densified.items()),
+                         densified=tuple(densified.items()), renamed=renamed,
                          bytes_written=sum(os.path.getsize(f) for f in files), checked=checked)
 
 
@@ -402,6 +502,15 @@ def _write_shards(out: str, entries: List[EntryOut], meta: Dict[str, str], max_b
     return [os.path.join(out, n) for n in names], checked
 
 
+def _shard_item(name: str, value: Any) -> Tuple[str, int, int]:
+    """(name, storage identity, bytes) of a value to write: a plain tensor's storage; a tensor torch rebuilds
+    from several (sparse, quantized, a subclass) by its first one and all of their bytes; none (meta): 0."""
+    if isinstance(value, TensorOut):
+        return name, id(value.storage), value.storage.nbytes
+    storages = storages_of(value)
+    return name, id(storages[0]) if storages else id(value), sum(s.nbytes for s in storages)
+
+
 def _write_torch_shards(out: str, tree: Mapping[str, Any], max_bytes: int, sd: StateDict, cast: Optional[str],
                         check: bool, tick) -> Tuple[List[str], Dict[str, Any]]:
     """OUT as a folder of torch.save shards (``pytorch_model-0000N-of-0000M.bin``) + ``pytorch_model.bin.index.json``,
@@ -409,7 +518,7 @@ def _write_torch_shards(out: str, tree: Mapping[str, Any], max_bytes: int, sd: S
     from .formats.write import write_torch_shard_files
     with folder_output(out) as tmpdir:
         names = write_torch_shard_files(
-            tmpdir, [(n, id(t.storage), t.storage.nbytes) for n, t in tree.items()], max_bytes,
+            tmpdir, [_shard_item(n, t) for n, t in tree.items()], max_bytes,
             lambda p, shard: write_torch_zip(p, collections.OrderedDict((n, tree[n]) for n in shard), progress=tick))
         checked = _check(tmpdir, sd, dict(tree), cast, check, dropped={})
     return [os.path.join(out, n) for n in names], checked

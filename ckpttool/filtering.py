@@ -141,6 +141,54 @@ def materialize(result: FilterResult, src: StateDict, device: Any = None,
     return out
 
 
+def _complete(tensors: "collections.OrderedDict[str, Any]", result: FilterResult, built: Any,
+              target: Optional[str], target_key: Optional[str], seed: int):
+    """The kept tensors and, for each missing key, the model's own (or the target file's) tensor, in the
+    target's order; and where the filled ones came from, in words."""
+    if built is not None:
+        full = built.state_dict()
+        how = f"the model's own initialisation (torch.manual_seed({seed}), built on the CPU)"
+    else:
+        _, tsd = open_state_dict(target, target_key)
+        full = collections.OrderedDict()
+        for name in result.missing:
+            ref = tsd.tensors[name]
+            if ref.kind != "dense" or not ref.has_data:
+                raise UsageError(f"--complete: the target's {name} is a {ref.form} tensor without plain data",
+                                 target)
+            full[name] = ref.to_torch()
+        how = "the target checkpoint's tensors"
+    out: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
+    order = list(full) if built is not None else [k.name for k in result.kept] + list(result.missing)
+    # a missing name tied to a kept one in the model (the same parameter): the kept tensor, so they stay tied
+    tied = {}
+    if built is not None:
+        kept_by_storage = {full[n].untyped_storage().data_ptr(): n for n in tensors if n in full
+                           and full[n].numel()}
+        tied = {n: kept_by_storage[full[n].untyped_storage().data_ptr()] for n in result.missing
+                if full[n].numel() and full[n].untyped_storage().data_ptr() in kept_by_storage}
+    for name in order:
+        if name in tensors:
+            out[name] = tensors[name]
+        elif name in tied:
+            out[name] = tensors[tied[name]]
+        elif name in result.missing:
+            out[name] = full[name].detach()
+    for name in tensors:  # (every kept name is a target name; kept in case the orders differ)
+        out.setdefault(name, tensors[name])
+    return out, how
+
+
+def _check_strict(model: Any, tensors: Mapping[str, Any]) -> Dict[str, Any]:
+    """--complete: the output loads into the model with strict=True."""
+    try:
+        model.load_state_dict(dict(tensors), strict=True)
+    except RuntimeError as e:
+        raise CheckFailedError(f"loading the output into the model with strict=True failed: "
+                               f"{str(e).splitlines()[0]}") from None
+    return {"ok": True, "how": "load_state_dict(strict=True)", "missing_keys": 0, "unexpected_keys": 0}
+
+
 def _check_load(model: Any, tensors: Mapping[str, Any], result: FilterResult, assign: bool) -> Dict[str, Any]:
     """Load ``tensors`` into ``model`` with strict=False; the missing/unexpected keys must be the report's."""
     try:
@@ -169,7 +217,7 @@ def filter_checkpoint(source: str, out: str, model: Optional[str] = None, model_
                       target: Optional[str] = None, target_key: Optional[str] = None, key: Optional[str] = None,
                       renames: Sequence[Union[str, Rename]] = (), align: bool = True, to: Optional[str] = None,
                       force: bool = False, progress: Progress = None,
-                      max_shard_size: Optional[Any] = None) -> FilterResult:
+                      max_shard_size: Optional[Any] = None, complete: bool = False, seed: int = 0) -> FilterResult:
     """Write the tensors of ``source`` that fit the target to ``out``, and prove the output.
 
     The target is a model (``model`` SPEC with ``model_args``) or a checkpoint
@@ -177,6 +225,11 @@ def filter_checkpoint(source: str, out: str, model: Optional[str] = None, model_
     extension or ``to``) is read back with torch's / safetensors' own loader
     before it is put in place; with a model it is loaded with ``strict=False`` and
     the missing and unexpected keys must be exactly the report's.
+
+    ``complete``: write the target's full state_dict, so the output loads strictly and exports: each key the
+    source does not provide is the model's own initialisation (built on the CPU after
+    ``torch.manual_seed(seed)``, the global RNG left as it was) or, with ``target``, the target file's
+    tensor; listed in the result's ``filled``. The output is then checked with ``strict=True``.
     """
     from .formats.write import output_format, shards_to, write_state_dict
     from .writing import check_output
@@ -196,7 +249,13 @@ def filter_checkpoint(source: str, out: str, model: Optional[str] = None, model_
     built = None
     if model is not None:
         from .modelspec import build_model
-        built, device = build_model(model, model_args)
+        if complete:  # real initial values, seeded: on the CPU, never meta
+            import torch
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                built, device = build_model(model, model_args, device="cpu")
+        else:
+            built, device = build_model(model, model_args)
         target_obj: Any = built
     else:
         target_obj = target
@@ -210,6 +269,10 @@ def filter_checkpoint(source: str, out: str, model: Optional[str] = None, model_
                          result.source, hint="check the names with `ckpttool diff SOURCE TARGET --no-values`; "
                                              "--rename REGEX=REPL maps names")
     tensors = materialize(result, src, progress=progress)
+    filled_from = ""
+    if complete and result.missing:
+        tensors, filled_from = _complete(tensors, result, built, target, target_key, seed)
+        result = dataclasses.replace(result, filled=tuple(result.missing), filled_from=filled_from)
     checks: Dict[str, Any] = {}
 
     def check(tmp: str) -> None:
@@ -222,7 +285,9 @@ def filter_checkpoint(source: str, out: str, model: Optional[str] = None, model_
                 raise CheckFailedError(f"tensor {name} reads back different from what was written", out)
         checks["read_back"] = {"ok": True, "how": "torch.load(weights_only=True)" if fmt == "torch"
                                else "safetensors.torch.load_file", "tensors": len(loaded)}
-        if built is not None:
+        if built is not None and complete:
+            checks["load_into_model"] = _check_strict(built, loaded)
+        elif built is not None:
             checks["load_into_model"] = _check_load(built, loaded, result, assign=device == "meta")
 
     if shard is not None and fmt == "torch":

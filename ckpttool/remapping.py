@@ -31,6 +31,7 @@ from .writing import atomic_output, check_output, folder_output, writing
 
 _DEVICE = re.compile(r"^[a-z_]+(?::\d+)?$")
 Mapping_ = List[Tuple[str, str]]
+Progress = Optional[Callable[[int, int], None]]
 
 
 def parse_maps(items: Sequence[str]) -> Mapping_:
@@ -85,7 +86,7 @@ def _copy_stored(path: str, record: Record, chunk: int = 1 << 24) -> Iterator[me
     return read_pieces(FileSpan(path, record.data_offset, record.size), 0, record.size, chunk)
 
 
-def _remap_zip(path: str, tmp: str, new_location: Callable[[str], str]) -> Counter:
+def _remap_zip(path: str, tmp: str, new_location: Callable[[str], str], tick: Callable[[int], None]) -> Counter:
     from .formats.torch_writer import _AlignedZip
     counts: Counter = Counter()
     with Archive.open(path) as archive:
@@ -105,12 +106,14 @@ def _remap_zip(path: str, tmp: str, new_location: Callable[[str], str]) -> Count
                         raise FormatError(f"record {name} fails its CRC-32 check: corrupt", path)
                 else:
                     z.add(name, _copy_member(archive, record), record.size)
+                tick(record.size)
         finally:
             z.close()
     return counts
 
 
-def _remap_legacy(src: Checkpoint, tmp: str, new_location: Callable[[str], str]) -> Counter:
+def _remap_legacy(src: Checkpoint, tmp: str, new_location: Callable[[str], str],
+                  tick: Callable[[int], None]) -> Counter:
     start, end = src.metadata["_pickle"]  # the main pickle, as the reader found it
     with open(src.path, "rb") as f:
         header = f.read(start)
@@ -126,6 +129,7 @@ def _remap_legacy(src: Checkpoint, tmp: str, new_location: Callable[[str], str])
                 if not block:
                     break
                 out.write(block)
+                tick(len(block))
     return counts
 
 
@@ -205,7 +209,7 @@ def _zip_to_legacy(src: Checkpoint, tmp: str, new_location: Callable[[str], str]
 
 
 def remap(path: str, out: str, maps: Union[Sequence[str], Mapping_], force: bool = False,
-          check: bool = False, to: Optional[str] = None) -> RemapResult:
+          check: bool = False, to: Optional[str] = None, progress: Progress = None) -> RemapResult:
     """Write ``path`` to ``out`` with its storage location tags mapped by ``maps``.
 
     ``maps``: ``["cuda=cpu"]`` or ``[("cuda:1", "cuda:0")]``; the first matching rule
@@ -223,19 +227,34 @@ def remap(path: str, out: str, maps: Union[Sequence[str], Mapping_], force: bool
         raise UsageError("give at least one --map SRC=DST (e.g. --map cuda=cpu)")
     bin_index = os.path.join(path, "pytorch_model.bin.index.json")
     if os.path.isdir(path) and os.path.isfile(bin_index):  # HF folders often hold .bin and safetensors shards
-        return _remap_shards(bin_index, out, rules, force, check, to, whole_folder=True)
+        return _remap_shards(bin_index, out, rules, force, check, to, whole_folder=True, progress=progress)
     fmt = detect(path)
     if fmt == "index":
-        return _remap_shards(path, out, rules, force, check, to, whole_folder=os.path.isdir(path))
+        return _remap_shards(path, out, rules, force, check, to, whole_folder=os.path.isdir(path),
+                             progress=progress)
     if fmt not in ("torch_zip", "torch_legacy", "torchscript"):
         raise UsageError(f"remap rewrites torch.save and TorchScript files; this is {fmt}, which carries no "
                          "device tags", path)
     src = open_checkpoint(path)  # validates the whole file first
-    out = check_output(os.fspath(out), [path], force)
     target = _target(fmt, to, path)
+    if target == fmt:  # a change of format is work of its own; a copy that maps nothing is a mistake
+        _require_a_match(src.root, rules, path)
+    out = check_output(os.fspath(out), [path], force)
     with writing(out), atomic_output(out) as tmp:
-        counts, checked = _remap_file(src, fmt, target, tmp, rules, check)
+        counts, checked = _remap_file(src, fmt, target, tmp, rules, check, _Ticker(progress, [src.file_size]))
     return _result(src.path, out, target if fmt != "torchscript" else fmt, counts, checked)
+
+
+def _require_a_match(root, rules: Mapping_, path: str) -> None:
+    """A UsageError naming the devices present when no rule maps any tensor to another device (the output
+    would be a copy of the input)."""
+    devices: Counter = Counter(t.device for _, t in all_tensors(root))
+    if any(map_location(d, rules) != d for d in devices):
+        return
+    present = ", ".join(f"{d} ({n} tensor{'s' if n != 1 else ''})" for d, n in devices.most_common()) or "none"
+    shown = " ".join(f"--map {a}={b}" for a, b in rules)
+    raise UsageError(f"{shown} moves no tensor: the file's tensors are on {present}", path,
+                     hint="--map SRC=DST with SRC one of those devices (cuda matches every cuda:N)")
 
 
 def _target(fmt: str, to: Optional[str], path: str) -> str:
@@ -248,20 +267,40 @@ def _target(fmt: str, to: Optional[str], path: str) -> str:
     return target
 
 
+class _Ticker:
+    """``tick(n)``: n more bytes of the current file copied; ``file_done(size)``: that file is all copied.
+    Passed on to ``progress(done, total)`` over the ``sizes`` of every file."""
+
+    def __init__(self, progress: Progress, sizes: Sequence[int]):
+        self.progress, self.total, self.base, self.done = progress, sum(sizes), 0, 0
+
+    def __call__(self, n: int) -> None:
+        self.done = min(self.done + n, self.total)
+        if self.progress:
+            self.progress(self.done, self.total)
+
+    def file_done(self, size: int) -> None:
+        self.base = self.done = min(self.base + size, self.total)
+        if self.progress:
+            self.progress(self.done, self.total)
+
+
 def _remap_file(src: Checkpoint, fmt: str, target: str, tmp: str, rules: Mapping_,
-                check: bool) -> Tuple[Counter, Dict[str, object]]:
+                check: bool, tick: Optional[_Ticker] = None) -> Tuple[Counter, Dict[str, object]]:
     """Write ``src`` (a torch.save or TorchScript file of format ``fmt``) to ``tmp`` as ``target``, remapped."""
 
     def new_location(loc: str) -> str:
         return map_location(loc, rules)
 
+    tick = tick or _Ticker(None, [src.file_size])
     if target == fmt or fmt == "torchscript":
-        counts = _remap_zip(src.path, tmp, new_location) if fmt != "torch_legacy" else \
-            _remap_legacy(src, tmp, new_location)
+        counts = _remap_zip(src.path, tmp, new_location, tick) if fmt != "torch_legacy" else \
+            _remap_legacy(src, tmp, new_location, tick)
     elif target == "torch_zip":
         counts = _legacy_to_zip(src, tmp, new_location)
     else:
         counts = _zip_to_legacy(src, tmp, new_location)
+    tick.file_done(src.file_size)
     return counts, _check(src, tmp, rules, check)
 
 
@@ -273,7 +312,7 @@ def _result(source: str, out: str, fmt: str, counts: Counter, checked: Dict[str,
 
 
 def _remap_shards(path: str, out: str, rules: Mapping_, force: bool, check: bool, to: Optional[str],
-                  whole_folder: bool) -> RemapResult:
+                  whole_folder: bool, progress: Progress = None) -> RemapResult:
     """An HF-style folder of torch.save shards (``pytorch_model-0000N-of-0000M.bin`` + index): OUT is a folder
     with every shard remapped and the index copied; it is built in a temporary folder and renamed into place.
     ``whole_folder`` (the user named the folder): its other files (config.json, tokenizer...) are copied too."""
@@ -298,17 +337,21 @@ def _remap_shards(path: str, out: str, rules: Mapping_, force: bool, check: bool
     skip = {os.path.realpath(f) for _, f in shards} | {os.path.realpath(index)}
     others = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))
                     and os.path.realpath(os.path.join(folder, n)) not in skip) if whole_folder else []
+    if to is None or all(_target(formats[f], to, f) == formats[f] for _, f in shards):
+        _require_a_match(src.root, rules, path)
     out = check_output(os.fspath(out), list(src.files) + [src.path] + [os.path.join(folder, n) for n in others],
                        force, folder=True)
     counts: Counter = Counter()
     checks: List[Dict[str, object]] = []
+    tick = _Ticker(progress, [os.path.getsize(f) for _, f in shards])
     with writing(out):
         with folder_output(out) as tmpdir:
             for name, shard in shards:
                 fmt = formats[shard]
                 dest = os.path.join(tmpdir, name)
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
-                c, checked = _remap_file(open_checkpoint(shard), fmt, _target(fmt, to, shard), dest, rules, check)
+                c, checked = _remap_file(open_checkpoint(shard), fmt, _target(fmt, to, shard), dest, rules, check,
+                                         tick)
                 counts.update(c)
                 checks.append(checked)
             for n in [os.path.basename(index)] + others:

@@ -9,9 +9,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .errors import CkptError, UsageError
 from .formats import open as open_checkpoint
 from .formats.safe_pickle import Stub
-from .records import Checkpoint, InspectResult, TensorRef, new_tensor_info
+from .records import Checkpoint, InspectResult, TensorRef, new_tensor_info, read_pieces
 from .tree import StateDict, children, find_state_dict, is_tensor_dict, module_kind, module_state_dict
-from .text import safe_repr
+from .text import plural, safe_repr
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -71,9 +71,15 @@ def summarize(ckpt: Checkpoint, sd: StateDict, filter: Optional[str] = None, sor
                     groups[id(storage)] = [first, name]
         dtype, device = t.dtype, t.device
         numel, nbytes = (t.numel, t.nbytes) if t.kind != "value" else (0, 0)  # a dtype entry counts no values
+        if t.parts:  # its parts' bytes: a per-channel quantized tensor's scales and zero points are its too
+            nbytes = sum(b for _, b in _leaf_bytes(t))
         total_params += numel
         total_bytes += nbytes
-        by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+        if t.parts:  # each part's bytes under its own dtype (a packed bias is float32, its weight qint8)
+            for pdtype, pbytes in _leaf_bytes(t):
+                by_dtype[pdtype] = by_dtype.get(pdtype, 0) + pbytes
+        else:
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
         devices[device] = devices.get(device, 0) + 1
         info = new_tensor_info(name, t.shape, dtype, device, nbytes, t.stride, t.storage_offset,
                                storage.key if storage is not None else None, computed.get(name) if stats else None)
@@ -86,7 +92,9 @@ def summarize(ckpt: Checkpoint, sd: StateDict, filter: Optional[str] = None, sor
     infos = tuple(infos_list)
     shared = tuple(tuple(g) for g in groups.values() if type(g) is list)
 
-    tree = _fold(items, depth) if depth else None
+    known = sd.source == "pickled_module"  # its _parameters and _buffers say which is which
+    params = sum(t.numel for n, t in items if n in sd.detached) if known else None
+    tree = _fold(items, depth, sd.detached if known else None) if depth else None
     stubs = tuple(sorted({g.qualname for g in ckpt.globals if g.handling == "stub"}))
     notes = _notes(ckpt, sd, stubs)
     return InspectResult(
@@ -94,18 +102,32 @@ def summarize(ckpt: Checkpoint, sd: StateDict, filter: Optional[str] = None, sor
         tensors=infos, total_params=total_params, total_bytes=total_bytes,
         bytes_by_dtype=dict(by_dtype), devices=dict(devices), shared_storages=shared,
         other_entries=_other_entries(ckpt.root, sd.entry), pickled_classes=stubs, notes=notes,
-        metadata={k: v for k, v in ckpt.metadata.items() if not k.startswith("_")}, tree=tree)
+        metadata={k: v for k, v in ckpt.metadata.items() if not k.startswith("_")}, tree=tree,
+        parameters=params, buffers=None if params is None else total_params - params)
 
 
-def _fold(items, depth: int) -> Tuple[Tuple[str, int, int], ...]:
+def _leaf_bytes(t: TensorRef, depth: int = 0) -> List[Tuple[str, int]]:
+    """(dtype, bytes) of a tensor's innermost parts."""
+    if not t.parts or depth > 8:
+        return [(t.dtype, t.nbytes)]
+    return [leaf for _, p in t.parts for leaf in _leaf_bytes(p, depth + 1)]
+
+
+def _fold(items, depth: int, params: Optional[frozenset] = None) -> Tuple[Tuple[Any, ...], ...]:
+    """(module, tensors, values) per module N levels deep; with ``params`` (the names that are parameters),
+    (module, tensors, values, in parameters, in buffers)."""
     rows: Dict[str, List[int]] = collections.OrderedDict()
     for name, t in items:
         parts = name.split(".")
         module = ".".join(parts[:min(depth, len(parts) - 1)]) or "(top)"
-        row = rows.setdefault(module, [0, 0])
+        row = rows.setdefault(module, [0, 0, 0])
         row[0] += 1
         row[1] += t.numel
-    return tuple((m, n, p) for m, (n, p) in rows.items())
+        if params is not None and name in params:
+            row[2] += t.numel
+    if params is None:
+        return tuple((m, n, v) for m, (n, v, _) in rows.items())
+    return tuple((m, n, v, p, v - p) for m, (n, v, p) in rows.items())
 
 
 def _notes(ckpt: Checkpoint, sd: StateDict, stubs) -> Tuple[str, ...]:
@@ -118,7 +140,7 @@ def _notes(ckpt: Checkpoint, sd: StateDict, stubs) -> Tuple[str, ...]:
     elif sd.source == "all_tensors":
         notes.append("no state_dict found: listing every tensor in the file by its path")
     if len(sd.candidates) > 1:
-        shown = ", ".join(f"{k} ({n} tensors)" for k, n in sd.candidates)
+        shown = ", ".join(f"{k} ({plural(n, 'tensor')})" for k, n in sd.candidates)
         notes.append(f"state_dict candidates: {shown}; took {sd.entry}: {sd.reason}; --key chooses another")
     for name, qual, n in sd.unmodeled[:3]:
         notes.append(f"INCOMPLETE: module {name} ({qual}) holds {n} tensor(s) its own state_dict() code names "
@@ -215,7 +237,7 @@ def describe(value: Any, depth: int = 2) -> str:
             return f"LR scheduler state: last_epoch={safe_repr(value['last_epoch'])}"
         if is_tensor_dict(value):
             n = sum(t.numel for t in value.values())
-            return f"state_dict: {len(value)} tensors, {n:,} values"
+            return f"a state_dict of {plural(len(value), 'tensor')}, {plural(n, 'value')}"
         keys = [safe_repr(k, 30) if not isinstance(k, str) else k for k in list(value)[:6]]
         return f"dict of {len(value)} entries ({', '.join(keys)}{', ...' if len(value) > 6 else ''})"
     if isinstance(value, (list, tuple)):
@@ -226,7 +248,7 @@ def describe(value: Any, depth: int = 2) -> str:
         kind = module_kind(value)
         if kind:
             try:
-                n = f"{len(module_state_dict(value))} tensors in its state_dict"
+                n = f"{plural(len(module_state_dict(value)), 'tensor')} in its state_dict"
             except CkptError as e:
                 n = f"state_dict unreadable: {e.message}"
             return f"pickled module {value.qualname} ({n})"
@@ -268,41 +290,60 @@ def _stats(items, progress: Progress) -> Dict[str, Optional[Dict[str, Any]]]:
     return out
 
 
-def tensor_stats(t: TensorRef, chunk_bytes: int = 1 << 26) -> Optional[Dict[str, Any]]:
+def tensor_stats(t: TensorRef, chunk_bytes: int = 1 << 24) -> Optional[Dict[str, Any]]:
     """min/max/mean/std and NaN/Inf counts of a tensor, read in bounded chunks.
 
-    Returns None for tensors without numeric data (meta, quantized, complex, strings).
+    Returns None for tensors without numeric data (meta, quantized, complex, strings). One read of each
+    chunk into a reused buffer; floats are measured in their own precision as torch's own ``std()`` does
+    (float16/bfloat16 widened to float32, exactly; float32 to about 1e-7 relative), integers and bools in
+    float64; chunks are merged by Chan's formula. NaN and Inf (which min/max show) are counted and left
+    out, their masks made only for a chunk that has any.
     """
     if not t.has_data or t.kind != "dense" or t.dtype.startswith("complex") or t.dtype in ("string",):
         return None
     import torch
     from .torch_bridge import torch_dtype
     dt = torch_dtype(t.dtype)
+    work = dt if dt in (torch.float32, torch.float64) else (torch.float32 if dt.is_floating_point and
+                                                             dt.itemsize <= 2 else torch.float64)
     count, mean, m2 = 0, 0.0, 0.0
     lo, hi = math.inf, -math.inf
     nans = infs = 0
-    for chunk in t.iter_chunks(chunk_bytes):
+    step = max(t.itemsize, chunk_bytes - chunk_bytes % t.itemsize)
+    if t.is_contiguous and t.numel > 1:
+        pieces = read_pieces(t.storage.source, t.span()[0], t.nbytes, step)
+    else:
+        pieces = t.iter_chunks(step)
+    for chunk in pieces:
         if not chunk:
             continue
-        x = torch.frombuffer(bytearray(chunk), dtype=torch.uint8).view(dt).to(torch.float64)
-        bad_nan = torch.isnan(x)
-        bad_inf = torch.isinf(x)
-        nans += int(bad_nan.sum())
-        infs += int(bad_inf.sum())
-        x = x[~(bad_nan | bad_inf)]
-        n = x.numel()
-        if not n:
+        raw = torch.frombuffer(chunk if isinstance(chunk, memoryview) else bytearray(chunk), dtype=torch.uint8)
+        x = raw.view(dt)
+        x = x if x.dtype == work else x.to(work)
+        c_lo, c_hi = torch.aminmax(x) if x.numel() else (None, None)
+        if c_lo is None:
             continue
-        lo = min(lo, float(x.min()))
-        hi = max(hi, float(x.max()))
-        c_mean = float(x.mean())
-        c_m2 = float(((x - c_mean) ** 2).sum())
+        c_lo, c_hi = float(c_lo), float(c_hi)
+        if work.is_floating_point and not (math.isfinite(c_lo) and math.isfinite(c_hi)):  # NaN propagates
+            finite = torch.isfinite(x)
+            nans += int(torch.isnan(x).sum())
+            infs += int(torch.isinf(x).sum())
+            x = x[finite]
+            if not x.numel():
+                continue
+            c_lo, c_hi = (float(v) for v in torch.aminmax(x))
+        n = x.numel()
+        lo, hi = min(lo, c_lo), max(hi, c_hi)
+        c_var, c_mean = (float(v) for v in torch.var_mean(x, correction=0))  # torch's own, in x's precision
+        c_m2 = c_var * n
         delta = c_mean - mean
         tot = count + n
         mean += delta * n / tot
         m2 += c_m2 + delta * delta * count * n / tot
         count = tot
     finite = count > 0
+    if "neg" in t.bits and finite:  # the values torch gives are the stored ones negated
+        lo, hi, mean = -hi, -lo, -mean
     return {
         "min": lo if finite else None, "max": hi if finite else None,
         "mean": mean if finite else None,

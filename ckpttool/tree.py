@@ -138,7 +138,7 @@ def _value(value: Any) -> TensorRef:
     """A state_dict entry that is no tensor (a dtype, None), as a record written back as it is."""
     from .records import Value
     return TensorRef(shape=(), dtype=str(value) if value is not None else "none", kind="value",
-                     explicit_nbytes=0, rebuild=Value(value))
+                     explicit_nbytes=0, explicit_numel=0, rebuild=Value(value))
 
 
 def _packed(weight: Any, bias: Any) -> Optional[TensorRef]:
@@ -147,7 +147,8 @@ def _packed(weight: Any, bias: Any) -> Optional[TensorRef]:
         return None
     parts = (("weight", weight),) + ((("bias", bias),) if bias is not None else ())
     return TensorRef(shape=weight.shape, dtype=weight.dtype, device=weight.device, kind="packed",
-                     explicit_nbytes=sum(p.nbytes for _, p in parts), parts=parts, rebuild=(weight, bias))
+                     explicit_nbytes=sum(p.nbytes for _, p in parts), explicit_numel=sum(p.numel for _, p in parts),
+                     parts=parts, rebuild=(weight, bias))
 
 
 def quantized_entries(node: Any) -> Optional[List[Tuple[str, TensorRef]]]:

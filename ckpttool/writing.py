@@ -21,11 +21,13 @@ def check_output(out: str, inputs: Iterable[str], force: bool = False, folder: b
 
     ``folder``: the output is a folder (of shards) rather than a file.
     """
-    out = os.path.abspath(os.fspath(out))
-    if os.path.isdir(out) and not folder:
-        raise UsageError("output is a directory", out)
-    folder = os.path.dirname(out)
-    if not os.path.isdir(folder):
+    given = os.fspath(out)
+    out = os.path.abspath(given)
+    if not folder and (given.endswith("/") or given.endswith(os.sep) or os.path.isdir(out)):
+        raise UsageError("output is a folder (a trailing '/' or an existing directory): give a file name "
+                         "(--max-shard-size SIZE writes a folder of shards)", given)
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
         raise FileAccessError("output folder does not exist", out)
     if os.path.lexists(out):
         inputs = list(inputs)

@@ -24,6 +24,11 @@ def target_format(out: str, to: Optional[str] = None,
     if to:
         if TARGETS.get(to) not in allowed:
             raise UsageError(f"unknown output format {to!r} ({', '.join(names)})")
+        ext = os.path.splitext(out.rstrip("/" + os.sep))[1].lower()
+        named = _BY_EXTENSION.get(ext) if ext != ".bin" else None  # .bin names any bytes; the others say one
+        if named is not None and named != TARGETS[to]:  # a .safetensors file holding a torch.save zip misleads
+            raise UsageError(f"--to {to} writes {TARGETS[to]}, but {os.path.basename(out.rstrip('/' + os.sep))!r} "
+                             f"is named for {named}: name OUT for what it holds, or leave --to out")
         return TARGETS[to]
     found = _BY_EXTENSION.get(os.path.splitext(out)[1].lower())
     if found not in allowed:

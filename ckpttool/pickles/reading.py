@@ -142,6 +142,8 @@ def _make_tensor(storage, storage_offset, size, stride, requires_grad=False, dty
         numel *= n
         last += (n - 1) * st
     dtype = dtype or storage.dtype
+    if dtype in _PACKED_PER_BYTE and numel:  # quint4x2 / quint2x4: each row's values packed into bytes
+        return _packed_tensor(storage, storage_offset, shape, strides, requires_grad, dtype, kind, last)
     size_of = _ITEMSIZE.get(dtype, 0) or 1  # itemsize(dtype)
     if numel:
         if (last + 1) * size_of > storage.nbytes:
@@ -149,6 +151,27 @@ def _make_tensor(storage, storage_offset, size, stride, requires_grad=False, dty
                 f"tensor of shape {list(shape)} at offset {storage_offset} reaches element {last}, "
                 f"past the end of its {storage.nbytes}-byte storage {storage.key!r}")
     return new_tensor_ref(shape, dtype, strides, storage_offset, storage, storage.device, bool(requires_grad), kind)
+
+
+_PACKED_PER_BYTE = {"quint4x2": 2, "quint2x4": 4}
+
+
+def _packed_tensor(storage, storage_offset, shape, strides, requires_grad, dtype, kind, last) -> TensorRef:
+    """A sub-byte quantized tensor: torch packs the last dim's values ``per`` to a byte, row by row (a 4x6
+    quint4x2 tensor is 4 rows of 3 bytes); its bytes are that many, not one per value."""
+    per = _PACKED_PER_BYTE[dtype]
+    rows = 1
+    for n in shape[:-1]:
+        rows *= n
+    nbytes = rows * -(-shape[-1] // per) if shape else 1
+    if storage_offset:
+        nbytes = -(-(last + 1) // per)
+    if nbytes > storage.nbytes:
+        raise FormatError(f"{dtype} tensor of shape {list(shape)} needs {nbytes} bytes, past the end of its "
+                          f"{storage.nbytes}-byte storage {storage.key!r}")
+    t = new_tensor_ref(shape, dtype, strides, storage_offset, storage, storage.device, bool(requires_grad), kind)
+    t.__dict__["explicit_nbytes"] = nbytes
+    return t
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *rest):
@@ -231,7 +254,7 @@ def _rebuild_qtensor(storage, storage_offset, size, stride, quantizer_params, re
 
 def _rebuild_meta(dtype, size, stride, requires_grad=False):
     return TensorRef(shape=_check_dims(size, "size"), dtype=str(dtype), stride=_check_dims(stride, "stride"),
-                     device="meta", requires_grad=bool(requires_grad), kind="meta",
+                     device="meta", requires_grad=bool(requires_grad), kind="meta", explicit_nbytes=0,  # no data
                      rebuild=Rebuild("torch._utils", "_rebuild_meta_tensor_no_storage",
                                      (dtype, size, stride, requires_grad)))
 
