@@ -482,13 +482,13 @@ def test_written_without_crc32_reads_in_every_command(nocrc, tmp_path):
     for out in ("c.pt", "c.safetensors"):
         r = run("convert", nocrc, "-o", tmp_path / out, "--check")
         assert r.exit_code == 0, r.output
-    r = run("remap", nocrc, "-o", tmp_path / "r.pt", "--map", "cpu=cpu", "--check")
+    r = run("remap", nocrc, "-o", tmp_path / "r.pt", "--map", "cpu=cuda", "--check")
     assert r.exit_code == 0, r.output
     r = run("remap", nocrc, "-o", tmp_path / "legacy.pt", "--map", "cpu=cpu", "--to", "legacy")
     assert r.exit_code == 0, r.output
     ref = torch.load(nocrc, weights_only=True)
     for out in ("c.pt", "r.pt", "legacy.pt"):
-        back = torch.load(tmp_path / out, weights_only=True)
+        back = torch.load(tmp_path / out, weights_only=True, map_location="cpu")
         assert all(torch.equal(back[k], ref[k]) for k in ref)
     r = run("filter", nocrc, "--target", nocrc, "-o", tmp_path / "f.pt")
     assert r.exit_code == 0, r.output

@@ -172,8 +172,8 @@ def test_missing_source(tmp_path):
 
 def test_onnx_without_input_shape(resnet18_sd, tmp_path):
     r = run("convert", resnet18_sd, "-o", tmp_path / "m.onnx", "--model", "torchvision.models:resnet18")
-    assert_error(r, "ckpttool: error: ONNX export needs the model's input shape: --input-shape 1x3x224x224 "
-                    "(one per input)")
+    assert_error(r, "ckpttool: error: ONNX export needs the model's input shapes (--input NAME:1x3x224x224 or "
+                    f"--input-shape 1x3x224x224, one per input) ({resnet18_sd})")
     assert files_in(tmp_path) == set()
 
 

@@ -666,7 +666,7 @@ def test_output_folder_missing_or_a_directory(make, tmp_path):
     assert error_line(r) == f"ckpttool: error: output folder does not exist ({tmp_path / 'no' / 'o.pt'})"
     (tmp_path / "d.pt").mkdir()
     r = run("filter", make("state_dict.pt"), "--model", "mypkg:ClassNet", "-o", tmp_path / "d.pt")
-    assert error_line(r) == f"ckpttool: error: output is a directory ({tmp_path / 'd.pt'})"
+    assert error_line(r) == f"ckpttool: error: output is a folder (a trailing '/' or an existing directory): give a file name (--max-shard-size SIZE writes a folder of shards) ({tmp_path / 'd.pt'})"
 
 
 # --- --model SPEC errors: one line, exit 2 ------------------------------------------------------------

@@ -38,11 +38,17 @@ def test_rule_order_on_the_command_line(make, tmp_path):
     assert devices(tmp_path / "o.pt") == {"cpu", "cuda:0"}
 
 
-def test_nothing_matched_is_reported_unchanged(make, tmp_path):
-    d = js("remap", make("gpu_tagged.pt"), "-o", tmp_path / "o.pt", "--map", "mps=cpu")
-    assert d["mapped"] == {} and d["unchanged"] == {"cuda:0": 17, "cuda:1": 2}
-    r = run("remap", make("gpu_tagged.pt"), "-o", tmp_path / "t.pt", "--map", "mps=cpu")
-    assert r.exit_code == 0 and "nothing matched" in r.stdout and "unchanged" in r.stdout
+def test_a_map_that_moves_nothing_is_an_error_naming_the_devices(make, tmp_path):
+    src = make("gpu_tagged.pt")
+    r = run("remap", src, "-o", tmp_path / "o.pt", "--map", "cuda:0=cpu", "--map", "mps=cpu")
+    assert r.exit_code == 0  # cuda:0 is there: work to do
+    r = run("remap", src, "-o", tmp_path / "t.pt", "--map", "mps=cpu")
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == [
+        f"ckpttool: error: --map mps=cpu moves no tensor: the file's tensors are on cuda:0 (17 tensors), "
+        f"cuda:1 (2 tensors) ({src})",
+        "hint: --map SRC=DST with SRC one of those devices (cuda matches every cuda:N)"]
+    assert not (tmp_path / "t.pt").exists()
 
 
 def test_table_output(make, tmp_path):

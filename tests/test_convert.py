@@ -204,8 +204,8 @@ def _build_source(name: str, make, folder: str) -> Source:
     if name == "torchscript":
         path = make("torchscript.pt")
         model = torch.jit.load(path)
-        return Source(path, None, model.state_dict(), True,
-                      dict(trust=True, input_shape=(1, 3, 8, 8), ref=lambda: model))
+        return Source(path, None, model.state_dict(), True,  # only the TorchScript-based exporter takes it
+                      dict(trust=True, legacy_exporter=True, input_shape=(1, 3, 8, 8), ref=lambda: model))
     if name == "safetensors":
         path = make("model.safetensors")
         want = load_file(path)
@@ -767,7 +767,7 @@ def test_onnx_dynamic_batch_and_opset(source_of, tmp_path):
     src = source_of("full_model_classnet")
     out = str(tmp_path / "m.onnx")
     r = convert(src.path, out, trust=True, import_path=[FIXTURES], input_shapes=["1x3x8x8"],
-                         dynamic_batch=True, opset=17)
+                         dynamic_batch=True, opset=17, legacy_exporter=True)  # opset 17: the legacy exporter's
     assert r.details["opset"] == 17
     assert {i.domain or "ai.onnx": i.version for i in onnx.load(out).opset_import}["ai.onnx"] == 17
     sess = ort.InferenceSession(out, providers=["CPUExecutionProvider"])

@@ -556,7 +556,7 @@ def test_check_output_basics(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert check_output("o.pt", []) == str(out)
     assert check_output("./sub/../o.pt", []) == str(out)
-    with pytest.raises(UsageError, match="output is a directory"):
+    with pytest.raises(UsageError, match="output is a folder"):
         check_output(str(tmp_path), [])
     with pytest.raises(FileAccessError) as e:
         check_output(str(tmp_path / "nope" / "o.pt"), [])
@@ -648,7 +648,8 @@ def test_write_state_dict_failures_leave_nothing(tmp_path, monkeypatch):
 @pytest.mark.parametrize("path, to, fmt", [
     ("o.pt", None, "torch"), ("o.pth", None, "torch"), ("o.bin", None, "torch"), ("o.ckpt", None, "torch"),
     ("o.tar", None, "torch"), ("O.PT", None, "torch"), ("o.safetensors", None, "safetensors"),
-    ("o.weights", "pt", "torch"), ("o", "state_dict", "torch"), ("o.pt", "safetensors", "safetensors"),
+    ("o.weights", "pt", "torch"), ("o", "state_dict", "torch"), ("o.data", "safetensors", "safetensors"),
+    ("o.bin", "safetensors", "safetensors"),
 ])
 def test_output_format(path, to, fmt):
     assert output_format(path, to) == fmt
@@ -661,3 +662,5 @@ def test_output_format_errors():
     assert e.value.hint == "name it .pt/.pth/.bin or .safetensors, or pass --to"
     with pytest.raises(UsageError, match="unknown output format 'onnx'"):
         output_format("o.pt", "onnx")
+    with pytest.raises(UsageError, match="--to safetensors writes safetensors, but 'o.pt' is named for state_dict"):
+        output_format("o.pt", "safetensors")  # a safetensors file named .pt misleads whoever loads it

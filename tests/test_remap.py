@@ -275,15 +275,22 @@ def test_maps_as_pairs(make, tmp_path):
     assert set(devices(out)) == {"cpu"} and r.tensors == 19
 
 
-def test_non_matching_rules_leave_tags_unchanged(make, tmp_path):
+def test_rules_that_move_nothing_are_an_error_naming_the_devices(make, tmp_path):
+    """A copy that maps nothing is a mistake (``--map cuda:0=cpu`` on a cuda:1 file): say which devices the
+    file's tensors are on; write nothing."""
     src = make("gpu_tagged.pt")
     out = str(tmp_path / "o.pt")
-    r = remap(src, out, ["mps=cpu", "cuda:3=cpu"], check=True)
-    assert r.mapped == {}
-    assert r.unchanged == {"cuda:0": 17, "cuda:1": 2}
-    assert devices(out) == devices(src)
-    assert_same_tensors(torch.load(out, map_location="cpu", weights_only=True),
-                        torch.load(src, map_location="cpu", weights_only=True))
+    with pytest.raises(UsageError) as e:
+        remap(src, out, ["mps=cpu", "cuda:3=cpu"], check=True)
+    assert str(e.value) == "--map mps=cpu --map cuda:3=cpu moves no tensor: the file's tensors are on cuda:0 " \
+                           f"(17 tensors), cuda:1 (2 tensors) ({src})"
+    assert not os.path.exists(out)
+    # a rule that matches one device is work to do; the other rule just matches nothing
+    r = remap(src, out, ["mps=cpu", "cuda:1=cuda:0"], check=True)
+    assert r.mapped == {"cuda:1 -> cuda:0": 2}
+    # a change of format alone is work too
+    r = remap(src, str(tmp_path / "legacy.pt"), ["mps=cpu"], to="legacy", check=True)
+    assert r.mapped == {} and r.unchanged == {"cuda:0": 17, "cuda:1": 2}
 
 
 def test_cpu_to_cuda_and_mps_tags(make, tmp_path):

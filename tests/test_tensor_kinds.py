@@ -173,11 +173,16 @@ def test_safetensors_refusal_offers_dense_only_where_it_works(tmp_path):
     src = save(tmp_path, "a.pt", {"j": make("jagged")}, "zip")
     with pytest.raises(UsageError) as e:
         convert(src, str(tmp_path / "a.safetensors"))
-    assert "--dense" not in str(e.value) and "no dense form: j (its rows differ in length)" in str(e.value)
+    assert "--dense writes" not in str(e.value) and "--dense cannot: no dense form for j (its rows differ in length)" \
+        in str(e.value)
     src = save(tmp_path, "b.pt", {"j": make("jagged"), "s": make("sparse_coo")}, "zip")
     with pytest.raises(UsageError) as e:
         convert(src, str(tmp_path / "b.safetensors"))
-    assert "--dense writes" in str(e.value) and "no dense form: j (" in str(e.value)
+    assert "--dense writes" not in str(e.value) and "--dense cannot: no dense form for j (" in str(e.value)
+    src = save(tmp_path, "c.pt", {"q": make("quantized"), "s": make("sparse_coo")}, "zip")
+    with pytest.raises(UsageError) as e:  # every one has a dense form: --dense is offered
+        convert(src, str(tmp_path / "c.safetensors"))
+    assert "or --dense writes the plain tensor torch gives" in str(e.value) and "cannot" not in str(e.value)
 
 
 def test_quantizer_parameters_are_shown(tmp_path):
@@ -224,7 +229,7 @@ def test_safetensors_refuses_in_one_line_naming_the_tensor(kind, tmp_path):
     with pytest.raises(UsageError) as e:
         convert(src, str(tmp_path / "out.safetensors"))
     msg = str(e.value)
-    assert "\n" not in msg and "t (" in msg and "--to state_dict" in msg
+    assert "\n" not in msg and "t (" in msg and "a .pt output (-o NAME.pt) holds them exactly" in msg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
 
 
@@ -385,7 +390,7 @@ def test_timm_checkpoint_takes_the_ema_as_timm_does(tmp_path):
     got = inspect(path)
     assert got.entry == "state_dict_ema"
     note = next(n for n in got.notes if n.startswith("state_dict candidates"))
-    assert "state_dict (1 tensors)" in note and "use_ema=True" in note and "--key" in note
+    assert "state_dict (1 tensor)" in note and "use_ema=True" in note and "--key" in note
     assert inspect(path, key="state_dict").entry == "state_dict"
     other = str(tmp_path / "other.pt")
     torch.save({"state_dict": {"w": torch.ones(2)}, "state_dict_ema": {"w": torch.zeros(2)}}, other)
@@ -666,3 +671,144 @@ def test_a_quantized_state_dict_diffs_equal_to_itself(tmp_path):
     p2 = str(tmp_path / "q2.pt")
     torch.save(other.state_dict(), p2)
     assert not diff(path, p2).equal
+
+
+# ---- a new user's second look (issue 16): what was still silently different, refused wrongly or confusing
+
+
+def test_stats_of_a_neg_view_are_of_the_values_torch_gives(tmp_path):
+    from ckpttool.summary import tensor_stats
+    from ckpttool.tree import open_state_dict
+    x = torch.tensor([-3.0, 0.5, 2.0, 4.0])
+    for fmt in ("zip", "legacy"):
+        path = save(tmp_path, f"n_{fmt}.pt", {"t": torch._neg_view(x)}, fmt)
+        s = tensor_stats(open_state_dict(path)[1].tensors["t"])
+        want = load(path)["t"].resolve_neg()
+        assert (s["min"], s["max"]) == (want.min().item(), want.max().item())
+        assert s["mean"] == pytest.approx(want.mean().item()) and s["std"] == pytest.approx(want.std().item())
+
+
+def _quantized_linear_state_dict():
+    import torch.ao.quantization as q
+    m = torch.nn.Sequential(q.QuantStub(), torch.nn.Linear(4, 4), q.DeQuantStub())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m.qconfig = q.get_default_qconfig("fbgemm")
+        q.prepare(m, inplace=True)
+        m(torch.randn(2, 4))
+        q.convert(m, inplace=True)
+    return m.state_dict()
+
+
+def test_diff_sees_a_packed_weights_quantizer_change(tmp_path):
+    """torch.ao packed (weight, bias): the weight's per-channel scales are compared too (they were not)."""
+    sd = _quantized_linear_state_dict()
+    a = save(tmp_path, "a.pt", sd, "zip")
+    w, b = sd["1._packed_params._packed_params"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        w2 = torch._make_per_channel_quantized_tensor(w.int_repr(), w.q_per_channel_scales() * 2,
+                                                      w.q_per_channel_zero_points(), w.q_per_channel_axis())
+    other = dict(sd)
+    other["1._packed_params._packed_params"] = (w2, b)
+    c = save(tmp_path, "c.pt", other, "zip")
+    assert not torch.equal(load(a)["1._packed_params._packed_params"][0].dequantize(),
+                           load(c)["1._packed_params._packed_params"][0].dequantize())
+    r = diff(a, c)
+    assert not r.equal and [d.name for d in r.value_mismatch] == ["1._packed_params._packed_params"]
+    d = r.value_mismatch[0]
+    assert "scales 4/4 differ" in d.note and d.max_abs is None and d.numel == 0  # no made-up value counts
+    assert diff(a, a).equal and diff(a, a).exact == len(sd)
+
+
+def test_a_quantized_state_dicts_counts_are_its_values(tmp_path):
+    sd = _quantized_linear_state_dict()
+    path = save(tmp_path, "q.pt", sd, "zip")
+    r = inspect(path)
+    by = {t.name: t for t in r.tensors}
+    assert by["1._packed_params.dtype"].numel == 0
+    assert by["1._packed_params._packed_params"].numel == 16 + 4  # the weight's values and the bias's
+    real = [v for v in sd.values() if isinstance(v, torch.Tensor)]
+    w, b = sd["1._packed_params._packed_params"]
+    assert r.total_params == sum(t.numel() for t in real) + w.numel() + b.numel()
+    assert r.bytes_by_dtype["float32"] >= b.numel() * 4 and r.bytes_by_dtype["qint8"] == w.numel()
+    from ckpttool.render import inspect_text
+    assert "tensors     5 (+1 state_dict entry that is no tensor)" in inspect_text(r)
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_sub_byte_quantized_tensors_read_as_torch_reads_them(tmp_path, fmt):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_channel(torch.randn(4, 6), torch.rand(4) + 0.1, torch.zeros(4), 0, torch.quint4x2)
+        p = torch.quantize_per_tensor(torch.randn(5, 3), 0.1, 0, torch.quint2x4)
+    src = save(tmp_path, "a.pt", {"q": q, "p": p}, fmt)
+    r = inspect(src)
+    by = {t.name: t for t in r.tensors}
+    assert by["q"].shape == (4, 6) and by["q"].numel == 24 and by["p"].numel == 15
+    out = str(tmp_path / "o.pt")
+    convert(src, out)
+    got, want = load(out), load(src)
+    for k in ("q", "p"):
+        assert same(got[k], want[k]), k
+    assert diff(src, out).equal
+
+
+@pytest.mark.parametrize("kind", ["quantized_per_channel", "sparse_coo", "parameter_with_state", "jagged"])
+def test_pt_shards_hold_every_kind(kind, tmp_path):
+    import json
+    src = save(tmp_path, "a.pt", {"t": make(kind), "plain": torch.ones(300)}, "zip")
+    out = tmp_path / "shards"
+    convert(src, str(out), to="pt", max_shard_size="1KB")
+    index = json.loads((out / "pytorch_model.bin.index.json").read_text())
+    got = {}
+    for f in sorted(set(index["weight_map"].values())):
+        got.update(load(str(out / f)))
+    assert set(got) == {"t", "plain"} and same(got["t"], load(src)["t"])
+
+
+def test_safetensors_dtype_refusal_names_every_tensor_in_one_line(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c32 = torch.zeros(3, dtype=torch.complex32)
+    src = save(tmp_path, "a.pt", {"c32": c32, "ok": torch.ones(2)}, "zip")
+    with pytest.raises(UsageError) as e:
+        convert(src, str(tmp_path / "a.safetensors"))
+    assert str(e.value) == ("safetensors cannot hold complex32 tensors (the installed safetensors does not write "
+                            f"and read them back): complex32: c32; a .pt output (-o NAME.pt) holds them ({src})") \
+        and e.value.hint is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
+
+
+def test_to_that_contradicts_the_outputs_name_is_refused(tmp_path):
+    src = save(tmp_path, "a.pt", {"t": make("conj")}, "zip")
+    with pytest.raises(UsageError, match="--to state_dict writes state_dict, but 'x.safetensors' is named for "
+                                         "safetensors"):
+        convert(src, str(tmp_path / "x.safetensors"), to="state_dict")
+    convert(src, str(tmp_path / "x.bin"), to="state_dict")  # .bin names any bytes
+    assert same(load(str(tmp_path / "x.bin"))["t"], load(src)["t"])
+
+
+def test_a_plain_tensor_with_attributes_is_said_and_compared_by_value(tmp_path):
+    t = torch.arange(3.0)
+    t.extra = "kept"
+    a = save(tmp_path, "a.pt", {"t": t}, "zip")
+    b = save(tmp_path, "b.pt", {"t": torch.arange(3.0)}, "zip")
+    assert inspect(a).tensors[0].form == "tensor with attributes (extra)"
+    r = diff(a, b)
+    assert not r.equal and r.form_mismatch[0].status == "exact" and not r.not_compared
+    out = str(tmp_path / "o.pt")
+    convert(a, out)
+    assert torch.load(out, weights_only=False)["t"].extra == "kept"
+
+
+def test_diff_says_which_state_dict_it_took_where_there_were_several(tmp_path):
+    sd = {"w": torch.ones(2)}
+    path = str(tmp_path / "timm.pt")
+    torch.save({"state_dict": sd, "state_dict_ema": {"w": torch.zeros(2)}, "arch": "resnet18"}, path)
+    r = diff(path, path)
+    assert r.notes and r.notes[0].startswith("A: took state_dict_ema of state_dict, state_dict_ema (a timm "
+                                             "checkpoint") and r.notes[0].endswith("--key-a chooses another")
+    plain = str(tmp_path / "p.pt")
+    torch.save(sd, plain)
+    assert diff(plain, plain).notes == ()
