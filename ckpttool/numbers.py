@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import Any, Dict, List, Tuple
 
 _NATIVE = {"float64": "<f8", "float32": "<f4", "float16": "<f2", "complex128": "<c16", "complex64": "<c8",
@@ -43,15 +44,18 @@ def _table(fmt: str):
     return _TABLES[fmt]
 
 
-_WORK: Dict[str, Any] = {}
+_THREAD = threading.local()  # scratch arrays, one set per thread: two threads never share one
 
 
 def _work(name: str, n: int, dtype: str):
     """A reused scratch array of ``n`` elements (chunks come one after another: no fresh memory for each)."""
     import numpy as np
-    arr = _WORK.get(name)
+    work = getattr(_THREAD, "work", None)
+    if work is None:
+        work = _THREAD.work = {}
+    arr = work.get(name)
     if arr is None or arr.size < n or arr.dtype != np.dtype(dtype):
-        arr = _WORK[name] = np.empty(n, dtype=dtype)
+        arr = work[name] = np.empty(n, dtype=dtype)
     return arr[:n]
 
 

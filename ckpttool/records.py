@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, Optional, Tuple
 
@@ -86,7 +87,16 @@ def _readinto(self, start: int, buf) -> None:
 
 FileSpan.readinto = _readinto
 
-_POOL: list = []  # read buffers not in use: reused, so reading allocates (and faults in) no new memory
+# Read buffers not in use, reused so reading allocates (and faults in) no new memory: one pool per thread
+# (threading.local), so two threads never share a buffer.
+_THREAD = threading.local()
+
+
+def _pool() -> list:
+    pool = getattr(_THREAD, "pool", None)
+    if pool is None:
+        pool = _THREAD.pool = []
+    return pool
 
 
 def read_pieces(source: Any, start: int, size: int, step: int) -> Iterator[bytes]:
@@ -100,7 +110,8 @@ def read_pieces(source: Any, start: int, size: int, step: int) -> Iterator[bytes
         for off in range(0, size, step):
             yield source.read(start + off, min(step, size - off))
         return
-    buf = _POOL.pop() if _POOL else bytearray(step)
+    pool = _pool()
+    buf = pool.pop() if pool else bytearray(step)
     try:
         if len(buf) < min(step, size):
             buf = bytearray(step)
@@ -110,7 +121,7 @@ def read_pieces(source: Any, start: int, size: int, step: int) -> Iterator[bytes
             source.readinto(start + off, view[:n])
             yield view[:n]
     finally:
-        _POOL.append(buf)
+        pool.append(buf)
 
 
 class BufferSpan:
@@ -515,7 +526,7 @@ class InspectResult:
     metadata: Dict[str, Any]
     #: (module, tensors, values[, parameters, buffers]) with --depth; the last two where the file says which
     tree: Optional[Tuple[Tuple[Any, ...], ...]] = None
-    exit_code: int = 0
+    exit_code = property(lambda self: exit_code(self))  # decided in one place: exit_code()
     #: values in parameters and in buffers, where the file says which is which (a pickled module's _parameters
     #: and _buffers); None for a plain state_dict, which does not say
     parameters: Optional[int] = None
@@ -673,7 +684,7 @@ class DiffResult:
     rtol: Optional[float]
     prefix_alignment: Any          # align.Alignment
     equal: bool
-    exit_code: int = 0
+    exit_code = property(lambda self: exit_code(self))  # decided in one place: exit_code()
     #: pairs torch holds differently (a Parameter with attributes vs a plain tensor, sparse vs dense, a conj
     #: view vs resolved values): a difference even where the values are equal
     form_mismatch: Tuple[TensorDiff, ...] = ()
@@ -779,7 +790,7 @@ class FilterResult:
     output: Optional[str] = None
     output_format: Optional[str] = None
     verified: Optional[Dict[str, Any]] = None
-    exit_code: int = 0
+    exit_code = property(lambda self: exit_code(self))  # decided in one place: exit_code()
     filled: Tuple[str, ...] = ()    # --complete: missing target keys written from filled_from
     filled_from: str = ""
 
@@ -819,7 +830,7 @@ class ConvertResult:
     bytes_written: int = 0
     checked: Optional[Dict[str, Any]] = None
     details: Optional[Dict[str, Any]] = None  # e.g. ONNX export: opset, inputs, max difference
-    exit_code: int = 0
+    exit_code = property(lambda self: exit_code(self))  # decided in one place: exit_code()
     densified: Tuple[Tuple[str, str], ...] = ()  # --dense: (name, "sparse_coo -> densified float32")
     #: how names were changed: ("prefix", "module."), ("rule", "REGEX=REPL")..., ("renamed", "N of M")
     renamed: Tuple[Tuple[str, str], ...] = ()
@@ -853,7 +864,7 @@ class RemapResult:
     mapped: Dict[str, int]           # "cuda:1 -> cuda:0": storages
     unchanged: Dict[str, int]        # tags no rule matched: storages
     checked: Optional[Dict[str, Any]] = None
-    exit_code: int = 0
+    exit_code = property(lambda self: exit_code(self))  # decided in one place: exit_code()
     copied: Tuple[str, ...] = ()     # a shard folder's other files (config.json...), copied as they are
 
     def to_dict(self) -> Dict[str, Any]:
@@ -897,7 +908,7 @@ class VerifyReport:
     devices: Tuple[str, ...]
     checks: Tuple[CheckResult, ...]
     ok: bool
-    exit_code: int = 0
+    exit_code = property(lambda self: exit_code(self))  # decided in one place: exit_code()
 
     @property
     def first_failure(self) -> Optional[CheckResult]:
@@ -971,7 +982,7 @@ class ScanResult:
 
     files: Tuple[ScanFile, ...]
     dangerous: bool
-    exit_code: int = 0
+    exit_code = property(lambda self: exit_code(self))  # decided in one place: exit_code()
     skipped: Tuple[Tuple[str, str], ...] = ()  # (path, why): files of scanned folders that were not scanned
 
     @property
@@ -988,3 +999,17 @@ class ScanResult:
     def to_dict(self) -> Dict[str, Any]:
         return {"dangerous": self.dangerous, "counts": self.counts(), "files": [f.to_dict() for f in self.files],
                 "skipped": [{"path": p, "reason": why} for p, why in self.skipped]}
+
+
+def exit_code(result: Any) -> int:
+    """The exit code a command's result means, for every command in one place: 1 when a check found
+    something (the files differ, verify failed, a file is dangerous), 2 when a file to scan could not be
+    read (and none was dangerous), else 0. Errors (a ``CkptError``) carry their own: 2 for bad input, 1 for a
+    check that failed while writing (``CheckFailedError``)."""
+    if isinstance(result, DiffResult):
+        return 0 if result.equal else 1
+    if isinstance(result, VerifyReport):
+        return 0 if result.ok else 1
+    if isinstance(result, ScanResult):
+        return 1 if result.dangerous else 2 if result.unreadable else 0
+    return 0

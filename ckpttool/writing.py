@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import tempfile
 from typing import Iterable, Iterator
 
@@ -54,7 +55,9 @@ def writing(out: str) -> Iterator[None]:
         raise FileAccessError(f"cannot write the output: {e.strerror or e}", out) from None
 
 
-_HOLDING = [0, None]  # [depth of uninterrupted() blocks, the signal that arrived inside one]
+# [depth of uninterrupted() blocks, the signal that arrived inside one]: the main thread's only (Python runs
+# signal handlers there); a library call from another thread never touches it
+_HOLDING = [0, None]
 
 
 @contextlib.contextmanager
@@ -65,6 +68,9 @@ def uninterrupted() -> Iterator[None]:
     For the few steps that put an output in place: the rename and the removal of what it replaced,
     and the creation of the temporary name the cleanup must know about.
     """
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
     _HOLDING[0] += 1
     try:
         yield
