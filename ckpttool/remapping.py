@@ -20,7 +20,7 @@ import struct
 from collections import Counter
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from .errors import CkptError, FormatError, UsageError
+from .errors import CheckFailedError, FormatError, UsageError
 from .formats import detect, open as open_checkpoint
 from .formats.archive import STORED, Archive, Record
 from .formats.torch_zip import MAX_PICKLE
@@ -368,17 +368,17 @@ def _check(src: Checkpoint, tmp: str, rules: Mapping_, every_byte: bool) -> Dict
     a = list(all_tensors(src.root))
     b = list(all_tensors(back.root))
     if [n for n, _ in a] != [n for n, _ in b]:
-        raise CkptError("the rewritten file holds other tensors than the source", tmp)
+        raise CheckFailedError("the rewritten file holds other tensors than the source", tmp)
     compared = 0
     for (name, t), (_, u) in zip(a, b):
         want = map_location(t.device, rules)
         if (t.shape, t.dtype, t.stride, t.storage_offset) != (u.shape, u.dtype, u.stride, u.storage_offset) or \
                 u.device != want:
-            raise CkptError(f"tensor {name} reads back as {u.dtype} {list(u.shape)} on {u.device}, "
+            raise CheckFailedError(f"tensor {name} reads back as {u.dtype} {list(u.shape)} on {u.device}, "
                             f"expected {t.dtype} {list(t.shape)} on {want}", tmp)
         if every_byte and t.has_data:
             if t.read_bytes() != u.read_bytes():
-                raise CkptError(f"tensor {name}: bytes differ after the rewrite", tmp)
+                raise CheckFailedError(f"tensor {name}: bytes differ after the rewrite", tmp)
             compared += 1
     result: Dict[str, object] = {"ok": True, "tensors": len(a), "devices": True}
     if every_byte:

@@ -718,9 +718,9 @@ def scan(paths: Sequence[str], *, walk: bool = False, keep_going: bool = False,
     one path that is itself unreadable still raises, as with nothing else to report. ``progress(done, total)``
     is called as files are done.
 
-    >>> r = scan(["model.pt"])       # doctest: +SKIP
-    >>> r.dangerous, r.files[0].dangerous_names   # doctest: +SKIP
-    (False, ())
+    >>> r = scan(["fixtures/seed_checkpoint.tar"])   # a pickled module: it needs its code, calls nothing
+    >>> r.dangerous, r.files[0].verdict, r.exit_code
+    (False, 'needs code', 0)
     >>> r = scan(["downloads/"], walk=True, keep_going=True)   # doctest: +SKIP
     >>> [(f.path, f.verdict) for f in r.files]   # doctest: +SKIP
     [('downloads/a.pt', 'safe'), ('downloads/evil.pkl', 'dangerous'), ('downloads/cut.pt', 'unreadable')]
@@ -753,8 +753,7 @@ def scan(paths: Sequence[str], *, walk: bool = False, keep_going: bool = False,
     if progress is not None:
         progress(len(units), len(units))
     dangerous = any(f.dangerous_names for f in files)
-    code = 1 if dangerous else 2 if any(f.error is not None for f in files) else 0
-    return ScanResult(files=tuple(files), dangerous=dangerous, exit_code=code, skipped=tuple(skipped))
+    return ScanResult(files=tuple(files), dangerous=dangerous, skipped=tuple(skipped))
 
 
 def _format_guess(path: str) -> str:
