@@ -456,9 +456,11 @@ def verify(path: str, model: Optional[str], model_args, against: Optional[str], 
     """
     from .render import verify_text
     from .verifying import verify as run_verify
-    result = run_verify(path, model=model, model_args=tuple(model_args), against=against, devices=tuple(devices),
-                        input_shapes=tuple(input_shape), atol=atol, rtol=rtol, key=key, trust=trust,
-                        import_path=tuple(import_path), inputs=tuple(input_), map_location=tuple(map_location))
+    with _progress(quiet, "round trips") as progress:
+        result = run_verify(path, model=model, model_args=tuple(model_args), against=against,
+                            devices=tuple(devices), input_shapes=tuple(input_shape), atol=atol, rtol=rtol, key=key,
+                            trust=trust, import_path=tuple(import_path), inputs=tuple(input_),
+                            map_location=tuple(map_location), progress=progress)
     _emit(result, as_json, verify_text)
     sys.exit(result.exit_code)
 

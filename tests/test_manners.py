@@ -243,3 +243,13 @@ def test_verify_without_torch_is_no_pass(pair):
     assert p.stdout.splitlines()[-1] == "result: FAIL: torch.load"
     assert "torch is not installed here, so a plain torch.load cannot read it: pip install 'ckpttool[torch]'" \
         in " ".join(p.stdout.split())
+
+
+def test_verify_reports_progress_through_its_round_trips(tmp_path):
+    from ckpttool.verifying import verify
+    path = tmp_path / "m.pt"
+    torch.save({f"w{i}": torch.randn(1000) for i in range(5)}, path)
+    calls = []
+    r = verify(str(path), progress=lambda done, total: calls.append((done, total)))
+    assert r.ok and calls and calls[-1][0] == calls[-1][1] == 2 * 5 * 4000
+    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
