@@ -20,9 +20,9 @@ def inspect(path: str, key: Optional[str] = None, filter: Optional[str] = None, 
             depth: Optional[int] = None, stats: bool = False, progress: Progress = None) -> InspectResult:
     """Summarize a checkpoint of any format: its state_dict's tensors and everything else it holds.
 
-    >>> r = inspect("fixtures/tiny_state_dict.pt")  # doctest: +SKIP
-    >>> r.format, r.entry, r.total_params  # doctest: +SKIP
-    ('torch_zip', None, 90)
+    >>> r = inspect("fixtures/seed_checkpoint.tar")
+    >>> r.format, r.entry, r.total_params, [t.name for t in r.tensors][:2]
+    ('torch_zip', 'model_state_dict', 1796, ['scale', 'stem.weight'])
     """
     ckpt = open_checkpoint(path)
     try:

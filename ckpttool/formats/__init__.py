@@ -59,7 +59,7 @@ def _folder_entry(path: str) -> str:
 def detect(path: str) -> str:
     """Name the format of ``path`` from its bytes (see ``FORMATS``); raise CkptError if none.
 
-    >>> detect("fixtures/tiny_state_dict.pt")  # doctest: +SKIP
+    >>> detect("fixtures/seed_checkpoint.tar")
     'torch_zip'
     """
     fmt, _, archive = _detect(path)
