@@ -539,7 +539,10 @@ class InspectResult:
             "entry": self.entry, "entry_source": self.entry_source,
             "tensors": [t.to_dict() for t in self.tensors] if tensors else [],
             "tensor_count": len(self.tensors),
-            "total_values": self.total_params, "total_params": self.total_params,  # (every value: its old name)
+            # total_params: the parameters where the file says which tensors are (a pickled module), else every
+            # value (a state_dict does not say); total_values: every value, always
+            "total_values": self.total_params,
+            "total_params": self.parameters if self.parameters is not None else self.total_params,
             "parameters": self.parameters, "buffers": self.buffers, "total_bytes": self.total_bytes,
             "bytes_by_dtype": dict(self.bytes_by_dtype), "devices": dict(self.devices),
             "shared_storages": [list(g) for g in self.shared_storages],

@@ -31,6 +31,10 @@ from .writing import atomic_output, check_output, folder_output, writing
 
 _DEVICE = re.compile(r"^[a-z_]+(?::\d+)?$")
 Mapping_ = List[Tuple[str, str]]
+# the location tags torch.load's restore functions know (torch.serialization._package_registry: cpu, cuda, mps,
+# meta, hpu, xpu, mtia and the privateuse1 backend, which Ascend's torch_npu names npu): a file tagged with
+# anything else does not load
+RESTORABLE = ("cpu", "cuda", "mps", "meta", "xpu", "hpu", "mtia", "npu")
 Progress = Optional[Callable[[int, int], None]]
 
 
@@ -46,6 +50,9 @@ def parse_maps(items: Sequence[str]) -> Mapping_:
         src, dst = src.strip(), dst.strip()
         if not sep or not _DEVICE.match(src) or not _DEVICE.match(dst):
             raise UsageError(f"--map {item!r} is not SRC=DST with devices like cpu, cuda, cuda:1, mps")
+        if dst.partition(":")[0] not in RESTORABLE or (":" in dst and dst.partition(":")[0] in ("cpu", "meta")):
+            raise UsageError(f"--map {item!r}: torch.load restores no device {dst!r}; DST is one of "
+                             "cpu, cuda[:N], mps, meta, xpu[:N], hpu[:N], mtia[:N], npu[:N]")
         out.append((src, dst))
     if not out:
         raise UsageError("give at least one --map SRC=DST (e.g. --map cuda=cpu)")

@@ -279,6 +279,11 @@ def _other_entries(root: Any, entry: Optional[str]) -> Dict[str, str]:
 
 
 def _stats(items, progress: Progress) -> Dict[str, Optional[Dict[str, Any]]]:
+    try:
+        import torch  # noqa: F401 - the statistics are torch's own
+    except ImportError:
+        raise UsageError("inspect --stats needs torch, which is not installed here: pip install 'ckpttool[torch]' "
+                         "(inspect without --stats does not)") from None
     out: Dict[str, Optional[Dict[str, Any]]] = {}
     total = sum(t.nbytes for _, t in items)
     done = 0

@@ -99,6 +99,7 @@ def test_parameters_and_buffers_apart_where_the_file_says(tmp_path):
     buffers = sum(b.numel() for b in m.buffers())
     d = js("inspect", str(tmp_path / "full.pt"), "--depth", "1")
     assert (d["parameters"], d["buffers"], d["total_values"]) == (params, buffers, params + buffers)
+    assert d["total_params"] == params  # the file says which are parameters: model.parameters()'s count
     tree = {row["module"]: row for row in d["tree"]}
     assert tree["bn1"] == {"module": "bn1", "tensors": 5, "values": 64 * 4 + 1, "parameters": 128, "buffers": 129}
     r = run("inspect", str(tmp_path / "full.pt"))

@@ -253,3 +253,30 @@ def test_verify_reports_progress_through_its_round_trips(tmp_path):
     r = verify(str(path), progress=lambda done, total: calls.append((done, total)))
     assert r.ok and calls and calls[-1][0] == calls[-1][1] == 2 * 5 * 4000
     assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
+
+
+def test_remap_to_a_device_torch_cannot_restore_is_refused(pair, tmp_path):
+    a, _ = pair
+    r = run("remap", a, "-o", tmp_path / "r.pt", "--map", "cpu=cudaa")
+    assert_error(r, "ckpttool: error: --map 'cpu=cudaa': torch.load restores no device 'cudaa'; DST is one of cpu, "
+                    "cuda[:N], mps, meta, xpu[:N], hpu[:N], mtia[:N], npu[:N]")
+    assert not (tmp_path / "r.pt").exists()
+
+
+def test_verify_says_what_trust_and_a_lone_cpu_proved(tmp_path):
+    """--trust passes on weights_only=False: the proven line says so, not torch.load(weights_only=True); a forward
+    pass on the CPU alone compared nothing: "forward pass runs"; --against without inputs: outputs not proven."""
+    import torchvision
+    m = torchvision.models.resnet18(weights=None, num_classes=4)
+    full = tmp_path / "full.pth"
+    torch.save(m, full)
+    r = run("verify", full, "--trust", "--input-shape", "1x3x32x32")
+    assert r.exit_code == 0, r.output
+    proven = next(ln for ln in r.stdout.splitlines() if ln.startswith("proven: "))
+    assert "torch.load(weights_only=False, allowed by --trust)" in proven and "forward pass runs (cpu)" in proven
+    assert "computes the same (cpu)" not in proven
+    sd = tmp_path / "sd.safetensors"
+    assert run("convert", full, "-o", sd).exit_code == 0
+    r = run("verify", sd, "--against", full, "--trust")
+    not_proven = next(ln for ln in r.stdout.splitlines() if ln.startswith("not proven: "))
+    assert "matches original" in not_proven

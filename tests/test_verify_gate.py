@@ -205,7 +205,7 @@ def test_report_lists_what_was_proven(make):
     tail = r.stdout.splitlines()[-3:]
     if not CUDA:
         assert tail == ["proven: readable; torch.load(weights_only=True); integrity; format round trip (torch_zip, "
-                        "safetensors); device tags; loads into model (cpu); computes the same (cpu)",
+                        "safetensors); device tags; loads into model (cpu); forward pass runs (cpu)",
                         "not proven: devices (cuda)",
                         "result: PASS"]
     else:

@@ -14,8 +14,10 @@ from typing import Optional
 from ..errors import FileAccessError, FormatError
 from ..records import Checkpoint
 
+# every name detect() and open() give (a Checkpoint's ``format``); "index" is what detect() calls a shard
+# index (a .json or a folder holding one), opened as safetensors_sharded or torch_sharded
 FORMATS = ("torch_zip", "torch_legacy", "torchscript", "safetensors", "safetensors_sharded",
-           "torch_sharded", "onnx", "pickle")
+           "torch_sharded", "onnx", "pickle", "dcp", "index")
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 

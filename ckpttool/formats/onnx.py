@@ -33,7 +33,7 @@ def _import_onnx():
         from google.protobuf.message import DecodeError
     except ImportError:
         raise MissingDependencyError("reading ONNX files needs the onnx package",
-                                     hint="pip install onnx") from None
+                                     hint="pip install 'ckpttool[onnx]'") from None
     return onnx, DecodeError
 
 
