@@ -308,7 +308,15 @@ def _read_back(path: str, fmt: str) -> Mapping[str, Any]:
     from safetensors.torch import load_file
 
     def load(p: str) -> Mapping[str, Any]:
-        return torch.load(p, map_location="cpu", weights_only=True) if fmt == "torch" else load_file(p)
+        if fmt == "torch":
+            return torch.load(p, map_location="cpu", weights_only=True)
+        from safetensors import safe_open
+        got = load_file(p)
+        with safe_open(p, "pt") as f:  # tied names stored once: the header names the kept one, as load_model reads it
+            for name, kept in (f.metadata() or {}).items():
+                if name not in got and kept in got and name != "format":
+                    got[name] = got[kept]
+        return got
 
     if os.path.isdir(path):  # shards: every file the index names, by torch's / safetensors' own loader
         import json

@@ -614,12 +614,21 @@ def test_write_state_dict_torch_keeps_shared_tensors(tmp_path):
 
 
 def test_write_state_dict_safetensors_unshares(tmp_path):
+    """Views are written each on its own; two names of one whole tensor (a tie) once, the other in the header,
+    as convert and safetensors' save_model write them."""
+    from safetensors import safe_open
     w = torch.randn(6, 3)
     tensors = {"a": w, "b": w, "top": w[:3], "bottom": w[3:], "t": w.t()}
     write_state_dict(tensors, str(tmp_path / "o.safetensors"), "safetensors", metadata={"k": "v"})
     got = load_file(tmp_path / "o.safetensors")
+    assert sorted(got) == ["a", "bottom", "t", "top"]
+    with safe_open(str(tmp_path / "o.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt", "b": "a", "k": "v"}
+    got["b"] = got["a"]
     for k, v in tensors.items():
         assert torch.equal(got[k], v), k
+    back = ckpttool.open(str(tmp_path / "o.safetensors")).root  # ckpttool's reader ties it again
+    assert set(back) == set(tensors)
     assert listing(tmp_path) == {"o.safetensors"}
 
 

@@ -96,3 +96,28 @@ def test_a_missing_name_tied_to_a_kept_one_stays_tied(tmp_path, monkeypatch):
     assert torch.equal(got["head.weight"], got["embed.weight"])
     assert got["head.weight"].untyped_storage().data_ptr() == got["embed.weight"].untyped_storage().data_ptr()
     assert os.path.getsize(out) < 2 * 10 * 4 * 4 + 4096  # stored once
+
+
+def test_filter_and_convert_write_a_tied_input_alike(tmp_path, monkeypatch):
+    """One rule for tied weights in safetensors (issue 18): stored once under the sorted-first name, the other
+    recorded in the header, as safetensors' save_model does; filter stored the tie twice."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+    from ckpttool.converting import convert
+    (tmp_path / "tiedmod.py").write_text(TIED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("tiedmod", None)
+    import tiedmod
+    src = tmp_path / "src.pt"
+    torch.save(tiedmod.Tied().state_dict(), src)
+    filter_checkpoint(str(src), str(tmp_path / "f.safetensors"), model=str(tmp_path / "tiedmod.py") + ":Tied")
+    convert(str(src), str(tmp_path / "c.safetensors"))
+    headers = []
+    for name in ("f", "c"):
+        with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as f:
+            headers.append((sorted(f.keys()), f.metadata()))
+        m = tiedmod.Tied()
+        assert load_model(m, str(tmp_path / f"{name}.safetensors")) == (set(), [])
+        assert m.head.weight is m.embed.weight
+    assert headers[0] == headers[1] == (["body.bias", "body.weight", "embed.weight"],
+                                        {"format": "pt", "head.weight": "embed.weight"})

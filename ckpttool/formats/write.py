@@ -74,17 +74,48 @@ def write_state_dict(tensors: Mapping[str, Any], out: str, fmt: str,
             torch.save(dict(tensors), tmp)
         else:
             from safetensors.torch import save_file
+            ties = tied_names(tensors)
             seen: Dict[int, Any] = {}
             flat = {}
             for name, t in tensors.items():
+                if name in ties:  # stored once, under the kept name; the header says which
+                    continue
                 t = t.contiguous()
                 if id(t) in seen or t.untyped_storage().data_ptr() in seen:
                     t = t.clone()
                 seen[id(t)] = seen[t.untyped_storage().data_ptr()] = True
                 flat[name] = t
-            save_file(flat, tmp, metadata=metadata)
+            save_file(flat, tmp, metadata={**({"format": "pt"} if ties else {}), **ties, **(metadata or {})}
+                      or None)
         if check is not None:
             check(tmp)
+
+
+def tied_names(tensors: Mapping[str, Any]) -> Dict[str, str]:
+    """``{dropped name: kept name}`` for torch tensors that are the same view of one storage, as convert's
+    writer and ``safetensors.torch.save_model`` do it: of the names over the same bytes, the first (sorted) that
+    covers its whole storage is kept; ``load_model`` (and ckpttool's readers) tie the others again."""
+    groups: Dict[Any, list] = {}
+    for name, t in tensors.items():
+        if t.numel():
+            groups.setdefault((t.untyped_storage().data_ptr(), t.device), []).append(name)
+    out: Dict[str, str] = {}
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        def whole(n: str) -> bool:
+            t = tensors[n]
+            return t.storage_offset() == 0 and t.is_contiguous() and \
+                t.numel() * t.element_size() == t.untyped_storage().nbytes()
+        complete = sorted(n for n in names if whole(n))
+        if complete:
+            keep = tensors[complete[0]]
+            for n in names:
+                t = tensors[n]
+                if n != complete[0] and (t.shape, t.dtype, t.storage_offset(), t.stride()) == \
+                        (keep.shape, keep.dtype, keep.storage_offset(), keep.stride()):
+                    out[n] = complete[0]
+    return out
 
 
 def write_safetensors_shards(tensors: Mapping[str, Any], out: str, max_bytes: int,
