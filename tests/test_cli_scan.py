@@ -9,8 +9,8 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from test_scan import _flag_record
-from test_safe_pickle import PAYLOADS, call, dct, glob, make_ctx, markers_in, pk, sglob, u, zip_with_pickle
+from payloads import PAYLOADS, call, dct, glob, make_ctx, markers_in, pk, sglob, u, zip_with_pickle
+from payloads import flag_record as _flag_record
 
 from ckpttool.cli import cli
 

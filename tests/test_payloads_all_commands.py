@@ -25,9 +25,8 @@ import zipfile
 import pytest
 import torch
 
-from test_safe_pickle import (PAYLOAD_IDS, PAYLOADS, audited, embed, ext_registry, make_ctx, markers_in, u,
-                              zip_with_pickle)
-from test_scan import BYPASSES
+from payloads import (BYPASSES, PAYLOAD_IDS, PAYLOADS, audited, embed, ext_registry, make_ctx,  # noqa: F401
+                      markers_in, u, zip_with_pickle)
 from click.testing import CliRunner
 
 from ckpttool.cli import cli  # imported before any audited window

@@ -33,8 +33,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from test_safe_pickle import (PAYLOAD_IDS, PAYLOADS, by, call, dct, embed, glob, legacy_header,
-                              legacy_with_pickle, lst, make_ctx, markers_in, pk, sglob, tup, u, zip_with_pickle)
+from payloads import (BYPASSES, PAYLOAD_IDS, PAYLOADS, by, call, dct, embed, glob, legacy_header, legacy_with_pickle,
+                      lst, make_ctx, markers_in, pk, sglob, tup, u, zip_with_pickle)
+from payloads import flag_record as _flag_record
 
 import ckpttool
 from ckpttool.errors import CkptError, FileAccessError, FormatError
@@ -677,36 +678,6 @@ def test_an_unknown_callable_is_never_silently_safe(module, name):
 # 4. Calls that do not look like REDUCE of a named global: live, and flagged
 # =============================================================================================
 
-def _mkdtemp_noargs(c):  # INST with an empty argument list: tempfile.mkdtemp() (TMPDIR points at the marker)
-    return b"\x80\x02(itempfile\nmkdtemp\n."
-
-
-BYPASSES = {
-    # the callable is DUP'd: REDUCE calls a copy the scanner no longer knows by name
-    "DUP launders the callable": lambda c: pk(glob("shutil", "copyfile") + b"2" + tup(u(os.devnull), u(c.marker))
-                                              + b"R"),
-    # functools.partial (benign, as vit_b_16 needs) wraps any function; the partial is then called
-    "functools.partial(copyfile, ...)()": lambda c: pk(call(glob("functools", "partial"), glob("shutil", "copyfile"),
-                                                            u(os.devnull), u(c.marker)) + b")R"),
-    # BUILD with slot state sets an instance's __setstate__; the next BUILD calls it
-    "BUILD sets __setstate__ = os.mkdir": lambda c: pk(glob("types", "SimpleNamespace") + b")\x81" + b"N"
-                                                       + dct(__setstate__=glob("os", "mkdir")) + b"\x86b"
-                                                       + u(c.marker) + b"b"),
-    # BUILD sets an instance attribute named append; APPEND calls it
-    "BUILD sets append = os.mkdir, APPEND calls it": lambda c: pk(glob("types", "SimpleNamespace") + b")\x81"
-                                                                  + dct(append=glob("os", "mkdir")) + b"b"
-                                                                  + u(c.marker) + b"a"),
-    # copyreg._reconstructor(cls, base, state) calls base.__init__(obj, state) when base is not object
-    "copyreg._reconstructor runs base.__init__": lambda c: pk(call(glob("copyreg", "_reconstructor"),
-                                                                   glob("logging", "FileHandler"),
-                                                                   glob("logging", "FileHandler"), u(c.marker))),
-    # an allow-listed torch function that calls its first argument: func(*args)
-    "_rebuild_from_type_v2 calls its func": lambda c: pk(call(glob("torch._tensor", "_rebuild_from_type_v2"),
-                                                              glob("os", "mkdir"), glob("torch", "Tensor"),
-                                                              tup(u(c.marker)), b"}")),
-    # INST (and OBJ) with no arguments is cls(): a call of whatever the global is
-    "INST with no arguments calls a function": _mkdtemp_noargs,
-}
 BYPASS_IDS = list(BYPASSES)
 
 
@@ -865,33 +836,6 @@ def test_a_dangerous_global_before_the_pickle_breaks_is_still_reported(tmp_path)
     # torch imports os.system before it finds the pickle truncated: what ran before the failure counts
     f = scan([write(tmp_path, "bad.pkl", b"\x80\x02" + glob("os", "system") + tup(u("echo")) + b"R")]).files[0]
     assert f.dangerous_names == ("os.system",) and any("stops" in p for p in f.problems)
-
-
-def _flag_record(path: str, record_suffix: str, flag=None, method=None, version=None, bad_utf8_name=False) -> None:
-    """Change a record's general-purpose flag, compression method, or (central directory only) the version
-    needed to extract, or make its central-directory name invalid UTF-8 under the UTF-8 flag."""
-    with zipfile.ZipFile(path) as z:
-        name = next(n for n in z.namelist() if n.endswith(record_suffix)).encode()
-    b = bytearray(open(path, "rb").read())
-    i = -1
-    while True:
-        i = b.find(name, i + 1)
-        if i < 0:
-            break
-        for sig, off, flag_at, method_at in ((b"PK\x03\x04", 30, 6, 8), (b"PK\x01\x02", 46, 8, 10)):
-            h = i - off
-            if h >= 0 and b[h:h + 4] == sig:
-                if flag is not None:
-                    b[h + flag_at:h + flag_at + 2] = struct.pack("<H", flag)
-                if method is not None:
-                    b[h + method_at:h + method_at + 2] = struct.pack("<H", method)
-                if sig == b"PK\x01\x02" and version is not None:
-                    b[h + 6:h + 8] = struct.pack("<H", version)
-                if sig == b"PK\x01\x02" and bad_utf8_name:
-                    b[h + 8:h + 10] = struct.pack("<H", 0x0800)
-                    b[i] = 0xFF
-    with open(path, "wb") as fh:
-        fh.write(bytes(b))
 
 
 def malformed_files(tmp_path, make, real_dcp_folder):
