@@ -765,7 +765,7 @@ def test_fast_byte_comparison_reuses_its_buffers_safely(tmp_path, monkeypatch):
     make unequal tensors equal, nor equal ones unequal, whatever was compared before."""
     from ckpttool import diffing
     monkeypatch.setattr(diffing, "FAST_CHUNK", 64)  # many chunks, most tensors end in a short one
-    monkeypatch.setattr(diffing, "_buffers", [])
+    monkeypatch.setattr(diffing, "_THREAD", __import__("threading").local())  # fresh buffers (per thread)
     torch.manual_seed(3)
     x = torch.randn(101)
     y = x.clone()
