@@ -15,12 +15,13 @@ import os
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .align import Rename, apply_renames, common_prefix
-from .dtypes import itemsize
+from .dtypes import DTYPES, itemsize, parse_dtype  # noqa: F401 (DTYPES: where callers found it)
 from .errors import CheckFailedError, CkptError, FileAccessError, UsageError
 from .formats import open as open_checkpoint
 from .formats.safetensors_writer import EntryOut, parse_size, write_safetensors, write_shards
 from .formats.torch_writer import StorageOut, TensorOut, rebuild_out, storages_of, write_torch_zip
 from .formats.write import shards_to, target_format
+from .comparing import pieces
 from .records import Checkpoint, ConvertResult, TensorRef, read_pieces
 from .text import plural
 from .tree import StateDict, find_state_dict, open_state_dict
@@ -29,25 +30,6 @@ from .writing import atomic_output, check_output, folder_output, writing
 Progress = Optional[Callable[[int, int], None]]
 CHUNK = 1 << 24  # 16 MiB of source bytes per read
 FLOATING = ("float64", "float32", "float16", "bfloat16")
-# --dtype: torch's names, their torch. spellings and the usual aliases (what every output prints is accepted)
-DTYPES = {"fp16": "float16", "float16": "float16", "half": "float16", "f16": "float16",
-          "bf16": "bfloat16", "bfloat16": "bfloat16",
-          "fp32": "float32", "float32": "float32", "float": "float32", "f32": "float32",
-          "fp64": "float64", "float64": "float64", "double": "float64", "f64": "float64"}
-def parse_dtype(dtype: Optional[str]) -> Optional[str]:
-    """``--dtype`` (``fp16``, ``half``, ``torch.float16``...) -> torch's dtype name, or None; a UsageError for the rest.
-
-    >>> parse_dtype("torch.float16"), parse_dtype("bf16"), parse_dtype(None)
-    ('float16', 'bfloat16', None)
-    """
-    if not dtype:
-        return None
-    name = str(dtype).lower()
-    cast = DTYPES.get(name[len("torch."):] if name.startswith("torch.") else name)
-    if cast is None:
-        raise UsageError(f"--dtype {dtype!r}: use float16 (fp16, half), bfloat16 (bf16), float32 (fp32, float) "
-                         "or float64 (fp64, double)")
-    return cast
 
 
 def parse_metadata(items: Sequence[str]) -> Dict[str, str]:
@@ -624,9 +606,8 @@ def _check(path: str, sd: StateDict, written: Mapping[str, Any], cast: Optional[
 
 
 def _compare_bytes(name: str, src: TensorRef, got: TensorRef, dtype: str) -> None:
-    from .diffing import _pieces
     n = max(1, CHUNK // 8)
-    pieces = _pieces(src, n) if dtype == src.dtype else _cast_chunks(lambda: _pieces(src, n), src.dtype, dtype)()
-    for a, b in zip(pieces, _pieces(got, n)):  # C-order bytes, n elements a piece on both sides
+    chunks = pieces(src, n) if dtype == src.dtype else _cast_chunks(lambda: pieces(src, n), src.dtype, dtype)()
+    for a, b in zip(chunks, pieces(got, n)):  # C-order bytes, n elements a piece on both sides
         if a != b:
             raise CheckFailedError(f"tensor {name}: the output's bytes differ from the source's")

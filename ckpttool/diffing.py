@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import threading
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from . import numbers
 from .align import Alignment, align as find_alignment, pair_names
 from .errors import CkptError, UsageError
-from .records import Checkpoint, DiffResult, Rebuild, TensorDiff, TensorRef, read_pieces
+from .comparing import bytes_equal, pieces, same_bits as piece_bits_equal
+from .records import Checkpoint, DiffResult, Rebuild, TensorDiff, TensorRef
 from .tree import open_state_dict
 
 Progress = Optional[Any]
@@ -261,65 +261,6 @@ def form_difference(a: TensorRef, b: TensorRef) -> Optional[Tuple[str, str]]:
     return None
 
 
-def _pieces(t: TensorRef, n: int, reuse: bool = False) -> Iterator[bytes]:
-    """The tensor's C-order bytes, ``n`` elements at a time (a strided view is gathered first).
-
-    With ``reuse``, pieces of a contiguous tensor are views of a reused buffer (``read_pieces``),
-    each valid until the next piece is asked for.
-    """
-    if reuse and t.is_contiguous and t.has_data:
-        yield from read_pieces(t.storage.source, t.span()[0], t.nbytes, n * t.itemsize)
-        return
-    if t.is_contiguous or t.numel <= 1:
-        yield from t.iter_chunks(n * t.itemsize)
-        return
-    data = t.read_bytes()
-    step = n * t.itemsize
-    for i in range(0, len(data), step):
-        yield data[i:i + step]
-
-
-FAST_CHUNK = 8 << 20
-_THREAD = threading.local()  # per thread: two reusable buffers whose contents are equal between calls
-
-
-def _bytes_equal(a: TensorRef, b: TensorRef) -> bool:
-    """Are two contiguous tensors' bytes equal? Two reusable buffers, no arithmetic, no torch.
-
-    Each chunk is read into the front of both buffers and the whole buffers compared (a C memcmp):
-    the bytes past the chunk are equal too, because any earlier difference ended the comparison,
-    after which the buffers are made anew.
-    """
-    sa, sb = a.storage.source, b.storage.source
-    if not (a.is_contiguous and b.is_contiguous and hasattr(sa, "readinto") and hasattr(sb, "readinto")):
-        return False
-    buffers = getattr(_THREAD, "buffers", None)
-    if buffers is None:
-        buffers = _THREAD.buffers = []
-    if not buffers:
-        buffers.extend((bytearray(FAST_CHUNK), bytearray(FAST_CHUNK)))
-    bufa, bufb = buffers
-    (start_a, _), (start_b, _) = a.span(), b.span()
-    total = a.nbytes
-    step = FAST_CHUNK - FAST_CHUNK % a.itemsize
-    va, vb = memoryview(bufa), memoryview(bufb)
-    for off in range(0, total, step):
-        n = min(step, total - off)
-        sa.readinto(start_a + off, va[:n])
-        sb.readinto(start_b + off, vb[:n])
-        if bufa != bufb:
-            buffers.clear()  # unequal now: the next call starts from fresh, equal buffers
-            return False
-    return True
-
-
-def _same_bits(pa: bytes, pb: bytes) -> bool:
-    if isinstance(pa, memoryview) or isinstance(pb, memoryview):  # a memoryview's == goes element by element
-        import numpy as np
-        return bool(np.array_equal(np.frombuffer(pa, dtype=np.uint8), np.frombuffer(pb, dtype=np.uint8)))
-    return pa == pb
-
-
 def _count(piece: bytes, itemsize: int) -> int:
     return len(piece) // max(itemsize, 1)
 
@@ -364,7 +305,7 @@ def compare_tensors(d: TensorDiff, a: TensorRef, b: TensorRef, atol: Optional[fl
     note = "" if same_bits else f"compared as torch loads them (A: {a.form}, B: {b.form})"
     if same_bits and bits_a:
         note = f"both {a.form}s: their stored values compared"
-    if same_bits and a.dtype == b.dtype and _bytes_equal(a, b):  # the common case, at the speed of the disk
+    if same_bits and a.dtype == b.dtype and bytes_equal(a, b):  # the common case, at the speed of the disk
         return dataclasses.replace(d, status="exact", max_abs=0.0, max_rel=0.0, atol=at, rtol=rt, note=note,
                                    rel_change=0.0)
     n_bad, max_abs, max_rel, exact = 0, 0.0, 0.0, True
@@ -372,7 +313,7 @@ def compare_tensors(d: TensorDiff, a: TensorRef, b: TensorRef, atol: Optional[fl
     # add to ||B||^2 only, read again at the end if the tensor turns out not exact, so an exact one costs nothing
     sums = [0.0, 0.0]
     prefix = 0
-    for pa, pb in zip(_pieces(a, chunk_elements, reuse=True), _pieces(b, chunk_elements, reuse=True)):
+    for pa, pb in zip(pieces(a, chunk_elements, reuse=True), pieces(b, chunk_elements, reuse=True)):
         if not same_bits:  # the values torch gives: the stored ones, conjugated / negated by the view bits
             xa = _as_loaded(numbers.as_numbers(pa, a.dtype), bits_a)
             xb = _as_loaded(numbers.as_numbers(pb, b.dtype), bits_b)
@@ -385,7 +326,7 @@ def compare_tensors(d: TensorDiff, a: TensorRef, b: TensorRef, atol: Optional[fl
             n_bad += chunk_bad
             max_abs, max_rel = max(max_abs, chunk_abs), max(max_rel, chunk_rel)
             continue
-        if a.dtype == b.dtype and _same_bits(pa, pb):
+        if a.dtype == b.dtype and piece_bits_equal(pa, pb):
             if exact:
                 prefix += 1
             elif measurable:
@@ -418,7 +359,7 @@ def compare_tensors(d: TensorDiff, a: TensorRef, b: TensorRef, atol: Optional[fl
                                    rel_change=0.0)
     rel_change = None
     if measurable:
-        for i, pb in enumerate(_pieces(b, chunk_elements, reuse=True)):
+        for i, pb in enumerate(pieces(b, chunk_elements, reuse=True)):
             if i >= prefix:
                 break
             _add_squares(sums, None, numbers.as_numbers(pb, b.dtype, "b"), True)

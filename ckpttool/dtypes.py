@@ -5,7 +5,9 @@ sub-byte packed dtypes are counted by their storage unit.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
+
+from .errors import UsageError
 
 ITEMSIZE: Dict[str, int] = {
     "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
@@ -73,3 +75,26 @@ def itemsize(dtype: str) -> int:
     2
     """
     return ITEMSIZE.get(dtype, 0)
+
+
+# --dtype: torch's names, their torch. spellings and the usual aliases (what every output prints is accepted)
+DTYPES = {"fp16": "float16", "float16": "float16", "half": "float16", "f16": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp32": "float32", "float32": "float32", "float": "float32", "f32": "float32",
+          "fp64": "float64", "float64": "float64", "double": "float64", "f64": "float64"}
+
+
+def parse_dtype(dtype: Optional[str]) -> Optional[str]:
+    """``--dtype`` (``fp16``, ``half``, ``torch.float16``...) -> torch's dtype name, or None; a UsageError for the rest.
+
+    >>> parse_dtype("torch.float16"), parse_dtype("bf16"), parse_dtype(None)
+    ('float16', 'bfloat16', None)
+    """
+    if not dtype:
+        return None
+    name = str(dtype).lower()
+    cast = DTYPES.get(name[len("torch."):] if name.startswith("torch.") else name)
+    if cast is None:
+        raise UsageError(f"--dtype {dtype!r}: use float16 (fp16, half), bfloat16 (bf16), float32 (fp32, float) "
+                         "or float64 (fp64, double)")
+    return cast

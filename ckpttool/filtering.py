@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from .align import Alignment, Rename, align as find_alignment, pair_names
 from .errors import CheckFailedError, CkptError, UsageError
 from .records import Checkpoint, FilterResult, KeptTensor, ShapeDrop, TensorRef
+from .modelspec import tied_groups
 from .tree import StateDict, open_state_dict
 
 TargetShapes = Dict[str, Tuple[Tuple[int, ...], str]]  # name -> (shape, dtype name)
@@ -357,7 +358,7 @@ def load_into(model: Any, source: Union[str, Checkpoint], device: Any = None, ke
     if device is None:
         device = "cpu" if first is None or on_meta else first.device
     tensors = materialize(result, src, device=device)
-    groups = _tied_groups(model)
+    groups = tied_groups(model)
     tied = groups if on_meta else []
     check = _check_load(model, tensors, result, assign=on_meta)
     for names in tied:  # assign=True gives each name its own Parameter: tie them again, as the model had them
@@ -378,16 +379,6 @@ def tied_through(result: FilterResult, groups: Sequence[Sequence[str]]) -> List[
         if any(n in kept for n in names):
             out += [n for n in names if n in result.missing]
     return sorted(out)
-
-
-def _tied_groups(model: Any) -> List[List[str]]:
-    """Names of parameters/buffers that are one object in ``model`` (tied weights), grouped."""
-    groups: Dict[int, List[str]] = collections.defaultdict(list)
-    for name, p in model.named_parameters(remove_duplicate=False):
-        groups[id(p)].append(name)
-    for name, b in model.named_buffers(remove_duplicate=False):
-        groups[id(b)].append(name)
-    return [names for names in groups.values() if len(names) > 1]
 
 
 def _get_member(model: Any, name: str) -> Any:

@@ -8,13 +8,16 @@ large model costs no memory until weights are loaded into it.
 from __future__ import annotations
 
 import ast
+import collections
+import contextlib
 import importlib
 import importlib.util
 import os
 import sys
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import FileAccessError, UsageError
+from .records import Checkpoint
 
 
 def parse_args(items: Sequence[str]) -> Dict[str, Any]:
@@ -111,3 +114,53 @@ def build_model(spec: str, args: Sequence[str] = (), device: Optional[str] = "me
             raise UsageError(f"--model {spec!r} made a {type(model).__name__}, not a torch.nn.Module")
         return model, dev
     raise UsageError(f"--model {spec!r} failed to build: {type(error).__name__}: {error}")
+
+
+@contextlib.contextmanager
+def import_path_added(dirs: Sequence[str]) -> Iterator[None]:
+    added = [os.path.abspath(d) for d in dirs]
+    for d in added:
+        if not os.path.isdir(d):
+            raise UsageError("--import-path is not a folder", d)
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for d in added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(d)
+
+
+def trusted_module(ckpt: Checkpoint, key: Optional[str], import_path: Sequence[str]) -> Any:
+    """Load the file with its code (the user said --trust) and pick the nn.Module in it."""
+    import torch
+    with import_path_added(import_path):
+        try:
+            if ckpt.format == "torchscript":
+                obj = torch.jit.load(ckpt.path, map_location="cpu")
+            else:
+                obj = torch.load(ckpt.path, map_location="cpu", weights_only=False)
+        except Exception as e:  # the file's own code failed to import or run
+            raise UsageError(f"loading the model with its code failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                             ckpt.path, hint="--import-path DIR points at the folder holding the model's package")
+    if key:
+        for part in key.split("/"):
+            obj = obj[int(part)] if isinstance(obj, (list, tuple)) else obj[part]
+    if isinstance(obj, dict):
+        found = [v for v in obj.values() if isinstance(v, torch.nn.Module)]
+        if not found:
+            raise UsageError("the file holds no pickled model; pass --model SPEC for its state_dict", ckpt.path)
+        obj = found[0]
+    if not isinstance(obj, torch.nn.Module):
+        raise UsageError(f"the file holds a {type(obj).__name__}, not a model", ckpt.path)
+    return obj
+
+
+def tied_groups(model: Any) -> List[List[str]]:
+    """Names of parameters/buffers that are one object in ``model`` (tied weights), grouped."""
+    groups: Dict[int, List[str]] = collections.defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups[id(p)].append(name)
+    for name, b in model.named_buffers(remove_duplicate=False):
+        groups[id(b)].append(name)
+    return [names for names in groups.values() if len(names) > 1]

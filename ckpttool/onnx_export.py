@@ -19,12 +19,13 @@ import importlib.util
 import logging
 import os
 import re
-import sys
 import warnings
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+from .dtypes import parse_dtype
 from .errors import CheckFailedError, MissingDependencyError, TrustRequiredError, UsageError
 from .records import Checkpoint, ConvertResult
+from .modelspec import trusted_module
 from .tree import open_state_dict
 from .writing import check_output, default_mode, fsync_dir, scratch_folder, uninterrupted
 
@@ -88,58 +89,18 @@ def shape_text(shape: Sequence[Any]) -> str:
     return "x".join("?" if d is None else str(d) for d in shape) if len(shape) else "scalar"
 
 
-@contextlib.contextmanager
-def _import_path(dirs: Sequence[str]) -> Iterator[None]:
-    added = [os.path.abspath(d) for d in dirs]
-    for d in added:
-        if not os.path.isdir(d):
-            raise UsageError("--import-path is not a folder", d)
-    sys.path[:0] = added
-    try:
-        yield
-    finally:
-        for d in added:
-            with contextlib.suppress(ValueError):
-                sys.path.remove(d)
-
-
 def _stub_classes(ckpt: Checkpoint) -> List[str]:
     """The classes the file would import, its own (not torch's) first."""
     names = {g.qualname for g in ckpt.globals if g.handling == "stub"}
     return sorted(names, key=lambda n: (n.startswith("torch."), n))
 
 
-def _trusted_module(ckpt: Checkpoint, key: Optional[str], import_path: Sequence[str]) -> Any:
-    """Load the file with its code (the user said --trust) and pick the nn.Module in it."""
-    import torch
-    with _import_path(import_path):
-        try:
-            if ckpt.format == "torchscript":
-                obj = torch.jit.load(ckpt.path, map_location="cpu")
-            else:
-                obj = torch.load(ckpt.path, map_location="cpu", weights_only=False)
-        except Exception as e:  # the file's own code failed to import or run
-            raise UsageError(f"loading the model with its code failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                             ckpt.path, hint="--import-path DIR points at the folder holding the model's package")
-    if key:
-        for part in key.split("/"):
-            obj = obj[int(part)] if isinstance(obj, (list, tuple)) else obj[part]
-    if isinstance(obj, dict):
-        found = [v for v in obj.values() if isinstance(v, torch.nn.Module)]
-        if not found:
-            raise UsageError("the file holds no pickled model; pass --model SPEC for its state_dict", ckpt.path)
-        obj = found[0]
-    if not isinstance(obj, torch.nn.Module):
-        raise UsageError(f"the file holds a {type(obj).__name__}, not a model", ckpt.path)
-    return obj
-
-
 def _model_from_spec(ckpt: Checkpoint, key: Optional[str], spec: str, args: Sequence[str]) -> Tuple[Any, Dict[str, Any]]:
-    from .filtering import _tied_groups, filter_state_dict, load_into, tied_through
-    from .modelspec import build_model
+    from .filtering import filter_state_dict, load_into, tied_through
+    from .modelspec import build_model, tied_groups
     model, device = build_model(spec, args)
     plan = filter_state_dict(ckpt, model, key=key)  # reads no data: refuse before loading anything
-    through = set(tied_through(plan, _tied_groups(model)))
+    through = set(tied_through(plan, tied_groups(model)))
     # a BatchNorm counter the file lacks is filled by the model itself; a tied twin by its kept twin
     missing = [n for n in plan.missing if n not in through and not n.endswith("num_batches_tracked")]
     if missing or plan.dropped_shape_mismatch:
@@ -206,14 +167,13 @@ def export_onnx(source: Union[str, Checkpoint], out: str, key: Optional[str] = N
     if model:
         net, details = _model_from_spec(ckpt, key, model, model_args)
     else:
-        net = _trusted_module(ckpt, key, import_path)
+        net = trusted_module(ckpt, key, import_path)
         details["loaded_with"] = "its own code (--trust)"
     return _export(net, ckpt, sd.entry, sd.source, out, specs, dtype, opset, dynamic_batch, details, legacy_exporter)
 
 
 def _cast_name(dtype: Optional[str]) -> Optional[str]:
     """``--dtype`` as convert takes it (fp16, half, torch.float16...) -> the torch dtype name, or None."""
-    from .converting import parse_dtype
     return parse_dtype(dtype)
 
 

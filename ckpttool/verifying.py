@@ -42,6 +42,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from .errors import UsageError
 from .formats import open as open_checkpoint
+from .comparing import bytes_equal, pieces, same_bits
+from .modelspec import trusted_module
 from .onnx_export import SHAPES_NEEDED, parse_inputs, shape_text
 from .records import Checkpoint, CheckResult, TensorRef, VerifyReport
 from .tree import StateDict, find_state_dict, module_kind, open_state_dict
@@ -501,7 +503,6 @@ def _storage_groups(tensors: Dict[str, TensorRef]) -> List[Tuple[str, ...]]:
 
 def _compare_back(name: str, fmt: str, src: Dict[str, TensorRef], path: str, shared: bool,
                   dropped: Optional[Dict[str, str]] = None) -> CheckResult:
-    from .diffing import _bytes_equal, _pieces, _same_bits
     back = find_state_dict(open_checkpoint(path)).tensors
     expected = list(src)  # tied names stored once in safetensors come back from its header
     missing = [n for n in expected if n not in back]
@@ -518,10 +519,10 @@ def _compare_back(name: str, fmt: str, src: Dict[str, TensorRef], path: str, sha
                 [(k, p.dtype, p.shape) for k, p in b.parts]:
             return CheckResult(name, fmt, "fail", f"{n}: its parts differ after the round trip", culprit=n)
         for x, y in pairs:
-            if not x.has_data or _bytes_equal(x, y):  # two reused buffers and a memcmp, where both are contiguous
+            if not x.has_data or bytes_equal(x, y):  # two reused buffers and a memcmp, where both are contiguous
                 continue
-            for pa, pb in zip(_pieces(x, 1 << 22), _pieces(y, 1 << 22)):
-                if not _same_bits(pa, pb):
+            for pa, pb in zip(pieces(x, 1 << 22), pieces(y, 1 << 22)):
+                if not same_bits(pa, pb):
                     return CheckResult(name, fmt, "fail", f"{n}: values differ after the round trip", culprit=n)
     detail = f"{len(expected)} tensors bit-equal"
     if shared:
@@ -662,8 +663,7 @@ class _Runner:
                 return r
 
             def own():
-                from .onnx_export import _trusted_module
-                net = _trusted_module(ckpt, key, import_path)
+                net = trusted_module(ckpt, key, import_path)
                 return net, None
             r.module_factory, r.label = own, "its own code (--trust)"
             return r
@@ -671,8 +671,7 @@ class _Runner:
                    if module_kind(v) == "pickled"]
         if bundled and trust:  # a training checkpoint with its model pickled beside the state_dict
             def bundled_model():
-                from .onnx_export import _trusted_module
-                net = _trusted_module(ckpt, str(bundled[0]), import_path)
+                net = trusted_module(ckpt, str(bundled[0]), import_path)
                 return net, {n: t.to_torch() for n, t in sd.tensors.items()}
             r.module_factory, r.label = bundled_model, f"the model pickled in its entry {bundled[0]} (--trust)"
             return r

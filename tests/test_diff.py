@@ -761,11 +761,11 @@ def test_metadata_and_bit_equal_diff_import_no_torch(make, committed):
 
 
 def test_fast_byte_comparison_reuses_its_buffers_safely(tmp_path, monkeypatch):
-    """diffing._bytes_equal compares whole reused buffers: stale bytes past a short chunk must never
+    """comparing.bytes_equal compares whole reused buffers: stale bytes past a short chunk must never
     make unequal tensors equal, nor equal ones unequal, whatever was compared before."""
-    from ckpttool import diffing
-    monkeypatch.setattr(diffing, "FAST_CHUNK", 64)  # many chunks, most tensors end in a short one
-    monkeypatch.setattr(diffing, "_THREAD", __import__("threading").local())  # fresh buffers (per thread)
+    from ckpttool import comparing
+    monkeypatch.setattr(comparing, "FAST_CHUNK", 64)  # many chunks, most tensors end in a short one
+    monkeypatch.setattr(comparing, "_THREAD", __import__("threading").local())  # fresh buffers (per thread)
     torch.manual_seed(3)
     x = torch.randn(101)
     y = x.clone()
@@ -776,12 +776,12 @@ def test_fast_byte_comparison_reuses_its_buffers_safely(tmp_path, monkeypatch):
     pb = save(tmp_path, "b.pt", {"x": y, "short": x[:5].clone(), "long": torch.randn(37)})
     pc = save(tmp_path, "c.pt", {"x": z, "short": x[:5].clone(), "long": torch.randn(37)})
     a, b, c = (ckpttool.open(p).root for p in (pa, pb, pc))
-    assert diffing._bytes_equal(a["x"], b["x"]) is False
-    assert diffing._bytes_equal(a["short"], b["short"]) is True
-    assert diffing._bytes_equal(a["x"], c["x"]) is False
-    assert diffing._bytes_equal(a["x"], a["x"]) is True
-    assert diffing._bytes_equal(a["long"], b["long"]) is False
-    assert diffing._bytes_equal(a["short"], c["short"]) is True
+    assert comparing.bytes_equal(a["x"], b["x"]) is False
+    assert comparing.bytes_equal(a["short"], b["short"]) is True
+    assert comparing.bytes_equal(a["x"], c["x"]) is False
+    assert comparing.bytes_equal(a["x"], a["x"]) is True
+    assert comparing.bytes_equal(a["long"], b["long"]) is False
+    assert comparing.bytes_equal(a["short"], c["short"]) is True
     # and through diff(): the equal tensor is exact, the others are measured
     r = diff(pa, pb)
     assert r.exact == 1 and {d.name for d in r.value_mismatch} == {"x", "long"}
