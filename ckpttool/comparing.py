@@ -10,7 +10,8 @@ from __future__ import annotations
 import threading
 from typing import Iterator
 
-from .records import TensorRef, read_pieces
+from .checkpoint import TensorRef
+from .spans import read_pieces
 
 
 def pieces(t: TensorRef, n: int, reuse: bool = False) -> Iterator[bytes]:

@@ -22,7 +22,9 @@ from .formats.safetensors_writer import EntryOut, parse_size, write_safetensors,
 from .formats.torch_writer import StorageOut, TensorOut, rebuild_out, storages_of, write_torch_zip
 from .formats.write import shards_to, target_format
 from .comparing import pieces
-from .records import Checkpoint, ConvertResult, TensorRef, read_pieces
+from .checkpoint import Checkpoint, TensorRef
+from .results import ConvertResult
+from .spans import read_pieces
 from .text import plural
 from .tree import StateDict, find_state_dict, open_state_dict
 from .writing import atomic_output, check_output, folder_output, writing

@@ -17,7 +17,8 @@ from . import numbers
 from .align import Alignment, align as find_alignment, pair_names
 from .errors import CkptError, UsageError
 from .comparing import bytes_equal, pieces, same_bits as piece_bits_equal
-from .records import Checkpoint, DiffResult, Rebuild, TensorDiff, TensorRef
+from .checkpoint import Checkpoint, Rebuild, TensorRef
+from .results import DiffResult, TensorDiff
 from .tree import open_state_dict
 
 Progress = Optional[Any]
@@ -451,7 +452,7 @@ def _skeleton_of(v: Any, depth: int, memo: Dict[int, Any]) -> Any:
     """A rebuild's arguments with their tensors and storages reduced to (dtype, shape): what must be equal
     besides the tensors' values (a quantizer's scale, a sparse tensor's size, a subclass's attributes)."""
     from .formats.safe_pickle import Stub
-    from .records import Rebuild, StorageRef, Value
+    from .checkpoint import Rebuild, StorageRef, Value
     if depth > 50:
         return "..."
     if isinstance(v, TensorRef):  # its values are compared apart; how it is rebuilt (a quantizer) is not a value

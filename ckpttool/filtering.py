@@ -20,7 +20,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .align import Alignment, Rename, align as find_alignment, pair_names
 from .errors import CheckFailedError, CkptError, UsageError
-from .records import Checkpoint, FilterResult, KeptTensor, ShapeDrop, TensorRef
+from .checkpoint import Checkpoint, TensorRef
+from .results import FilterResult, KeptTensor, ShapeDrop
 from .modelspec import tied_groups
 from .tree import StateDict, open_state_dict
 

@@ -17,7 +17,7 @@ import sys
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import FileAccessError, UsageError
-from .records import Checkpoint
+from .checkpoint import Checkpoint
 
 
 def parse_args(items: Sequence[str]) -> Dict[str, Any]:

@@ -24,7 +24,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .dtypes import parse_dtype
 from .errors import CheckFailedError, MissingDependencyError, TrustRequiredError, UsageError
-from .records import Checkpoint, ConvertResult
+from .checkpoint import Checkpoint
+from .results import ConvertResult
 from .modelspec import trusted_module
 from .tree import open_state_dict
 from .writing import check_output, default_mode, fsync_dir, scratch_folder, uninterrupted

@@ -25,7 +25,9 @@ from .formats import detect, open as open_checkpoint
 from .formats.archive import STORED, Archive, Record
 from .formats.torch_zip import MAX_PICKLE
 from .pickles.rewriting import StorageSeen, rewrite_locations
-from .records import Checkpoint, FileSpan, RemapResult
+from .checkpoint import Checkpoint
+from .results import RemapResult
+from .spans import FileSpan
 from .tree import all_tensors
 from .writing import atomic_output, check_output, folder_output, writing
 
@@ -89,7 +91,7 @@ def _copy_member(archive: Archive, record: Record, chunk: int = 1 << 24) -> Iter
 def _copy_stored(path: str, record: Record, chunk: int = 1 << 24) -> Iterator[memoryview]:
     """A stored record's bytes, read straight from the file into one reused buffer (each piece is valid until
     the next is asked for). It does not compute the CRC-32: the writer does, once."""
-    from .records import read_pieces
+    from .spans import read_pieces
     return read_pieces(FileSpan(path, record.data_offset, record.size), 0, record.size, chunk)
 
 

@@ -7,8 +7,8 @@ import os
 from json.encoder import encode_basestring_ascii as _json_str  # json.dumps's own string writer (ensure_ascii)
 from typing import Any, Dict, List, Optional
 
-from .records import (ConvertResult, DiffResult, FilterResult, InspectResult, RemapResult, ScanResult,
-                      TensorInfo, VerifyReport)
+from .results import (ConvertResult, DiffResult, FilterResult, InspectResult, RemapResult, ScanResult, TensorInfo,
+                      VerifyReport)
 from .text import plural, printable
 
 
@@ -238,7 +238,7 @@ def diff_text(r: DiffResult, top: Optional[int] = 20, unicode: Optional[bool] = 
     table, in the record's order; None: every row), the module table with ``--depth``, then the verdict.
     ``unicode``: the module table's bars in block characters (default: when stdout takes UTF-8), else ``#``."""
     from tabulate import tabulate
-    from .records import TensorDiff
+    from .results import TensorDiff
 
     def side(path, fmt, entry, n):
         return f"{path}  ({fmt}, state_dict: {entry or 'top level'}, {plural(n, 'tensor')})"

@@ -43,7 +43,7 @@ from .errors import CkptError, FileAccessError, FormatError
 from .pickles.allowlist import BENIGN, SUPPORTED_OPCODES, TORCH_FORMAT_INTERNALS, advice, weights_only_admits
 from .pickles.machine import Source
 from .pickles.uses import COMPUTED_CALL, COMPUTED_GLOBAL, MAX_NESTED, PickleUses, scan_pickle
-from .records import ScanFile, ScanGlobal, ScanResult
+from .results import ScanFile, ScanGlobal, ScanResult
 
 # The worst, named in messages (anything else called and not admitted is dangerous all the same).
 DENY = {

@@ -9,7 +9,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .errors import CkptError, UsageError
 from .formats import open as open_checkpoint
 from .formats.safe_pickle import Stub
-from .records import Checkpoint, InspectResult, TensorRef, new_tensor_info, read_pieces
+from .checkpoint import Checkpoint, TensorRef
+from .results import InspectResult, new_tensor_info
+from .spans import read_pieces
 from .tree import StateDict, children, find_state_dict, is_tensor_dict, module_kind, module_state_dict
 from .text import plural, safe_repr
 

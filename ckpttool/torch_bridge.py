@@ -92,7 +92,8 @@ _CUDA_DEVICE_FILES = ("/dev/dxg", "/dev/nvhost-ctrl-gpu", "/dev/nvgpu/igpu0/ctrl
 def from_torch(x, key: str = "0"):
     """A TensorRef over a copy of a CPU torch tensor's bytes, held in memory (a dense, contiguous tensor)."""
     import torch
-    from .records import BufferSpan, StorageRef, TensorRef
+    from .checkpoint import StorageRef, TensorRef
+    from .spans import BufferSpan
     x = x.detach().cpu().contiguous()
     data = x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b""
     dtype = str(x.dtype).replace("torch.", "")

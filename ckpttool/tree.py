@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from .errors import FormatError, KeyNotFoundError, UsageError
 from .formats.safe_pickle import Stub
 from .pickles.reading import _tensor_parts as tensor_parts
-from .records import Checkpoint, TensorRef
+from .checkpoint import Checkpoint, TensorRef
 
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "state_dict_ema", "model_ema",
                    "ema_state_dict", "ema", "net", "network", "weights", "params")
@@ -123,7 +123,8 @@ def _scalar_tensor(value: Any, name: str) -> Optional[TensorRef]:
     """``torch.tensor(value)`` of a Python float (float32) or int (int64), as a record over its bytes: what a
     quantized module's ``_save_to_state_dict`` puts under ``scale`` and ``zero_point``."""
     import struct
-    from .records import BufferSpan, StorageRef
+    from .checkpoint import StorageRef
+    from .spans import BufferSpan
     if type(value) is float:
         dtype, data = "float32", struct.pack("<f", value)
     elif type(value) is int and -(1 << 63) <= value < (1 << 63):
@@ -136,7 +137,7 @@ def _scalar_tensor(value: Any, name: str) -> Optional[TensorRef]:
 
 def _value(value: Any) -> TensorRef:
     """A state_dict entry that is no tensor (a dtype, None), as a record written back as it is."""
-    from .records import Value
+    from .checkpoint import Value
     return TensorRef(shape=(), dtype=str(value) if value is not None else "none", kind="value",
                      explicit_nbytes=0, explicit_numel=0, rebuild=Value(value))
 

@@ -45,7 +45,8 @@ from .formats import open as open_checkpoint
 from .comparing import bytes_equal, pieces, same_bits
 from .modelspec import trusted_module
 from .onnx_export import SHAPES_NEEDED, parse_inputs, shape_text
-from .records import Checkpoint, CheckResult, TensorRef, VerifyReport
+from .checkpoint import Checkpoint, TensorRef
+from .results import CheckResult, VerifyReport
 from .tree import StateDict, find_state_dict, module_kind, open_state_dict
 from .writing import scratch_folder
 

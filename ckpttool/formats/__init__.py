@@ -12,7 +12,7 @@ import stat
 from typing import Optional
 
 from ..errors import FileAccessError, FormatError
-from ..records import Checkpoint
+from ..checkpoint import Checkpoint
 
 # every name detect() and open() give (a Checkpoint's ``format``); "index" is what detect() calls a shard
 # index (a .json or a folder holding one), opened as safetensors_sharded or torch_sharded

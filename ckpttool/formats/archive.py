@@ -49,7 +49,7 @@ from operator import add
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from ..errors import FileAccessError, FormatError
-from ..records import FileSpan
+from ..spans import FileSpan
 
 STORED, DEFLATED = 0, 8
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from ..records import Checkpoint
+from ..checkpoint import Checkpoint
 from .safe_pickle import load_stream
 
 

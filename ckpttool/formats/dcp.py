@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..dtypes import itemsize
 from ..errors import FileAccessError, FormatError
-from ..records import Checkpoint, FileSpan, StorageRef, TensorRef
+from ..checkpoint import Checkpoint, StorageRef, TensorRef
+from ..spans import FileSpan
 from .archive import STORED, AmbiguousArchive, Archive, record_span
 from .safe_pickle import Stub, parse_storage_pid, safe_load, storage_nbytes
 

@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Union
 
 from ..dtypes import ONNX_DTYPE, itemsize
 from ..errors import FileAccessError, FormatError, MissingDependencyError
-from ..records import BufferSpan, Checkpoint, FileSpan, StorageRef, TensorRef
+from ..checkpoint import Checkpoint, StorageRef, TensorRef
+from ..spans import BufferSpan, FileSpan
 from .sharded import inside
 
 

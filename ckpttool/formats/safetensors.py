@@ -17,7 +17,8 @@ from typing import Any, Dict, Tuple
 
 from ..dtypes import SAFETENSORS_DTYPE, itemsize
 from ..errors import FormatError
-from ..records import Checkpoint, FileSpan, StorageRef, TensorRef
+from ..checkpoint import Checkpoint, StorageRef, TensorRef
+from ..spans import FileSpan
 from ..text import safe_repr
 
 MAX_HEADER = 100 << 20  # safetensors' own limit

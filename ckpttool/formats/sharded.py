@@ -10,7 +10,7 @@ import os
 from typing import Callable, Dict
 
 from ..errors import FileAccessError, FormatError
-from ..records import Checkpoint, TensorRef
+from ..checkpoint import Checkpoint, TensorRef
 from .safetensors import parse_json
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")

@@ -14,7 +14,8 @@ from typing import Dict, Tuple
 
 from ..dtypes import itemsize
 from ..errors import FormatError
-from ..records import Checkpoint, FileSpan, StorageRef
+from ..checkpoint import Checkpoint, StorageRef
+from ..spans import FileSpan
 from ..text import safe_repr
 from ..pickles.machine import Machine, Policy
 from .safe_pickle import load_stream, parse_storage_pid, storage_nbytes

@@ -413,7 +413,7 @@ def rebuild_out(value: Any, tensor_out: Callable[[Any], Any], storage_out: Calla
     dtype, an object built with keyword arguments) is a ValueError naming it.
     """
     from ..pickles.reading import _TENSOR_FUNCS, Stub, TorchDevice, TorchDtype, TorchSize
-    from ..records import Layout, Rebuild, StorageRef, TensorRef, Value
+    from ..checkpoint import Layout, Rebuild, StorageRef, TensorRef, Value
     from ..pickles.uses import is_enum_class
     from ..scanning import classify
     funcs = {id(f): key for key, f in _TENSOR_FUNCS.items()}

@@ -14,7 +14,7 @@ import os
 from typing import Dict, Optional
 
 from ..errors import FormatError
-from ..records import Checkpoint, StorageRef, new_storage_ref
+from ..checkpoint import Checkpoint, new_storage_ref, StorageRef
 from .archive import STORED, Archive, record_span
 from .safe_pickle import load_stream, parse_storage_pid, safe_load, storage_nbytes
 

@@ -12,7 +12,7 @@ import os
 import re
 from typing import Dict, List, Optional, Tuple
 
-from ..records import Checkpoint
+from ..checkpoint import Checkpoint
 from .archive import Archive
 from .torch_zip import read_pickle, zip_metadata
 

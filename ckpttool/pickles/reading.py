@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from ..dtypes import ITEMSIZE as _ITEMSIZE, STORAGE_CLASS_DTYPE, itemsize
 from ..errors import FormatError
-from ..records import GlobalRef, Layout, Rebuild, StorageRef, TensorRef, new_tensor_ref
+from ..checkpoint import GlobalRef, Layout, new_tensor_ref, Rebuild, StorageRef, TensorRef
 from ..text import safe_repr
 from .machine import Machine, Policy, Source, bounded_keys
 

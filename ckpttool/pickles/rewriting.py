@@ -18,7 +18,7 @@ from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import FormatError, UsageError
-from ..records import new_storage_ref
+from ..checkpoint import new_storage_ref
 from .machine import Machine
 from .reading import ReadPolicy, gc_paused, parse_storage_pid, storage_nbytes
 
