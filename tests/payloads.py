@@ -14,7 +14,7 @@ import shlex
 import struct
 import sys
 import zipfile
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 from click.testing import CliRunner
 
@@ -396,28 +396,36 @@ BYPASSES = {
 }
 
 
+def record_headers(b: bytearray, name: bytes) -> Iterator[Tuple[bytes, int, int, int, int]]:
+    """Each zip header in ``b`` that names ``name``, local (PK\\x03\\x04) and central (PK\\x01\\x02): its
+    signature, the header's offset, the name's offset, and the offsets of its flag and compression method
+    fields. ``b`` may be changed between items (the search goes on after the name)."""
+    i = -1
+    while True:
+        i = b.find(name, i + 1)
+        if i < 0:
+            return
+        for sig, off, flag_at, method_at in ((b"PK\x03\x04", 30, 6, 8), (b"PK\x01\x02", 46, 8, 10)):
+            h = i - off
+            if h >= 0 and b[h:h + 4] == sig:
+                yield sig, h, i, h + flag_at, h + method_at
+
+
 def flag_record(path: str, record_suffix: str, flag=None, method=None, version=None, bad_utf8_name=False) -> None:
     """Change a record's general-purpose flag, compression method, or (central directory only) the version
     needed to extract, or make its central-directory name invalid UTF-8 under the UTF-8 flag."""
     with zipfile.ZipFile(path) as z:
         name = next(n for n in z.namelist() if n.endswith(record_suffix)).encode()
     b = bytearray(open(path, "rb").read())
-    i = -1
-    while True:
-        i = b.find(name, i + 1)
-        if i < 0:
-            break
-        for sig, off, flag_at, method_at in ((b"PK\x03\x04", 30, 6, 8), (b"PK\x01\x02", 46, 8, 10)):
-            h = i - off
-            if h >= 0 and b[h:h + 4] == sig:
-                if flag is not None:
-                    b[h + flag_at:h + flag_at + 2] = struct.pack("<H", flag)
-                if method is not None:
-                    b[h + method_at:h + method_at + 2] = struct.pack("<H", method)
-                if sig == b"PK\x01\x02" and version is not None:
-                    b[h + 6:h + 8] = struct.pack("<H", version)
-                if sig == b"PK\x01\x02" and bad_utf8_name:
-                    b[h + 8:h + 10] = struct.pack("<H", 0x0800)
-                    b[i] = 0xFF
+    for sig, h, i, flag_at, method_at in record_headers(b, name):
+        if flag is not None:
+            b[flag_at:flag_at + 2] = struct.pack("<H", flag)
+        if method is not None:
+            b[method_at:method_at + 2] = struct.pack("<H", method)
+        if sig == b"PK\x01\x02" and version is not None:
+            b[h + 6:h + 8] = struct.pack("<H", version)
+        if sig == b"PK\x01\x02" and bad_utf8_name:
+            b[h + 8:h + 10] = struct.pack("<H", 0x0800)
+            b[i] = 0xFF
     with open(path, "wb") as fh:
         fh.write(bytes(b))

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from payloads import (BYPASSES, PAYLOAD_IDS, PAYLOADS, audited, embed, ext_registry, make_ctx,  # noqa: F401
-                      markers_in, u, zip_with_pickle)
+                      markers_in, record_headers, u, zip_with_pickle)
 from click.testing import CliRunner
 
 from ckpttool.cli import cli  # imported before any audited window
@@ -269,21 +269,14 @@ def _set_record_header(path: str, flag=None, method=None, deflate=False, local_n
                 else:
                     z.writestr(info, data)
     b = bytearray(open(path, "rb").read())
-    i = -1
-    while True:
-        i = b.find(name.encode(), i + 1)
-        if i < 0:
-            break
-        for sig, off, flag_at, method_at in ((b"PK\x03\x04", 30, 6, 8), (b"PK\x01\x02", 46, 8, 10)):
-            h = i - off
-            if h >= 0 and b[h:h + 4] == sig:
-                if flag is not None:
-                    b[h + flag_at:h + flag_at + 2] = struct.pack("<H", flag)
-                if method is not None:
-                    b[h + method_at:h + method_at + 2] = struct.pack("<H", method)
-                if local_name_not_utf8 and sig == b"PK\x03\x04":
-                    b[h + flag_at:h + flag_at + 2] = struct.pack("<H", 0x0800)
-                    b[i + len(name) - 1] = 0xFF
+    for sig, _, i, flag_at, method_at in record_headers(b, name.encode()):
+        if flag is not None:
+            b[flag_at:flag_at + 2] = struct.pack("<H", flag)
+        if method is not None:
+            b[method_at:method_at + 2] = struct.pack("<H", method)
+        if local_name_not_utf8 and sig == b"PK\x03\x04":
+            b[flag_at:flag_at + 2] = struct.pack("<H", 0x0800)
+            b[i + len(name) - 1] = 0xFF
     with open(path, "wb") as f:
         f.write(bytes(b))
     return path
