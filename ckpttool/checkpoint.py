@@ -113,16 +113,13 @@ class TensorRef:
             out = _quantizer(self.rebuild)
         elif self.subclass in ("torch.Tensor", "torch.nn.parameter.Parameter") and self.kind == "dense":
             # torch's own class, saved with attributes of its own (_rebuild_from_type_v2's state)
-            state = self.rebuild.args[3] if isinstance(self.rebuild, Rebuild) and len(self.rebuild.args) > 3 else None
-            names = ", ".join(sorted(map(str, state)))[:80] if isinstance(state, dict) and state else "state"
             what = "tensor" if self.subclass == "torch.Tensor" else "parameter"
-            out = f"{what} with attributes ({names})"
+            out = f"{what} with attributes ({_attribute_names(self.rebuild)})"
         elif self.subclass:
             out = f"subclass {self.subclass}" if self.kind in ("dense", "subclass") else f"{out} {self.subclass}"
         elif isinstance(self.rebuild, Rebuild) and self.rebuild.name == "_rebuild_parameter_with_state":
-            state = self.rebuild.args[3] if len(self.rebuild.args) > 3 else None
-            names = ", ".join(sorted(map(str, state)))[:80] if isinstance(state, dict) else "state"
-            out = f"parameter with attributes ({names})" + ("" if out == "dense" else f" ({out})")
+            out = f"parameter with attributes ({_attribute_names(self.rebuild)})" + ("" if out == "dense" else
+                                                                                     f" ({out})")
         if self.bits:
             out = " ".join(self.bits) + " view" + ("" if out == "dense" else f" ({out})")
         return out
@@ -247,6 +244,13 @@ def new_tensor_ref(shape: Tuple[int, ...], dtype: str, stride: Tuple[int, ...], 
     d["parts"] = ()
     d["rebuild"] = None
     return t
+
+
+def _attribute_names(rebuild) -> str:
+    """The attributes a tensor was saved with (the state, 4th argument of _rebuild_from_type_v2 and of
+    _rebuild_parameter_with_state), by name: ``foo, note``; ``state`` when they are not a dict of names."""
+    state = rebuild.args[3] if isinstance(rebuild, Rebuild) and len(rebuild.args) > 3 else None
+    return ", ".join(sorted(map(str, state)))[:80] if isinstance(state, dict) and state else "state"
 
 
 def _quantizer(rebuild) -> str:
