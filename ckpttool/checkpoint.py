@@ -60,6 +60,10 @@ class TensorRef:
     parts: Tuple[Tuple[str, "TensorRef"], ...] = ()
     #: The call torch.save wrote for this tensor, kept where ckpttool writes it back as it was (``Rebuild``).
     rebuild: Any = None
+    #: The bytes in the file are encoded (a GGUF quantized type, ``"Q4_K"``): the storage's source gives the
+    #: decoded values, of ``dtype``; ``encoded_nbytes`` is what the tensor takes in the file.
+    encoding: Optional[str] = None
+    encoded_nbytes: Optional[int] = None
 
     @property
     def numel(self) -> int:
@@ -122,7 +126,18 @@ class TensorRef:
                                                                                      f" ({out})")
         if self.bits:
             out = " ".join(self.bits) + " view" + ("" if out == "dense" else f" ({out})")
+        if self.encoding:
+            out = f"{self.encoding} (read dequantized as {self.dtype})" + ("" if out == "dense" else f" ({out})")
         return out
+
+    @property
+    def value_form(self) -> str:
+        """The form of the tensor its values make (``form`` less a file encoding): what a copy written
+        elsewhere holds. A GGUF Q4_K tensor read as float32 values is a ``dense`` float32 tensor."""
+        if not self.encoding:
+            return self.form
+        import dataclasses
+        return dataclasses.replace(self, encoding=None, encoded_nbytes=None).form
 
     def span(self) -> Tuple[int, int]:
         """(first byte, byte length) of the storage region this tensor touches."""
@@ -243,6 +258,8 @@ def new_tensor_ref(shape: Tuple[int, ...], dtype: str, stride: Tuple[int, ...], 
     d["metadata"] = ()
     d["parts"] = ()
     d["rebuild"] = None
+    d["encoding"] = None
+    d["encoded_nbytes"] = None
     return t
 
 

@@ -1,6 +1,7 @@
 """Records -> text: tables (tabulate) and JSON. No torch import, no printing."""
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -88,6 +89,7 @@ def inspect_text(r: InspectResult) -> str:
                                 ["file size", human_bytes(r.file_size)]]
     if r.format == "onnx":  # issue 17 (verify/ONNX helper): the graph's interface, from the ONNX reader
         summary += _onnx_rows(r.metadata)
+    summary += _reader_rows(r.metadata)
     if r.entry_source == "all_tensors":
         summary.append(["state_dict", "none found (every tensor listed by path)"])
     else:
@@ -158,6 +160,22 @@ def _onnx_rows(meta: Dict[str, Any]) -> List[List[str]]:
     if meta.get("producer"):
         rows.append(["producer", str(meta["producer"])])
     return rows
+
+
+def _reader_rows(meta: Dict[str, Any]) -> List[List[str]]:
+    """The rows a reader gives for inspect's summary (``metadata["details"]``: ``[[label, text], ...]``):
+    a GGUF file's architecture, a torch.export program's inputs, an adapter's config. At most 24, each
+    cut to one line."""
+    rows = []
+    for row in (meta.get("details") or [])[:24]:
+        if isinstance(row, (list, tuple)) and len(row) == 2:
+            rows.append([str(row[0]), _one_line(str(row[1]))])
+    return rows
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _format_detail(meta: Dict[str, Any]) -> str:
@@ -249,6 +267,8 @@ def diff_text(r: DiffResult, top: Optional[int] = 20, unicode: Optional[bool] = 
     head = [["A", side(r.path_a, r.format_a, r.entry_a, r.count_a)],
             ["B", side(r.path_b, r.format_b, r.entry_b, r.count_b)],
             ["prefix alignment", r.prefix_alignment.describe()]]
+    if r.renames:
+        head.append(["renames", "A's names: " + "; ".join(r.renames)])
     for i, note in enumerate(r.notes):  # another state_dict the file holds: said, not silently passed over
         head.append(["state_dicts" if i == 0 else "", note])
     if r.filter is not None:
@@ -391,6 +411,10 @@ def convert_text(r: ConvertResult) -> str:
         rows.append(["names", f"{'; '.join(bits)}: {said.get('renamed', '')} keys renamed"])
     for i, (name, how) in enumerate(r.densified):  # every one said: the output differs from the source here
         rows.append(["written plain" if i == 0 else "", f"{name}: {how}"])
+    if r.dequantized:  # GGUF quantized types: what is written is their values, dequantized as gguf does
+        kinds = collections.Counter(how for _, how in r.dequantized)
+        rows.append(["dequantized", f"{len(r.dequantized)} quantized tensor(s) written as their values "
+                     f"(gguf.quants.dequantize): " + ", ".join(f"{how} {n}" for how, n in sorted(kinds.items()))])
     rows += _detail_rows(r.details or {})
     c = r.checked or {}
     if c and r.format == "onnx":

@@ -75,17 +75,20 @@ def summarize(ckpt: Checkpoint, sd: StateDict, filter: Optional[str] = None, sor
         numel, nbytes = (t.numel, t.nbytes) if t.kind != "value" else (0, 0)  # a dtype entry counts no values
         if t.parts:  # its parts' bytes: a per-channel quantized tensor's scales and zero points are its too
             nbytes = sum(b for _, b in _leaf_bytes(t))
+        elif t.encoding and t.encoded_nbytes is not None:  # a GGUF quantized tensor: what it takes in the file
+            nbytes = t.encoded_nbytes
         total_params += numel
         total_bytes += nbytes
         if t.parts:  # each part's bytes under its own dtype (a packed bias is float32, its weight qint8)
             for pdtype, pbytes in _leaf_bytes(t):
                 by_dtype[pdtype] = by_dtype.get(pdtype, 0) + pbytes
-        else:
-            by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+        else:  # an encoded tensor's bytes under its encoding (Q4_K), the values it reads as are its dtype
+            held = t.encoding or dtype
+            by_dtype[held] = by_dtype.get(held, 0) + nbytes
         devices[device] = devices.get(device, 0) + 1
         info = new_tensor_info(name, t.shape, dtype, device, nbytes, t.stride, t.storage_offset,
                                storage.key if storage is not None else None, computed.get(name) if stats else None)
-        if t.kind != "dense" or t.subclass or t.metadata or t.rebuild is not None:  # a form of its own: said, with its parts
+        if t.kind != "dense" or t.subclass or t.metadata or t.rebuild is not None or t.encoding:  # a form of its own: said, with its parts
             d = info.__dict__
             d["form"] = t.form
             d["parts"] = tuple((n, p.dtype, p.shape, p.nbytes) for n, p in t.parts)
