@@ -469,11 +469,12 @@ def convert(source: Union[str, Checkpoint], out: str, to: Optional[str] = None, 
             e.path = ckpt.path
         raise
     n = len(sd.tensors) - len(dropped)
+    dequantized = tuple((name, f"{t.encoding} -> {cast or t.dtype}") for name, t in sd.tensors.items() if t.encoding)
     return ConvertResult(source=ckpt.path, source_format=ckpt.format, entry=sd.entry, entry_source=sd.source,
                          output=out, format=({"state_dict": "torch_sharded", "safetensors": "safetensors_sharded"}
                                              if shard else {"state_dict": "torch_zip"}).get(fmt, fmt), tensors=n,
                          files=tuple(files), tied=tuple(sorted(dropped.items())), cast_to=cast,
-                         densified=tuple(densified.items()), renamed=renamed,
+                         densified=tuple(densified.items()), renamed=renamed, dequantized=dequantized,
                          bytes_written=sum(os.path.getsize(f) for f in files), checked=checked)
 
 
@@ -588,9 +589,9 @@ def _check(path: str, sd: StateDict, written: Mapping[str, Any], cast: Optional[
         if got.shape != src.shape or got.dtype != want_dtype:
             raise CheckFailedError(f"tensor {name} reads back as {got.dtype} {list(got.shape)}, "
                                    f"expected {want_dtype} {list(src.shape)}")
-        if got.form != src.form or [(n, p.dtype, p.shape) for n, p in got.parts] != \
+        if got.form != src.value_form or [(n, p.dtype, p.shape) for n, p in got.parts] != \
                 [(n, p.dtype, p.shape) for n, p in src.parts]:
-            raise CheckFailedError(f"tensor {name} reads back as a {got.form} tensor, expected {src.form}")
+            raise CheckFailedError(f"tensor {name} reads back as a {got.form} tensor, expected {src.value_form}")
         if every_byte:
             for (part, a), (_, b) in zip(src.parts, got.parts):
                 if a.has_data:

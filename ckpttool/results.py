@@ -266,6 +266,7 @@ class DiffResult:
     modules: Optional[Tuple[Tuple[str, int, int, Optional[float], int], ...]] = None
     #: where a side held several state_dicts: which was taken and why (``A: took state_dict_ema of ...``)
     notes: Tuple[str, ...] = ()
+    renames: Tuple[str, ...] = ()  # --rename rules applied to A's names before matching (REGEX=REPL)
 
     @property
     def pairs(self) -> int:
@@ -275,6 +276,8 @@ class DiffResult:
         d = self._to_dict()
         d["notes"] = list(self.notes)
         d["sort"] = self.sort
+        if self.renames:
+            d["renames"] = list(self.renames)
         d["filter"] = None if self.filter is None else {
             "regex": self.filter, "pairs": self.pairs, "pairs_total": self.filter_totals[0],
             "only_in_a": len(self.only_in_a), "only_in_a_total": self.filter_totals[1],
@@ -400,6 +403,8 @@ class ConvertResult:
     densified: Tuple[Tuple[str, str], ...] = ()  # --dense: (name, "sparse_coo -> densified float32")
     #: how names were changed: ("prefix", "module."), ("rule", "REGEX=REPL")..., ("renamed", "N of M")
     renamed: Tuple[Tuple[str, str], ...] = ()
+    #: GGUF quantized tensors written as their dequantized values: (name, "Q4_K -> float32")
+    dequantized: Tuple[Tuple[str, str], ...] = ()
 
     def to_dict(self) -> Dict[str, Any]:
         d = {"output": self.output, "format": self.format, "tensors": self.tensors,
@@ -409,6 +414,8 @@ class ConvertResult:
              "bytes_written": self.bytes_written, "checked": self.checked}
         if self.densified:
             d["densified"] = {a: b for a, b in self.densified}
+        if self.dequantized:
+            d["dequantized"] = {a: b for a, b in self.dequantized}
         if self.renamed:
             d["names"] = {"prefix_stripped": dict(self.renamed).get("prefix", ""),
                           "rules": [v for k, v in self.renamed if k == "rule"],

@@ -178,6 +178,8 @@ def _scan_path(found: _Findings, path: str) -> str:
         elif path.lower().endswith(".onnx") or (head[:1] == b"\x08" and not _starts_like_pickle(head)):
             sniffed = "onnx"
         elif head[:4] == b"GGUF":
+            from .formats import gguf  # holds no code; its header is checked as every command reads it
+            gguf.read(path)
             sniffed = "gguf"
     tar = _scan_tar(found, path)
     # Whatever the bytes look like to other readers, torch.load (which goes by neither extension nor header)

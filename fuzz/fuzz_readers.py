@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Fuzz ckpttool's readers and its scanner: whatever the bytes, a CkptError or a result, nothing runs.
 
-Inputs are real small checkpoints (a torch zip, a legacy file, a safetensors file) with their
-bytes mutated, structure-aware variants of them (data.pkl swapped for another pickle with the
+Inputs are real small checkpoints (a torch zip, a legacy file, a safetensors file, a GGUF file) with
+their bytes mutated, structure-aware variants of them (data.pkl swapped for another pickle with the
 zip's CRCs right, a zip record's flag / method / size fields changed, a safetensors header
-rebuilt from generated JSON), random pickle opcode streams, and well-formed pickles built from
+rebuilt from generated JSON, a GGUF file built from generated key-values
+and tensor infos with counts, string and array lengths, dims, types, offsets and alignment changed), random pickle opcode streams, and well-formed pickles built from
 generated values (containers, calls, NEWOBJ/BUILD, memo, persistent storage ids, tensor rebuilds
 with odd sizes, strides and offsets), each as a bare pickle, as a zip's data.pkl (over real
 storages) and as a legacy file's main pickle. Each input is written to a temporary folder (never
@@ -30,6 +31,7 @@ import base64
 import contextlib
 import io
 import json
+import math
 import os
 import pickle
 import pickletools
@@ -50,7 +52,7 @@ REPO = os.path.dirname(HERE)
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-TARGETS = ("zip", "zip-record", "legacy", "safetensors", "pickle", "zip-pickle", "legacy-pickle")
+TARGETS = ("zip", "zip-record", "legacy", "safetensors", "pickle", "zip-pickle", "legacy-pickle", "gguf")
 
 # =============================================================================================
 # Seeds: real checkpoints, made once into the work folder
@@ -73,6 +75,7 @@ class Seeds:
         spath = os.path.join(work, "seed.safetensors")
         save_file({k: v.contiguous() for k, v in sd.items() if k != "view"}, spath, metadata={"format": "pt"})
         self.zip = open(zpath, "rb").read()
+        self.gguf = _gguf_seed(os.path.join(work, "seed.gguf"))
         self.legacy = open(lpath, "rb").read()
         self.safetensors = open(spath, "rb").read()
         with zipfile.ZipFile(zpath) as z:
@@ -393,7 +396,170 @@ def strategies(seeds: Seeds):
             st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])),
         "legacy-pickle": st.builds(seeds.legacy_with, st.one_of(
             opcode_stream(), structured, st.builds(mutate, st.sampled_from(seeds.pickles), edits, truncate))),
+        "gguf": gguf_strategies(seeds, mutated),
     }
+
+
+# --- GGUF ----------------------------------------------------------------------------------------------------
+
+def _gg_str(b) -> bytes:
+    b = b.encode("utf-8") if isinstance(b, str) else b
+    return struct.pack("<Q", len(b)) + b
+
+
+def _gguf_bytes(kvs, infos, data: bytes, version: int = 3, n_tensors=None, n_kv=None, alignment: int = 32) -> bytes:
+    """A GGUF file: header, the key-value and tensor info records as given, padding to ``alignment``, data."""
+    body = b"GGUF" + struct.pack("<IQQ", version, len(infos) if n_tensors is None else n_tensors,
+                                 len(kvs) if n_kv is None else n_kv) + b"".join(kvs) + b"".join(infos)
+    return body + b"\0" * (-len(body) % max(alignment, 1)) + data
+
+
+def _gguf_info(name, dims, ggml_type: int, offset: int, n_dims=None) -> bytes:
+    return (_gg_str(name) + struct.pack("<I", len(dims) if n_dims is None else n_dims)
+            + b"".join(struct.pack("<Q", d % 2 ** 64) for d in dims) + struct.pack("<IQ", ggml_type, offset % 2 ** 64))
+
+
+def _gguf_seed(path: str) -> bytes:
+    """A small GGUF file: by gguf's own writer where it is installed, else built here the same way."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    f32 = rng.standard_normal((2, 3)).astype(np.float32)
+    q8 = (rng.integers(0, 256, (2, 34), dtype=np.uint8))
+    q8[:, 0:2] = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)  # finite block scales
+    ints = np.arange(5, dtype=np.int64)
+    try:
+        import gguf
+        from gguf.constants import GGMLQuantizationType
+    except ImportError:
+        gguf = None
+    if gguf is not None:
+        w = gguf.GGUFWriter(path, "llama")
+        w.add_name("seed")
+        w.add_context_length(64)
+        w.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(20)])
+        w.add_array("small", [1, 2, 3])
+        w.add_float32("f", 0.5)
+        w.add_tensor("a", f32)
+        w.add_tensor("q", q8, raw_dtype=GGMLQuantizationType.Q8_0)
+        w.add_tensor("i", ints)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return open(path, "rb").read()
+    kvs = [_gg_str("general.architecture") + struct.pack("<I", 8) + _gg_str("llama"),
+           _gg_str("general.name") + struct.pack("<I", 8) + _gg_str("seed"),
+           _gg_str("llama.context_length") + struct.pack("<II", 4, 64),
+           _gg_str("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 20) + b"".join(_gg_str(f"t{i}") for i in range(20)),
+           _gg_str("small") + struct.pack("<IIQ", 9, 5, 3) + struct.pack("<3i", 1, 2, 3),
+           _gg_str("f") + struct.pack("<If", 6, 0.5)]
+    infos = [_gguf_info("a", [3, 2], 0, 0), _gguf_info("q", [32, 2], 8, 32), _gguf_info("i", [5], 27, 128)]
+    data = f32.tobytes() + bytes(8) + q8.tobytes() + bytes(28) + ints.tobytes() + bytes(24)
+    return _gguf_bytes(kvs, infos, data)
+
+
+def gguf_strategies(seeds, mutated):
+    from hypothesis import strategies as st
+    hostile = st.sampled_from([0, 1, 2, 3, 31, 32, 33, 64, 255, 256, 2 ** 16, 2 ** 31, 2 ** 32 - 1, 2 ** 32, 2 ** 62,
+                               2 ** 63, 2 ** 64 - 1])
+    count = st.one_of(st.integers(0, 6), hostile)
+    names = st.one_of(st.sampled_from(["w", "w", "blk.0.attn_q.weight", "", "general.alignment",
+                                       "general.architecture", "tokenizer.ggml.tokens", "x" * 70]),
+                      st.binary(max_size=6))
+    scalar_types = st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 10, 11, 12])
+    value_type = st.one_of(st.integers(0, 13), st.sampled_from([2 ** 31, 2 ** 32 - 1]))
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+    @st.composite
+    def string(draw, clean=False):
+        b = draw(st.one_of(st.text(max_size=8).map(lambda t: t.encode("utf-8", "surrogatepass")),
+                           st.binary(max_size=8)))
+        n = len(b) if clean or draw(st.integers(0, 5)) else draw(hostile)
+        return struct.pack("<Q", n % 2 ** 64) + b
+
+    @st.composite
+    def value(draw, vtype: int, depth: int = 0, clean=False):
+        """A value of ``vtype``; ``clean``: with its lengths right and no unknown type."""
+        if vtype in sizes:
+            return draw(st.binary(min_size=sizes[vtype], max_size=sizes[vtype]))
+        if vtype == 8:
+            return draw(string(clean))
+        if vtype == 9 and depth < 4:
+            etype = draw(st.one_of(scalar_types, st.sampled_from([8, 8, 9] if clean else [8, 8, 9, 13])))
+            items = [draw(value(etype, depth + 1, clean)) for _ in range(draw(st.integers(0, 20)))]
+            n = len(items) if clean or draw(st.integers(0, 4)) else draw(hostile)
+            return struct.pack("<IQ", etype, n % 2 ** 64) + b"".join(items)
+        return draw(st.binary(max_size=12))  # an unknown type: whatever follows
+
+    @st.composite
+    def kv(draw, clean=False):
+        key = draw(names)
+        if key == "general.alignment":
+            vtype = 4 if clean else draw(st.sampled_from([4, 4, 4, 5, 10]))
+            payload = struct.pack("<I", draw(st.sampled_from([32, 64] if clean else [0, 1, 3, 8, 16, 32, 48, 64,
+                                                                                       2 ** 31])))
+            if vtype != 4:
+                payload = draw(value(vtype))
+        else:
+            vtype = draw(st.one_of(scalar_types, st.sampled_from([8, 9])) if clean else value_type)
+            payload = draw(value(vtype, 0, clean))
+        return _gg_str(key) + struct.pack("<I", vtype % 2 ** 32) + payload
+
+    ggml_types = st.one_of(st.sampled_from([0, 1, 2, 3, 6, 7, 8, 9, 10, 12, 14, 15, 16, 20, 23, 24, 27, 28, 29, 30,
+                                            34, 35, 39, 40, 41]),
+                           st.sampled_from([4, 5, 31, 36, 42, 99, 2 ** 32 - 1]))
+    dim = st.one_of(st.integers(0, 6), st.sampled_from([32, 64, 256, 512]), hostile)
+
+    @st.composite
+    def tensor_info(draw):
+        dims = draw(st.lists(dim, max_size=5))
+        n_dims = None if draw(st.integers(0, 6)) else draw(st.sampled_from([0, 9, 2 ** 31, 2 ** 32 - 1]))
+        offset = draw(st.one_of(st.sampled_from([0, 0, 32, 64, 96, 128, 256, 16, 1]), hostile))
+        return _gguf_info(draw(names), dims, draw(ggml_types), offset, n_dims)
+
+    # GGML type id -> (values per block, bytes per block): the quantized types the coherent files use
+    blocks = {0: (1, 4), 1: (1, 2), 2: (32, 18), 8: (32, 34), 10: (256, 84), 12: (256, 144), 14: (256, 210),
+              16: (256, 66), 19: (256, 50), 20: (32, 18), 23: (256, 136), 24: (1, 1), 27: (1, 8), 29: (256, 56),
+              30: (1, 2), 34: (256, 54), 39: (32, 17), 9: (32, 40)}
+
+    @st.composite
+    def coherent(draw):
+        """Tensor infos that tile a data section of random bytes (what a reader gets past to decode)."""
+        infos, offset = [], 0
+        for k in range(draw(st.integers(1, 4))):
+            t = draw(st.sampled_from(sorted(blocks)))
+            block, size = blocks[t]
+            dims = [block * draw(st.integers(0, 2))] + draw(st.lists(st.integers(0, 3), max_size=2))
+            nbytes = math.prod(dims) // block * size
+            infos.append(_gguf_info(f"t{k}", dims, t, offset))
+            offset += -(-nbytes // 32) * 32
+        return infos, draw(st.binary(min_size=offset, max_size=offset))
+
+    @st.composite
+    def built(draw):
+        if draw(st.booleans()):
+            kvs = draw(st.lists(kv(clean=True), max_size=4, unique=True))
+            infos, data = draw(coherent())
+            return _gguf_bytes(kvs, infos, data, draw(st.sampled_from([3, 3, 2])))
+        kvs = draw(st.lists(kv(), max_size=5))
+        infos = draw(st.lists(tensor_info(), max_size=5))
+        version = draw(st.sampled_from([3, 3, 3, 2, 1, 4, 0x03000000]))
+        n_t = None if draw(st.integers(0, 5)) else draw(count)
+        n_k = None if draw(st.integers(0, 5)) else draw(count)
+        data = draw(st.one_of(st.binary(max_size=600), st.builds(lambda n: bytes(n), st.integers(0, 4096))))
+        return _gguf_bytes(kvs, infos, data, version, n_t, n_k, draw(st.sampled_from([32, 32, 1, 64, 48])))
+
+    @st.composite
+    def seed_field(draw):
+        """The seed with one of its integer fields (a count, a length, a dim, a type, an offset) set."""
+        b = bytearray(seeds.gguf)
+        for _ in range(draw(st.integers(1, 3))):
+            pos = draw(st.integers(4, min(len(b), 600)))
+            width = draw(st.sampled_from([4, 8]))
+            b[pos:pos + width] = (draw(hostile) % (1 << (8 * width))).to_bytes(width, "little")
+        return bytes(b)
+
+    return st.one_of(mutated(seeds.gguf), built(), built(), seed_field())
 
 
 class _Drawer:
@@ -404,7 +570,7 @@ class _Drawer:
 
 
 SUFFIX = {"zip": ".pt", "zip-record": ".pt", "legacy": ".pt", "safetensors": ".safetensors", "pickle": ".pkl",
-          "zip-pickle": ".pt", "legacy-pickle": ".pt"}
+          "zip-pickle": ".pt", "legacy-pickle": ".pt", "gguf": ".gguf"}
 
 # =============================================================================================
 # The check: what may come out of reading one input
@@ -450,20 +616,23 @@ class Fuzzer:
         self.outcomes: Dict[str, int] = {}
         self.bugs: Dict[str, Tuple[bytes, str, str, str]] = {}  # signature -> (smallest input, target, step, traceback)
 
-    def steps(self, path: str) -> List[Tuple[str, Callable[[], object]]]:
+    def steps(self, path: str, target: str = "") -> List[Tuple[str, Callable[[], object]]]:
         ck = self.ckpttool
-        return [
+        steps = [
             ("open", lambda: ck.open(path)),
             ("scan", lambda: (lambda r: (self.scan_text(r), self.to_json(r)))(ck.scan([path]))),
             ("inspect", lambda: (lambda r: (self.inspect_text(r), self.to_json(r)))(ck.inspect(path))),
         ]
+        if target == "gguf":  # a GGUF tensor's bytes are decoded (dequantized) by ckpttool: read them all
+            steps.append(("read", lambda: [t.read_bytes() for t in ck.open(path).root.values()]))
+        return steps
 
     def check(self, target: str, data: bytes) -> None:
         self.count += 1
         path = os.path.join(self.work, "input" + SUFFIX[target])
         with open(path, "wb") as f:
             f.write(data)
-        for step, fn in self.steps(path):
+        for step, fn in self.steps(path, target):
             del _seen_events[:]
             _watch[0] = True
             try:
@@ -535,10 +704,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = p.parse_args(argv)
 
     import torch  # noqa: F401  (before the address-space cap: its libraries are big)
-    import ckpttool.scanning
-    ckpttool.scanning.allowed_globals()
-    import ckpttool.summary  # noqa: F401
-    import ckpttool.render  # noqa: F401
+    import importlib
+    # before the address-space cap (scan's allow list is a table now: no warm-up); gguf dequantizes GGUF values
+    for mod in ("ckpttool.scanning", "ckpttool.summary", "ckpttool.render", "ckpttool.formats.gguf", "gguf.quants"):
+        try:
+            importlib.import_module(mod)
+        except ImportError:  # gguf is optional: GGUF values are then a MissingDependencyError
+            pass
     sys.addaudithook(_hook)
     work = tempfile.mkdtemp(prefix="ckpttool_fuzz_")
     # hypothesis keeps caches in ./.hypothesis by default: keep them in the temporary folder too
