@@ -10,7 +10,7 @@ import contextlib
 import os
 import sys
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 import click
 
@@ -202,11 +202,14 @@ def inspect(path: str, key: Optional[str], filter_: Optional[str], sort: str, de
 @click.option("--depth", type=click.IntRange(min=1), metavar="N",
               help="Add a table per module (names folded N levels, as inspect --depth): tensors, how many "
                    "changed, the largest relative change, and a bar of it.")
+@click.option("--rename", "renames", multiple=True, metavar="REGEX=REPL",
+              help="Rename A's keys before they are matched with B's (re.sub, in order, repeatable): line up a "
+                   "GGUF file's names with a transformers model's.")
 @json_option
 @quiet_option
 def diff(a: str, b: str, key_a: Optional[str], key_b: Optional[str], no_values: bool, atol: Optional[float],
          rtol: Optional[float], no_align: bool, sort: str, filter_: Optional[str], top: int, show_all: bool,
-         depth: Optional[int], as_json: bool, quiet: bool) -> None:
+         depth: Optional[int], renames: Tuple[str, ...], as_json: bool, quiet: bool) -> None:
     """Compare the state_dicts of A and B: keys, shapes, dtypes and values.
 
     Any two formats ckpttool reads. Exit 0 when equal (within tolerance), 1 when
@@ -221,13 +224,15 @@ def diff(a: str, b: str, key_a: Optional[str], key_b: Optional[str], no_values: 
       ckpttool diff ddp_ckpt.pt plain.pt --key-a model_state_dict   # module. aligned
       ckpttool diff a.pt b.pt --atol 1e-4 --rtol 1e-3 --json
       ckpttool diff a.pt b.pt --no-values --sort name
+      ckpttool diff model.gguf hf_model/ --rename '^blk[.](\\d+)[.]=model.layers.\\1.'
     """
     import functools
     from .diffing import diff as run_diff
     from .render import diff_text
     with _progress(quiet, "comparing values") as progress:
         result = run_diff(a, b, key_a=key_a, key_b=key_b, values=not no_values, atol=atol, rtol=rtol,
-                          align=not no_align, progress=progress, filter=filter_, sort=sort, depth=depth)
+                          align=not no_align, progress=progress, filter=filter_, sort=sort, depth=depth,
+                          renames=renames)
     view = functools.update_wrapper(functools.partial(diff_text, top=None if show_all else top), diff_text)
     _emit(result, as_json, view)
     sys.exit(result.exit_code)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import numbers
-from .align import Alignment, align as find_alignment, pair_names
+from .align import Alignment, Rename, align as find_alignment, pair_names
 from .errors import CkptError, UsageError
 from .comparing import bytes_equal, pieces, same_bits as piece_bits_equal
 from .checkpoint import Checkpoint, Rebuild, TensorRef
@@ -67,7 +67,8 @@ SORTS = ("change", "name", "size", "file")
 def diff(a: Union[str, Checkpoint], b: Union[str, Checkpoint], key_a: Optional[str] = None,
          key_b: Optional[str] = None, values: bool = True, atol: Optional[float] = None,
          rtol: Optional[float] = None, align: bool = True, progress: Progress = None,
-         filter: Optional[str] = None, sort: str = "file", depth: Optional[int] = None) -> DiffResult:
+         filter: Optional[str] = None, sort: str = "file", depth: Optional[int] = None,
+         renames: Sequence[Union[str, Rename]] = ()) -> DiffResult:
     """Compare the state_dicts of ``a`` and ``b`` (paths or opened checkpoints, any formats).
 
     ``values=False`` compares names, shapes and dtypes only and reads no tensor data.
@@ -76,7 +77,9 @@ def diff(a: Union[str, Checkpoint], b: Union[str, Checkpoint], key_a: Optional[s
     ``model.``...) that every key of one side carries, when that makes more keys meet.
     ``filter`` (a regex, ``re.search``) keeps the pairs whose A name matches (a name only in B
     as A would spell it): the lists, the counts and the verdict cover those only, and the
-    others' values are not read. ``sort`` orders every list: ``change`` (largest relative change
+    others' values are not read. ``renames`` (``REGEX=REPL`` rules, in order, as convert's ``--rename``)
+    rewrite A's names before they are matched with B's (a GGUF file's ``blk.0.attn_q.weight`` as a
+    transformers model's ``model.layers.0.self_attn.q_proj.weight``); the lists keep A's own names. ``sort`` orders every list: ``change`` (largest relative change
     first, integer tensors after floating ones), ``name``, ``size`` (most elements first) or
     ``file`` (A's order). ``depth`` folds names N levels into a per-module summary.
 
@@ -97,11 +100,12 @@ def diff(a: Union[str, Checkpoint], b: Union[str, Checkpoint], key_a: Optional[s
             rx = re.compile(filter)
         except re.error as e:
             raise UsageError(f"--filter is not a valid regular expression: {e}") from None
+    rules = [Rename.parse(r) if isinstance(r, str) else r for r in renames]  # bad rules fail before any reading
     ca, sa = open_state_dict(a, key_a)
     cb, sb = open_state_dict(b, key_b)
     names_a, names_b = list(sa.tensors), list(sb.tensors)
-    alignment = find_alignment(names_a, names_b) if align else Alignment()
-    pairs, only_a, only_b = pair_names(names_a, names_b, alignment)
+    alignment = find_alignment(names_a, names_b, rules) if align else Alignment()
+    pairs, only_a, only_b = pair_names(names_a, names_b, alignment, rules)
     totals = None
     if rx is not None:
         totals = (len(pairs), len(only_a), len(only_b))
@@ -173,6 +177,7 @@ def diff(a: Union[str, Checkpoint], b: Union[str, Checkpoint], key_a: Optional[s
         values_compared=values, atol=atol, rtol=rtol, prefix_alignment=alignment, equal=equal,
         form_mismatch=order(form_mm), common=len(pairs), filter=filter,
         filter_totals=totals, sort=sort, depth=depth, modules=modules,
+        renames=tuple(f"{r.pattern.pattern}={r.repl}" for r in rules),
         notes=tuple(f"{side}: took {sd.entry} of {', '.join(k for k, _ in sd.candidates)} ({sd.reason}); "
                     f"--key-{side.lower()} chooses another" for side, sd in (("A", sa), ("B", sb))
                     if len(sd.candidates) > 1))

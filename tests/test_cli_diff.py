@@ -359,3 +359,26 @@ def test_real_process_streams_and_exit_code(tmp_path, make):
                          capture_output=True, text=True)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr == f"ckpttool: error: no such file or directory ({tmp_path / 'gone.pt'})\n"
+
+
+def test_rename_lines_up_a_names_with_b(tmp_path):
+    """--rename rewrites A's names before matching (GGUF's blk.N. against transformers' model.layers.N.):
+    the pairs meet and their values are compared; the rules are said in the report and the JSON."""
+    torch.manual_seed(0)
+    w = {f"blk.{i}.attn_q.weight": torch.randn(4, 4) for i in range(2)}
+    save_file(w, str(tmp_path / "a.safetensors"))
+    hf = {f"model.layers.{i}.self_attn.q_proj.weight": w[f"blk.{i}.attn_q.weight"].clone() for i in range(2)}
+    hf["model.layers.1.self_attn.q_proj.weight"][0, 0] += 1
+    save_file(hf, str(tmp_path / "b.safetensors"))
+    plain = run("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--json")
+    assert json.loads(plain.stdout)["only_in_a"] == list(w)
+    args = ("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors",
+            "--rename", r"^blk[.](\d+)[.]=model.layers.\1.", "--rename", r"attn_q=self_attn.q_proj")
+    r = run(*args, "--json")
+    assert r.exit_code == 1, r.output
+    d = json.loads(r.stdout)
+    assert d["renames"] == [r"^blk[.](\d+)[.]=model.layers.\1.", "attn_q=self_attn.q_proj"]
+    assert d["only_in_a"] == [] and d["only_in_b"] == [] and d["exact_equal"] == 1
+    assert [m["name"] for m in d["value_mismatch"]] == ["blk.1.attn_q.weight"]
+    text = run(*args).stdout.splitlines()
+    assert text[3] == r"renames           A's names: ^blk[.](\d+)[.]=model.layers.\1.; attn_q=self_attn.q_proj"
