@@ -14,10 +14,24 @@ from typing import Optional
 from ..errors import FileAccessError, FormatError
 from ..checkpoint import Checkpoint
 
-# every name detect() and open() give (a Checkpoint's ``format``); "index" is what detect() calls a shard
-# index (a .json or a folder holding one), opened as safetensors_sharded or torch_sharded
-FORMATS = ("torch_zip", "torch_legacy", "torchscript", "safetensors", "safetensors_sharded",
-           "torch_sharded", "onnx", "pickle", "dcp", "index")
+# Every format, registered once: its name (a Checkpoint's ``format``, what detect() gives), the module that
+# reads it (imported only when a file of it is opened) and what it is, in words. "index" is what detect()
+# calls a shard index (a .json or a folder holding one), opened as safetensors_sharded or torch_sharded.
+READERS = {
+    "torch_zip": ("torch_zip", "torch.save zip archive (torch >= 1.6)"),
+    "torch_legacy": ("torch_legacy", "torch.save legacy format (torch < 1.6, _use_new_zipfile_serialization=False)"),
+    "torchscript": ("torchscript", "TorchScript archive (torch.jit.save)"),
+    "safetensors": ("safetensors", "safetensors"),
+    "safetensors_sharded": ("sharded", "safetensors shards with a model.safetensors.index.json"),
+    "torch_sharded": ("sharded", "torch.save shards with a pytorch_model.bin.index.json"),
+    "onnx": ("onnx", "ONNX model (external data too)"),
+    "pickle": ("bare_pickle", "a bare pickle (pickle.dump)"),
+    "dcp": ("dcp", "torch.distributed.checkpoint folder"),
+    "index": ("sharded", "a shard index (.index.json)"),
+    "pt2": ("pt2", "torch.export archive (torch.export.save, AOTInductor package)"),
+    "gguf": ("gguf", "GGUF (llama.cpp)"),
+}
+FORMATS = tuple(READERS)
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 
@@ -38,24 +52,8 @@ def _check_path(path: str) -> os.stat_result:
 
 def _folder_entry(path: str) -> str:
     """The file that stands for a checkpoint folder (its shard index, or its one checkpoint)."""
-    from .sharded import INDEX_NAMES
-    try:
-        names = sorted(os.listdir(path))
-    except OSError as e:
-        raise FileAccessError(f"cannot list directory: {e.strerror or e}", path) from None
-    for idx in INDEX_NAMES:
-        if idx in names:
-            return os.path.join(path, idx)
-    indexes = [n for n in names if n.endswith(".index.json")]
-    if len(indexes) == 1:
-        return os.path.join(path, indexes[0])
-    singles = [n for n in names if n in ("model.safetensors", "pytorch_model.bin")] or \
-        [n for n in names if n.endswith(".onnx")]
-    if len(singles) == 1:
-        return os.path.join(path, singles[0])
-    raise FormatError("directory holds no checkpoint (no *.index.json, model.safetensors, pytorch_model.bin "
-                      "or single .onnx model)",
-                      path)
+    from .folders import find
+    return find(path).entry
 
 
 def detect(path: str) -> str:
@@ -96,6 +94,9 @@ def _detect(path: str):
         try:
             names = archive.names()
             if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+                from .pt2 import is_pt2
+                if is_pt2(names):
+                    return "pt2", path, archive
                 raise FormatError("zip archive is not a PyTorch checkpoint (it has no data.pkl)", path)
             if archive.find("data.pkl") is None:  # raises where torch finds no archive folder
                 raise FormatError(f"zip archive has no {archive.folder}data.pkl, the record torch reads: not a "
@@ -104,6 +105,8 @@ def _detect(path: str):
         except BaseException:
             archive.close()
             raise
+    if head[:4] == b"GGUF":
+        return "gguf", path, None
     from . import safetensors, torch_legacy  # not before: a zip checkpoint needs neither
     if torch_legacy.has_magic(head):
         return "torch_legacy", path, None
@@ -125,42 +128,35 @@ def _detect(path: str):
 def open(path: str, fmt: Optional[str] = None) -> Checkpoint:  # noqa: A001 - the natural name
     """Read a checkpoint's structure (no tensor bytes) from any known format.
 
+    A folder is read through the file its writing library's loader would read (a transformers model
+    folder, a PEFT adapter folder, a folder of shards), and what the folder says (its config, the
+    files read and ignored) is added to the checkpoint's metadata.
+
     >>> ckpt = open("model.pt")  # doctest: +SKIP
     >>> ckpt.format  # doctest: +SKIP
     'torch_zip'
     """
     path = os.fspath(path)
+    if fmt not in (None, "", "dcp") and os.path.isdir(path) or not fmt and os.path.isdir(path) and \
+            not os.path.isfile(os.path.join(path, ".metadata")):
+        from .folders import annotate, find
+        folder = find(path)
+        return annotate(open(folder.entry, None if fmt == "index" else fmt), folder)
     if not fmt:
         fmt, probed, archive = _detect(path)
-        if archive is not None:  # a torch zip or TorchScript archive: read with the directory detection parsed
+        if archive is not None:  # a zip archive: read with the directory detection parsed
             with archive:
-                if fmt == "torchscript":
-                    from .torchscript import read as read_script
-                    return read_script(probed, archive)
-                from .torch_zip import read as read_zip
-                return read_zip(probed, archive)
-        if fmt != "dcp":
-            path = probed  # a folder's entry file, as _folder_entry names it
-    if fmt == "dcp":
-        from .dcp import read as read_dcp
-        return read_dcp(path)
-    if os.path.isdir(path):
-        path = _folder_entry(path)
-    if fmt == "torch_zip":
-        from .torch_zip import read
-    elif fmt == "torchscript":
-        from .torchscript import read
-    elif fmt == "torch_legacy":
-        from .torch_legacy import read
-    elif fmt == "safetensors":
-        from .safetensors import read
-    elif fmt == "onnx":
-        from .onnx import read
-    elif fmt == "pickle":
-        from .bare_pickle import read
-    elif fmt == "index":
+                return _reader(fmt, path)(probed, archive)
+        path = probed
+    if fmt in ("index", "safetensors_sharded", "torch_sharded"):  # the shards are opened through open()
         from .sharded import read as read_index
         return read_index(path, open)
-    else:
+    return _reader(fmt, path)(path)
+
+
+def _reader(fmt: str, path: str):
+    """The ``read`` function of ``fmt``'s module (imported now: only the formats in use are)."""
+    import importlib
+    if fmt not in READERS:
         raise FormatError(f"unknown format {fmt!r}", path)
-    return read(path)
+    return importlib.import_module(f".{READERS[fmt][0]}", __name__).read
