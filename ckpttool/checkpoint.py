@@ -130,6 +130,22 @@ class TensorRef:
             out = f"{self.encoding} (read dequantized as {self.dtype})" + ("" if out == "dense" else f" ({out})")
         return out
 
+    def attributes(self) -> Optional[Tuple["TensorRef", Any]]:
+        """``(the tensor without them, the attributes)`` of a tensor saved with attributes of its own (a
+        Parameter with state, torch's own Tensor/Parameter class through ``_rebuild_from_type_v2``), else
+        None. The attributes are the rebuild's state argument, as torch sets them on load."""
+        r = self.rebuild
+        if not isinstance(r, Rebuild):
+            return None
+        state = r.args[3] if len(r.args) > 3 else None
+        if r.name == "_rebuild_parameter_with_state" and r.args and isinstance(r.args[0], TensorRef):
+            return r.args[0], state
+        if r.name == "_rebuild_from_type_v2" and self.kind == "dense" and not self.parts and \
+                self.subclass in ("torch.Tensor", "torch.nn.parameter.Parameter"):
+            import dataclasses
+            return dataclasses.replace(self, subclass=None, rebuild=None), state
+        return None
+
     @property
     def value_form(self) -> str:
         """The form of the tensor its values make (``form`` less a file encoding): what a copy written

@@ -17,7 +17,7 @@ from . import numbers
 from .align import Alignment, Rename, align as find_alignment, pair_names
 from .errors import CkptError, UsageError
 from .comparing import bytes_equal, pieces, same_bits as piece_bits_equal
-from .checkpoint import Checkpoint, Rebuild, TensorRef
+from .checkpoint import Checkpoint, Rebuild, StorageRef, TensorRef, Value
 from .results import DiffResult, TensorDiff
 from .tree import open_state_dict
 
@@ -242,18 +242,6 @@ def _modules(depth: int, sort: str, sa, sb, pairs: Dict[str, str], only_a: List[
     return tuple(r[:5] for r in sorted(out, key=keys[sort]))
 
 
-def _param_state(t: TensorRef) -> Optional[Tuple[TensorRef, Any]]:
-    """(the tensor, its attributes) of a Parameter saved with attributes of its own, else None."""
-    r = t.rebuild
-    if isinstance(r, Rebuild) and r.name == "_rebuild_parameter_with_state" and r.args and \
-            isinstance(r.args[0], TensorRef):
-        return r.args[0], (r.args[3] if len(r.args) > 3 else None)
-    if isinstance(r, Rebuild) and r.name == "_rebuild_from_type_v2" and t.kind == "dense" and not t.parts and \
-            t.subclass in ("torch.Tensor", "torch.nn.parameter.Parameter"):  # torch's own class, with attributes
-        return dataclasses.replace(t, subclass=None, rebuild=None), (r.args[3] if len(r.args) > 3 else None)
-    return None
-
-
 def form_difference(a: TensorRef, b: TensorRef) -> Optional[Tuple[str, str]]:
     """(A's form, B's form) where torch holds the two differently, else None. Two Parameters with the same
     attribute names but other attribute values differ too. A conj / neg view is its values as torch gives
@@ -261,7 +249,7 @@ def form_difference(a: TensorRef, b: TensorRef) -> Optional[Tuple[str, str]]:
     fa, fb = (dataclasses.replace(t, metadata=()).form if t.metadata else t.form for t in (a, b))
     if fa != fb:
         return fa, fb
-    pa, pb = _param_state(a), _param_state(b)
+    pa, pb = a.attributes(), b.attributes()
     if pa and pb and _skeleton(pa[1]) != _skeleton(pb[1]):
         return fa, fb + " (other attribute values)"
     return None
@@ -282,7 +270,7 @@ def compare_tensors(d: TensorDiff, a: TensorRef, b: TensorRef, atol: Optional[fl
     the same pass: 0.0 for an exact tensor, with no arithmetic.
     """
     import dataclasses
-    a, b = (_param_state(t)[0] if _param_state(t) else t for t in (a, b))  # attributes: form_difference's
+    a, b = (t.attributes()[0] if t.attributes() else t for t in (a, b))  # attributes: form_difference's
     if a.is_composite or b.is_composite or (a.rebuild is not None and a.has_data) or "value" in (a.kind, b.kind) or \
             (b.rebuild is not None and b.has_data):
         return _compare_rebuilt(d, a, b, atol, rtol, chunk_elements)
@@ -457,7 +445,6 @@ def _skeleton_of(v: Any, depth: int, memo: Dict[int, Any]) -> Any:
     """A rebuild's arguments with their tensors and storages reduced to (dtype, shape): what must be equal
     besides the tensors' values (a quantizer's scale, a sparse tensor's size, a subclass's attributes)."""
     from .formats.safe_pickle import Stub
-    from .checkpoint import Rebuild, StorageRef, Value
     if depth > 50:
         return "..."
     if isinstance(v, TensorRef):  # its values are compared apart; how it is rebuilt (a quantizer) is not a value
