@@ -49,11 +49,11 @@ def is_tensor_dict(obj: Any) -> bool:
         return False
     if all(map(isinstance, obj.values(), itertools.repeat(TensorRef))):  # map: no generator frame per item
         return True
-    entries = [_entry(v) for v in obj.values()]
+    entries = [as_entry(v) for v in obj.values()]
     return all(e is not None for e in entries) and any(e.kind != "value" for e in entries)
 
 
-def _entry(v: Any) -> Optional[TensorRef]:
+def as_entry(v: Any) -> Optional[TensorRef]:
     """A state_dict value as one entry: a tensor, a tensor subclass's object, or what a quantized module's
     state_dict() holds besides tensors (its ``dtype``, a ``(weight, bias)`` tuple, a ``None`` bias)."""
     if isinstance(v, TensorRef):
@@ -401,7 +401,7 @@ def _as_state_dict(node: Any, entry: Optional[str], ckpt: Checkpoint) -> Optiona
         meta = meta if isinstance(meta, dict) else None
         if all(map(isinstance, node.values(), itertools.repeat(TensorRef))):
             return StateDict(entry, "state_dict", collections.OrderedDict(node), torch_metadata=meta)
-        return StateDict(entry, "state_dict", collections.OrderedDict((k, _entry(v)) for k, v in node.items()),
+        return StateDict(entry, "state_dict", collections.OrderedDict((k, as_entry(v)) for k, v in node.items()),
                          torch_metadata=meta)
     kind = module_kind(node)
     if kind:

@@ -11,6 +11,7 @@ from typing import Callable, Dict
 
 from ..errors import FileAccessError, FormatError
 from ..checkpoint import Checkpoint, TensorRef
+from ..tree import as_entry  # a state_dict value as one entry: a tensor, a quantized module's dtype / packed
 from .safetensors import parse_json
 
 INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -47,20 +48,19 @@ def read(path: str, open_file: Callable[[str], Checkpoint]) -> Checkpoint:
         if shard.endswith(".json"):
             raise FormatError(f"shard {shard} is itself an index, not a checkpoint file", path)
         shards[shard] = open_file(full)
-    from ..tree import _entry  # a state_dict entry as one value: a tensor, or a quantized module's dtype / packed
     tensors: Dict[str, TensorRef] = {}
     for name, shard in weight_map.items():
         ckpt = shards[shard]
         flat = ckpt.root if isinstance(ckpt.root, dict) else {}
         t = flat.get(name) if name in flat else ()
-        t = t if isinstance(t, TensorRef) or t == () else _entry(t)
+        t = t if isinstance(t, TensorRef) or t == () else as_entry(t)
         if not isinstance(t, TensorRef):
             raise FormatError(f"tensor {name!r} is indexed in {shard} but that shard does not hold it", path)
         tensors[name] = t
     for shard, ckpt in shards.items():
         ties = ckpt.metadata.get("_ties", {})
         extra = [k for k, v in (ckpt.root.items() if isinstance(ckpt.root, dict) else ())
-                 if (isinstance(v, TensorRef) or _entry(v) is not None) and weight_map.get(k) != shard
+                 if (isinstance(v, TensorRef) or as_entry(v) is not None) and weight_map.get(k) != shard
                  and k not in ties]
         if extra:
             raise FormatError(f"shard {shard} holds {extra[0]!r}, which the index does not map to it", path)
