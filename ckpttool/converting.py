@@ -45,7 +45,7 @@ def parse_metadata(items: Sequence[str]) -> Dict[str, str]:
     return out
 
 
-def _cast_chunks(raw: Callable[[], Iterator[bytes]], src: str, dst: str) -> Callable[[], Iterator[bytes]]:
+def cast_chunks(raw: Callable[[], Iterator[bytes]], src: str, dst: str) -> Callable[[], Iterator[bytes]]:
     """Bytes of ``src`` elements -> bytes of the same elements as ``dst`` (chunks are whole elements)."""
     def gen() -> Iterator[bytes]:
         import torch
@@ -97,7 +97,7 @@ def torch_tree(tensors: Mapping[str, TensorRef], cast: Optional[str], path: str,
             nbytes = ref.nbytes - ref.nbytes % size
             raw = _span_chunks(ref.source, 0, nbytes, size)
             if dst != dtype:
-                s = StorageOut(str(len(storages)), dst, nbytes // size * itemsize(dst), _cast_chunks(raw, dtype, dst))
+                s = StorageOut(str(len(storages)), dst, nbytes // size * itemsize(dst), cast_chunks(raw, dtype, dst))
             else:
                 s = StorageOut(str(len(storages)), dtype, nbytes, raw)
             storages[ident] = s
@@ -171,7 +171,7 @@ def safetensors_entries(tensors: Mapping[str, TensorRef], cast: Optional[str],
     for names in groups.values():
         if len(names) < 2:
             continue
-        complete = sorted(n for n in names if _covers_storage(tensors[n]))
+        complete = sorted(n for n in names if covers_storage(tensors[n]))
         if complete:
             keep = complete[0]
             for n in names:
@@ -183,7 +183,7 @@ def safetensors_entries(tensors: Mapping[str, TensorRef], cast: Optional[str],
             continue
         dst = _out_dtype(t, cast)
         raw = _contiguous_chunks(t)
-        entries.append(EntryOut(name, dst, tuple(t.shape), _cast_chunks(raw, t.dtype, dst) if dst != t.dtype else raw))
+        entries.append(EntryOut(name, dst, tuple(t.shape), cast_chunks(raw, t.dtype, dst) if dst != t.dtype else raw))
     return entries, dropped
 
 
@@ -365,7 +365,7 @@ def _import_subclass_package(t: TensorRef) -> None:
             return
 
 
-def _covers_storage(t: TensorRef) -> bool:
+def covers_storage(t: TensorRef) -> bool:
     return t.storage_offset == 0 and t.is_contiguous and t.nbytes == t.storage.nbytes
 
 
@@ -487,7 +487,7 @@ def _write_shards(out: str, entries: List[EntryOut], meta: Dict[str, str], max_b
     return [os.path.join(out, n) for n in names], checked
 
 
-def _shard_item(name: str, value: Any) -> Tuple[str, int, int]:
+def shard_item(name: str, value: Any) -> Tuple[str, int, int]:
     """(name, storage identity, bytes) of a value to write: a plain tensor's storage; a tensor torch rebuilds
     from several (sparse, quantized, a subclass) by its first one and all of their bytes; none (meta): 0."""
     if isinstance(value, TensorOut):
@@ -503,7 +503,7 @@ def _write_torch_shards(out: str, tree: Mapping[str, Any], max_bytes: int, sd: S
     from .formats.write import write_torch_shard_files
     with folder_output(out) as tmpdir:
         names = write_torch_shard_files(
-            tmpdir, [_shard_item(n, t) for n, t in tree.items()], max_bytes,
+            tmpdir, [shard_item(n, t) for n, t in tree.items()], max_bytes,
             lambda p, shard: write_torch_zip(p, collections.OrderedDict((n, tree[n]) for n in shard), progress=tick))
         checked = _check(tmpdir, sd, dict(tree), cast, check, dropped={})
     return [os.path.join(out, n) for n in names], checked
@@ -595,9 +595,9 @@ def _check(path: str, sd: StateDict, written: Mapping[str, Any], cast: Optional[
         if every_byte:
             for (part, a), (_, b) in zip(src.parts, got.parts):
                 if a.has_data:
-                    _compare_bytes(f"{name} ({part})", a, b, a.dtype)
+                    compare_bytes(f"{name} ({part})", a, b, a.dtype)
             if src.has_data:
-                _compare_bytes(name, src, got, want_dtype)
+                compare_bytes(name, src, got, want_dtype)
             compared += 1
     for name, keep in dropped.items():
         if back[name].storage is not back[keep].storage:
@@ -608,9 +608,9 @@ def _check(path: str, sd: StateDict, written: Mapping[str, Any], cast: Optional[
     return result
 
 
-def _compare_bytes(name: str, src: TensorRef, got: TensorRef, dtype: str) -> None:
+def compare_bytes(name: str, src: TensorRef, got: TensorRef, dtype: str) -> None:
     n = max(1, CHUNK // 8)
-    chunks = pieces(src, n) if dtype == src.dtype else _cast_chunks(lambda: pieces(src, n), src.dtype, dtype)()
+    chunks = pieces(src, n) if dtype == src.dtype else cast_chunks(lambda: pieces(src, n), src.dtype, dtype)()
     for a, b in zip(chunks, pieces(got, n)):  # C-order bytes, n elements a piece on both sides
         if a != b:
             raise CheckFailedError(f"tensor {name}: the output's bytes differ from the source's")

@@ -10,6 +10,13 @@ crashes on a key whose shape changed (a new head). Here names are aligned
 first (wrapper prefixes, ``--rename`` rules), shapes are checked, dtypes cast
 to the target's, and the report lists what was kept, what was dropped and why,
 and which of the target's tensors keep their fresh initialization.
+
+``filter_checkpoint`` writes with convert's streaming writers (``torch_tree`` +
+``write_torch_zip``, ``safetensors_entries`` + ``write_safetensors``): each kept
+storage goes from the source file to the output a chunk at a time, cast to the
+target's dtype as it streams, so memory stays near one chunk whatever the
+checkpoint's size. ``load_into`` fills a live model, so it holds the tensors
+(``materialize``).
 """
 from __future__ import annotations
 
@@ -19,11 +26,21 @@ import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .align import Alignment, Rename, align as find_alignment, pair_names
-from .errors import CheckFailedError, CkptError, UsageError
-from .checkpoint import Checkpoint, TensorRef
-from .results import FilterResult, KeptTensor, ShapeDrop
+from .checkpoint import Checkpoint, StorageRef, TensorRef
+# convert's streaming writers and its comparison; the underscored ones are to become public (issue 18)
+from .converting import (cast_chunks, compare_bytes, covers_storage, shard_item, safetensors_entries,
+                         torch_tree)
+from .dtypes import itemsize
+from .errors import CheckFailedError, CkptError, FormatError, UsageError
+from .formats import open as open_checkpoint
+from .formats.safetensors_writer import EntryOut, dtype_code, parse_size, write_safetensors, write_shards
+from .formats.torch_writer import StorageOut, TensorOut, storages_of, write_torch_zip
+from .formats.write import output_format, shards_to, write_torch_shard_files
 from .modelspec import tied_groups
-from .tree import StateDict, open_state_dict
+from .results import FilterResult, KeptTensor, ShapeDrop
+from .torch_bridge import from_torch
+from .tree import StateDict, find_state_dict, open_state_dict
+from .writing import atomic_output, check_output, folder_output, writing
 
 TargetShapes = Dict[str, Tuple[Tuple[int, ...], str]]  # name -> (shape, dtype name)
 Progress = Optional[Callable[[int, int], None]]
@@ -109,7 +126,8 @@ def filter_state_dict(source: Union[str, Checkpoint], target: Any, key: Optional
 
 def materialize(result: FilterResult, src: StateDict, device: Any = None,
                 progress: Progress = None) -> "collections.OrderedDict[str, Any]":
-    """The kept tensors as torch tensors under the target's names and dtypes (tied ones stay tied)."""
+    """The kept tensors as torch tensors under the target's names and dtypes (tied ones stay tied): what
+    ``load_into`` loads into a live model. ``filter_checkpoint`` streams them instead (``_carried``)."""
     from .torch_bridge import torch_dtype
     out: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
     made: Dict[Tuple, Any] = {}
@@ -143,42 +161,194 @@ def materialize(result: FilterResult, src: StateDict, device: Any = None,
     return out
 
 
-def _complete(tensors: "collections.OrderedDict[str, Any]", result: FilterResult, built: Any,
-              target: Optional[str], target_key: Optional[str], seed: int):
+def _carried(result: FilterResult, src: StateDict) -> "collections.OrderedDict[str, TensorRef]":
+    """The kept tensors under the target's names, as TensorRefs the writers stream from the source file.
+
+    Each is a plain dense tensor: a parameter saved with attributes gives its data; a conj / neg view is read
+    and resolved in memory (the values torch loads, which its bytes alone are not). Anything else (sparse,
+    quantized, a subclass...) is refused before anything is written.
+    """
+    made: Dict[int, TensorRef] = {}
+    out: "collections.OrderedDict[str, TensorRef]" = collections.OrderedDict()
+    for k in result.kept:
+        ref = src.tensors[k.source_name]
+        plain = ref.rebuild is None or getattr(ref.rebuild, "name", "") == "_rebuild_parameter_with_state"
+        if ref.kind != "dense" or not ref.has_data or not plain:
+            raise UsageError(f"tensor {k.source_name} is a {ref.form} tensor without plain data; filter cannot "
+                             f"carry it", result.source)
+        out[k.name] = _plain(ref, made, result.source)
+    return out
+
+
+def _compact(tensors: "collections.OrderedDict[str, TensorRef]") -> "collections.OrderedDict[str, TensorRef]":
+    """A storage no kept tensor covers whole (its other bytes belong to dropped tensors, or to none): each kept
+    view of it over a storage of its own, just the bytes it spans, so the output holds nothing that was dropped.
+    A storage a kept tensor covers is written as it is, its views and ties kept, as convert writes it."""
+    whole = {id(t.storage) for t in tensors.values() if covers_storage(t)}
+    made: Dict[Tuple, TensorRef] = {}
+    out: "collections.OrderedDict[str, TensorRef]" = collections.OrderedDict()
+    for name, t in tensors.items():
+        if id(t.storage) in whole:
+            out[name] = t
+            continue
+        ident = (id(t.storage), t.storage_offset, t.shape, t.stride, t.dtype)  # one view under two names: tied
+        got = made.get(ident)
+        if got is None:
+            start, length = t.span()
+            s = t.storage
+            storage = StorageRef(s.key, t.dtype, s.device, length, _Window(s.source, start, length), s.file)
+            got = made[ident] = dataclasses.replace(t, storage=storage, storage_offset=0)
+        out[name] = got
+    return out
+
+
+class _Window:
+    """Bytes ``[start, start + size)`` of another span (a kept tensor's part of a storage)."""
+
+    def __init__(self, source: Any, start: int, size: int):
+        self.source, self.start, self.size = source, start, size
+        self.path = getattr(source, "path", "")
+        if hasattr(source, "readinto"):  # reads into a reused buffer (read_pieces) where the source has them
+            self.readinto = self._readinto
+
+    def _readinto(self, start: int, buf: Any) -> None:
+        self._check(start, len(buf))
+        self.source.readinto(self.start + start, buf)
+
+    def _check(self, start: int, size: int) -> None:
+        if start < 0 or size < 0 or start + size > self.size:
+            raise FormatError(f"read of {size} bytes at {start} is outside a {self.size}-byte span", self.path)
+
+    def read(self, start: int = 0, size: Optional[int] = None) -> bytes:
+        if size is None:
+            size = self.size - start
+        self._check(start, size)
+        return self.source.read(self.start + start, size)
+
+
+def _plain(ref: TensorRef, made: Dict[int, TensorRef], path: str) -> TensorRef:
+    """``ref`` as a plain tensor of its values; one source tensor is one result (``made``), so ties stay."""
+    got = made.get(id(ref))
+    if got is None:
+        if ref.bits:  # the bytes are not the values: torch's values, in memory (one tensor)
+            try:
+                got = from_torch(ref.to_torch())
+            except CkptError as e:
+                if e.path is None:
+                    e.path = path
+                raise
+        elif ref.rebuild is not None:  # a parameter's attributes are not part of a state_dict's tensor
+            got = dataclasses.replace(ref, rebuild=None)
+        else:
+            got = ref
+        made[id(ref)] = got
+    return got
+
+
+def _view(x: Any) -> Tuple:
+    return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()), x.dtype)
+
+
+def _complete(tensors: "collections.OrderedDict[str, TensorRef]", dtypes: Dict[str, str], result: FilterResult,
+              built: Any, target: Optional[str], target_key: Optional[str],
+              seed: int) -> Tuple["collections.OrderedDict[str, TensorRef]", str]:
     """The kept tensors and, for each missing key, the model's own (or the target file's) tensor, in the
-    target's order; and where the filled ones came from, in words."""
+    target's order (``dtypes`` gets theirs); and where the filled ones came from, in words.
+
+    The model's tensors have no file: each is held in memory (``from_torch``) until written. The target
+    file's are streamed from it like the kept ones.
+    """
+    fills: Dict[str, TensorRef] = {}
     if built is not None:
         full = built.state_dict()
         how = f"the model's own initialisation (torch.manual_seed({seed}), built on the CPU)"
+        order = list(full)
+        # a missing name that is, in the model, the same tensor as a kept one (tied): the kept one, so they
+        # stay tied in the output
+        kept_views = {_view(full[n]): n for n in tensors if n in full and full[n].numel()}
+        made: Dict[Tuple, TensorRef] = {}
+        for name in result.missing:
+            x = full[name].detach()
+            view = _view(x) if x.numel() else (id(x),)
+            if view in kept_views:
+                fills[name] = tensors[kept_views[view]]
+                dtypes[name] = dtypes[kept_views[view]]
+                continue
+            if view not in made:
+                made[view] = from_torch(x)
+            fills[name] = made[view]
+            dtypes[name] = fills[name].dtype
     else:
         _, tsd = open_state_dict(target, target_key)
-        full = collections.OrderedDict()
+        how = "the target checkpoint's tensors"
+        order = [k.name for k in result.kept] + list(result.missing)
+        seen: Dict[int, TensorRef] = {}
         for name in result.missing:
             ref = tsd.tensors[name]
             if ref.kind != "dense" or not ref.has_data:
                 raise UsageError(f"--complete: the target's {name} is a {ref.form} tensor without plain data",
                                  target)
-            full[name] = ref.to_torch()
-        how = "the target checkpoint's tensors"
-    out: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
-    order = list(full) if built is not None else [k.name for k in result.kept] + list(result.missing)
-    # a missing name tied to a kept one in the model (the same parameter): the kept tensor, so they stay tied
-    tied = {}
-    if built is not None:
-        kept_by_storage = {full[n].untyped_storage().data_ptr(): n for n in tensors if n in full
-                           and full[n].numel()}
-        tied = {n: kept_by_storage[full[n].untyped_storage().data_ptr()] for n in result.missing
-                if full[n].numel() and full[n].untyped_storage().data_ptr() in kept_by_storage}
+            fills[name] = _plain(ref, seen, target)
+            dtypes[name] = ref.dtype
+    out: "collections.OrderedDict[str, TensorRef]" = collections.OrderedDict()
     for name in order:
         if name in tensors:
             out[name] = tensors[name]
-        elif name in tied:
-            out[name] = tensors[tied[name]]
-        elif name in result.missing:
-            out[name] = full[name].detach()
+        elif name in fills:
+            out[name] = fills[name]
     for name in tensors:  # (every kept name is a target name; kept in case the orders differ)
         out.setdefault(name, tensors[name])
     return out, how
+
+
+def _torch_tree(tensors: Mapping[str, TensorRef], dtypes: Mapping[str, str], path: str) -> Dict[str, TensorOut]:
+    """convert's tree (each storage streamed once, ties and views kept; plain tensors, as a state_dict holds
+    them) with each tensor cast to its own dtype in ``dtypes``: a storage is cast as it streams, once per dtype
+    (convert casts to one --dtype; torch_tree taking a dtype per name would make this loop its own)."""
+    tree = torch_tree(tensors, None, path, detached=frozenset(tensors))
+    storages: Dict[Tuple[int, str], StorageOut] = {}
+    made: Dict[Tuple[int, str], TensorOut] = {}
+    for name, t in list(tree.items()):
+        dst = dtypes[name]
+        if t.dtype == dst:
+            continue
+        new = made.get((id(t), dst))
+        if new is None:
+            s = t.storage
+            cast = storages.get((id(s), dst))
+            if cast is None:
+                size = itemsize(s.dtype) or 1
+                cast = storages[(id(s), dst)] = StorageOut("", dst, s.nbytes // size * (itemsize(dst) or 1),
+                                                           cast_chunks(s.chunks, s.dtype, dst))
+            new = made[(id(t), dst)] = TensorOut(cast, t.shape, t.stride, t.offset, metadata=t.metadata)
+        tree[name] = new
+    out = dict(tree)  # a plain dict, as torch.save(dict) wrote it
+    for i, s in enumerate(storages_of(out)):  # keys in first-use order, as torch.save numbers them
+        s.key = str(i)
+    return out
+
+
+def _safetensors_entries(tensors: Mapping[str, TensorRef], dtypes: Mapping[str, str],
+                         path: str) -> Tuple[List[EntryOut], Dict[str, str]]:
+    """convert's entries (a tie written once, the other name for the header) with each tensor cast to its own
+    dtype in ``dtypes`` as it streams; two tied names the target gives different dtypes are written apart."""
+    for dtype in sorted(set(dtypes.values())):
+        dtype_code(dtype)  # a UsageError naming the dtype safetensors lacks, before anything is written
+    entries, dropped = safetensors_entries(tensors, None, path)
+    by_name = {e.name: e for e in entries}
+    for name, keep in list(dropped.items()):
+        if dtypes[name] != dtypes[keep]:
+            del dropped[name]
+            by_name[name] = safetensors_entries({name: tensors[name]}, None, path)[0][0]
+    out = []
+    for name in tensors:
+        if name in dropped:
+            continue
+        e = by_name[name]
+        if dtypes[name] != e.dtype:
+            e = EntryOut(name, dtypes[name], e.shape, cast_chunks(e.chunks, e.dtype, dtypes[name]))
+        out.append(e)
+    return out, dropped
 
 
 def _check_strict(model: Any, tensors: Mapping[str, Any]) -> Dict[str, Any]:
@@ -224,17 +394,24 @@ def filter_checkpoint(source: str, out: str, model: Optional[str] = None, model_
 
     The target is a model (``model`` SPEC with ``model_args``) or a checkpoint
     (``target``). The output (torch zip state_dict or safetensors, from ``out``'s
-    extension or ``to``) is read back with torch's / safetensors' own loader
-    before it is put in place; with a model it is loaded with ``strict=False`` and
-    the missing and unexpected keys must be exactly the report's.
+    extension or ``to``) is written by convert's streaming writers, a storage at a
+    time from the source file (cast to the target's dtype as it streams), so memory
+    stays near one chunk whatever the checkpoint's size. Before it is put in place it
+    is read back: with torch's / safetensors' own loader (names, dtypes, shapes, ties),
+    and every byte through the readers, compared with what was meant to be written;
+    with a model it is loaded with ``strict=False`` and the missing and unexpected
+    keys must be exactly the report's.
 
     ``complete``: write the target's full state_dict, so the output loads strictly and exports: each key the
     source does not provide is the model's own initialisation (built on the CPU after
     ``torch.manual_seed(seed)``, the global RNG left as it was) or, with ``target``, the target file's
     tensor; listed in the result's ``filled``. The output is then checked with ``strict=True``.
+
+    >>> r = filter_checkpoint("resnet50.pth", "fit.pt", model="torchvision.models:resnet50",
+    ...                       model_args=["num_classes=120"])  # doctest: +SKIP
+    >>> r.missing, r.verified["load_into_model"]["ok"]  # doctest: +SKIP
+    (('fc.weight', 'fc.bias'), True)
     """
-    from .formats.write import output_format, shards_to, write_state_dict
-    from .writing import check_output
     if (model is None) == (target is None):
         raise UsageError("give the target as --model SPEC or --target PATH (one of them)")
     if model is None and model_args:
@@ -243,7 +420,6 @@ def filter_checkpoint(source: str, out: str, model: Optional[str] = None, model_
         raise UsageError("--target-key goes with --target, not --model")
     shard = None
     if max_shard_size not in (None, ""):
-        from .formats.safetensors_writer import parse_size
         shard = parse_size(max_shard_size)
         fmt = output_format(out, shards_to(out, to))
     else:
@@ -270,48 +446,105 @@ def filter_checkpoint(source: str, out: str, model: Optional[str] = None, model_
                          f"target lacks, {len(result.dropped_shape_mismatch)} shapes that differ); nothing written",
                          result.source, hint="check the names with `ckpttool diff SOURCE TARGET --no-values`; "
                                              "--rename REGEX=REPL maps names")
-    tensors = materialize(result, src, progress=progress)
-    filled_from = ""
+    tensors = _carried(result, src)
+    dtypes = {k.name: k.dtype for k in result.kept}  # the target decides each tensor's dtype
     if complete and result.missing:
-        tensors, filled_from = _complete(tensors, result, built, target, target_key, seed)
+        tensors, filled_from = _complete(tensors, dtypes, result, built, target, target_key, seed)
         result = dataclasses.replace(result, filled=tuple(result.missing), filled_from=filled_from)
+    tensors = _compact(tensors)
     checks: Dict[str, Any] = {}
+    ties: List[Tuple[str, str]] = []
 
     def check(tmp: str) -> None:
-        loaded = _read_back(tmp, fmt)
-        if set(loaded) != set(tensors):
+        loaded = _read_back(tmp, fmt)  # torch's / safetensors' own loader, mapped: no byte read here
+        back = find_state_dict(open_checkpoint(tmp)).tensors  # the same file through the readers, for the bytes
+        if set(loaded) != set(tensors) or set(back) != set(tensors):
             raise CheckFailedError("the written file does not hold the kept tensors under their names", out)
-        for name, t in tensors.items():
-            back = loaded[name]
-            if back.dtype != t.dtype or tuple(back.shape) != tuple(t.shape) or not _bits_equal(back, t):
+        for name, want in tensors.items():
+            dtype, t, got = dtypes[name], loaded[name], back[name]
+            if _dtype_name(t.dtype) != dtype or tuple(t.shape) != tuple(want.shape) or got.dtype != dtype \
+                    or tuple(got.shape) != tuple(want.shape) or not _bits_equal(want, got, dtype):
                 raise CheckFailedError(f"tensor {name} reads back different from what was written", out)
+        for a, b in ties:
+            if loaded[a].untyped_storage().data_ptr() != loaded[b].untyped_storage().data_ptr():
+                raise CheckFailedError(f"tensors {a} and {b}, written over one storage, read back apart", out)
         checks["read_back"] = {"ok": True, "how": "torch.load(weights_only=True)" if fmt == "torch"
-                               else "safetensors.torch.load_file", "tensors": len(loaded)}
+                               else "safetensors.torch.load_file", "tensors": len(loaded),
+                               "bytes_compared": len(tensors)}
         if built is not None and complete:
             checks["load_into_model"] = _check_strict(built, loaded)
         elif built is not None:
             checks["load_into_model"] = _check_load(built, loaded, result, assign=device == "meta")
 
-    if shard is not None and fmt == "torch":
-        from .formats.write import write_torch_shards
-        write_torch_shards(tensors, out, shard, check=check)
-        fmt = "torch_sharded"
-    elif shard is not None:
-        from .formats.write import write_safetensors_shards
-        write_safetensors_shards(tensors, out, shard, check=check)
-        fmt = "safetensors_sharded"
-    else:
-        write_state_dict(tensors, out, fmt, check=check)
-    return dataclasses.replace(result, output=out, output_format=fmt, verified=checks)
+    done = [0, 0]  # bytes written, bytes to write
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], done[1])
+
+    written = fmt
+    try:
+        with writing(out):
+            if fmt == "torch":
+                tree = _torch_tree(tensors, dtypes, result.source)
+                done[1] = sum(s.nbytes for s in storages_of(tree))
+                ties += _tied_pairs(tree)
+                if shard is None:
+                    with atomic_output(out) as tmp:
+                        write_torch_zip(tmp, tree, progress=tick)
+                        check(tmp)
+                else:
+                    with folder_output(out) as tmpdir:
+                        write_torch_shard_files(
+                            tmpdir, [shard_item(n, t) for n, t in tree.items()], shard,
+                            lambda p, names: write_torch_zip(p, {n: tree[n] for n in names}, progress=tick))
+                        check(tmpdir)
+                    written = "torch_sharded"
+            else:
+                entries, dropped = _safetensors_entries(tensors, dtypes, result.source)
+                ties += sorted(dropped.items())
+                meta = {"format": "pt", **dropped}  # a tie once, the other name in the header (as convert)
+                done[1] = sum(e.nbytes for e in entries)
+                if shard is None:
+                    with atomic_output(out) as tmp:
+                        write_safetensors(tmp, entries, meta, progress=tick)
+                        check(tmp)
+                else:
+                    with folder_output(out) as tmpdir:
+                        write_shards(tmpdir, entries, shard, meta, progress=tick)
+                        check(tmpdir)
+                    written = "safetensors_sharded"
+    except CkptError as e:  # what reading the source while writing meets (a truncated file) is about the source
+        if e.path is None and not isinstance(e, CheckFailedError):
+            e.path = result.source
+        raise
+    return dataclasses.replace(result, output=out, output_format=written, verified=checks)
+
+
+def _tied_pairs(tree: Mapping[str, TensorOut]) -> List[Tuple[str, str]]:
+    """(first name, name) for the names written over one storage: torch must load them over one storage."""
+    first: Dict[int, str] = {}
+    pairs = []
+    for name, t in tree.items():
+        if not t.storage.nbytes:
+            continue
+        if id(t.storage) in first:
+            pairs.append((first[id(t.storage)], name))
+        else:
+            first[id(t.storage)] = name
+    return pairs
 
 
 def _read_back(path: str, fmt: str) -> Mapping[str, Any]:
+    """The output as torch's (``mmap=True``) / safetensors' own loader gives it: tensors over the mapped file,
+    whose bytes are read only when used."""
     import torch
     from safetensors.torch import load_file
 
     def load(p: str) -> Mapping[str, Any]:
         if fmt == "torch":
-            return torch.load(p, map_location="cpu", weights_only=True)
+            return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
         from safetensors import safe_open
         got = load_file(p)
         with safe_open(p, "pt") as f:  # tied names stored once: the header names the kept one, as load_model reads it
@@ -332,11 +565,14 @@ def _read_back(path: str, fmt: str) -> Mapping[str, Any]:
     return load(path)
 
 
-def _bits_equal(a: Any, b: Any) -> bool:
-    import torch
-    if a.numel() == 0:
-        return True
-    return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+def _bits_equal(want: TensorRef, got: TensorRef, dtype: str) -> bool:
+    """Are ``got``'s bytes (read back from the output) those of ``want`` cast to ``dtype``? Compared a piece at a
+    time (convert's --check comparison), never a whole tensor in memory."""
+    try:
+        compare_bytes("", want, got, dtype)
+    except CheckFailedError:
+        return False
+    return True
 
 
 def load_into(model: Any, source: Union[str, Checkpoint], device: Any = None, key: Optional[str] = None,

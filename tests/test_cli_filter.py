@@ -577,7 +577,7 @@ def test_existing_output_needs_force(make, tmp_path):
 
 def test_failed_read_back_check_leaves_no_file(make, tmp_path, monkeypatch):
     import ckpttool.filtering as filtering
-    monkeypatch.setattr(filtering, "_bits_equal", lambda a, b: False)
+    monkeypatch.setattr(filtering, "_bits_equal", lambda want, got, dtype: False)
     out = tmp_path / "o.pt"
     r = run("filter", make("state_dict.pt"), "--model", "mypkg:ClassNet", "-o", out)
     assert r.exit_code == 1, (r.stdout, r.stderr, r.exception)
@@ -605,12 +605,14 @@ def test_failed_load_check_leaves_no_file(make, tmp_path, monkeypatch):
 
 
 def test_full_disk_leaves_no_partial_file(make, tmp_path, monkeypatch):
-    def full_disk(obj, f, *a, **k):
-        with open(f, "wb") as fh:
+    import ckpttool.filtering as filtering
+
+    def full_disk(path, root, *a, **k):  # filter writes with convert's streaming writer
+        with open(path, "wb") as fh:
             fh.write(b"PK\x03\x04 half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(filtering, "write_torch_zip", full_disk)
     out = tmp_path / "o.pt"
     r = run("filter", make("state_dict.pt"), "--model", "mypkg:ClassNet", "-o", out)
     assert error_line(r) == f"ckpttool: error: cannot write the output: No space left on device ({out})"
@@ -765,7 +767,7 @@ def test_json_fields(make, tmp_path):
     assert d["prefix_alignment"] is None
     assert d["output"] == str(out) and d["output_format"] == "torch"
     assert d["verified"] == {
-        "read_back": {"ok": True, "how": "torch.load(weights_only=True)", "tensors": 17},
+        "read_back": {"ok": True, "how": "torch.load(weights_only=True)", "tensors": 17, "bytes_compared": 17},
         "load_into_model": {"ok": True, "how": "load_state_dict(strict=False)", "missing_keys": 2,
                             "unexpected_keys": 0}}
 

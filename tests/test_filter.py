@@ -16,7 +16,7 @@ from ckpttool import records
 from ckpttool.align import Alignment, Rename
 from ckpttool.errors import CheckFailedError, FileAccessError, KeyNotFoundError, UsageError
 from ckpttool.filtering import filter_checkpoint, filter_state_dict, load_into
-from ckpttool.formats.write import output_format, write_state_dict
+from ckpttool.formats.write import output_format
 from ckpttool.modelspec import build_model, parse_args, resolve
 from ckpttool.records import FilterResult, KeptTensor, ShapeDrop
 from ckpttool.writing import atomic_output, check_output
@@ -400,7 +400,8 @@ def test_filter_checkpoint_writes_and_verifies(r18, tmp_path):
     out = tmp_path / "fit.pt"
     r = filter_checkpoint(path, str(out), model="torchvision.models:resnet18", model_args=["num_classes=10"])
     assert r.output == str(out) and r.output_format == "torch"
-    assert r.verified["read_back"] == {"ok": True, "how": "torch.load(weights_only=True)", "tensors": len(sd) - 2}
+    assert r.verified["read_back"] == {"ok": True, "how": "torch.load(weights_only=True)", "tensors": len(sd) - 2,
+                                       "bytes_compared": len(sd) - 2}
     assert r.verified["load_into_model"]["ok"] is True
     assert r.verified["load_into_model"]["missing_keys"] == 2
     got = torch.load(out, weights_only=True)
@@ -444,7 +445,7 @@ def test_filter_checkpoint_nothing_kept_writes_nothing(make, tmp_path):
 def test_filter_checkpoint_failing_check_leaves_nothing(r18, tmp_path, monkeypatch):
     path, _ = r18
     import ckpttool.filtering as filtering
-    monkeypatch.setattr(filtering, "_bits_equal", lambda a, b: False)
+    monkeypatch.setattr(filtering, "_bits_equal", lambda want, got, dtype: False)
     with pytest.raises(CheckFailedError, match="reads back different from what was written"):
         filter_checkpoint(path, str(tmp_path / "o.pt"), target=path)
     assert listing(tmp_path) == set()
@@ -548,7 +549,7 @@ def test_build_model_errors(tmp_path):
         build_model("torchvision.models:resnet18", ["no_such_kwarg=1"])
 
 
-# --- writing: check_output, atomic_output, write_state_dict, output_format -------------------------
+# --- writing: check_output, atomic_output, output_format -------------------------
 
 def test_check_output_basics(tmp_path, monkeypatch):
     out = tmp_path / "o.pt"
@@ -603,57 +604,6 @@ def test_atomic_output_success_and_failure(tmp_path):
     assert listing(tmp_path) == {"o.bin"}
 
 
-def test_write_state_dict_torch_keeps_shared_tensors(tmp_path):
-    w = torch.randn(4, 3)
-    tensors = {"embed.weight": w, "head.weight": w, "b": torch.arange(3)}
-    write_state_dict(tensors, str(tmp_path / "o.pt"), "torch")
-    got = torch.load(tmp_path / "o.pt", weights_only=True)
-    assert type(got) is dict and list(got) == ["embed.weight", "head.weight", "b"]
-    assert got["embed.weight"].untyped_storage().data_ptr() == got["head.weight"].untyped_storage().data_ptr()
-    assert torch.equal(got["head.weight"], w) and torch.equal(got["b"], torch.arange(3))
-
-
-def test_write_state_dict_safetensors_unshares(tmp_path):
-    """Views are written each on its own; two names of one whole tensor (a tie) once, the other in the header,
-    as convert and safetensors' save_model write them."""
-    from safetensors import safe_open
-    w = torch.randn(6, 3)
-    tensors = {"a": w, "b": w, "top": w[:3], "bottom": w[3:], "t": w.t()}
-    write_state_dict(tensors, str(tmp_path / "o.safetensors"), "safetensors", metadata={"k": "v"})
-    got = load_file(tmp_path / "o.safetensors")
-    assert sorted(got) == ["a", "bottom", "t", "top"]
-    with safe_open(str(tmp_path / "o.safetensors"), "pt") as f:
-        assert f.metadata() == {"format": "pt", "b": "a", "k": "v"}
-    got["b"] = got["a"]
-    for k, v in tensors.items():
-        assert torch.equal(got[k], v), k
-    back = ckpttool.open(str(tmp_path / "o.safetensors")).root  # ckpttool's reader ties it again
-    assert set(back) == set(tensors)
-    assert listing(tmp_path) == {"o.safetensors"}
-
-
-def test_write_state_dict_failures_leave_nothing(tmp_path, monkeypatch):
-    (tmp_path / "o.pt").write_bytes(b"old")
-
-    def reject(tmp):
-        raise CheckFailedError("read back differs")
-
-    with pytest.raises(CheckFailedError):
-        write_state_dict({"a": torch.zeros(2)}, str(tmp_path / "o.pt"), "torch", check=reject)
-    assert (tmp_path / "o.pt").read_bytes() == b"old" and listing(tmp_path) == {"o.pt"}
-
-    def full_disk(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(FileAccessError) as e:
-        write_state_dict({"a": torch.zeros(2)}, str(tmp_path / "o.pt"), "torch")
-    assert str(e.value) == f"cannot write the output: No space left on device ({tmp_path / 'o.pt'})"
-    assert (tmp_path / "o.pt").read_bytes() == b"old" and listing(tmp_path) == {"o.pt"}
-
-
 @pytest.mark.parametrize("path, to, fmt", [
     ("o.pt", None, "torch"), ("o.pth", None, "torch"), ("o.bin", None, "torch"), ("o.ckpt", None, "torch"),
     ("o.tar", None, "torch"), ("O.PT", None, "torch"), ("o.safetensors", None, "safetensors"),
@@ -673,3 +623,197 @@ def test_output_format_errors():
         output_format("o.pt", "onnx")
     with pytest.raises(UsageError, match="--to safetensors writes safetensors, but 'o.pt' is named for state_dict"):
         output_format("o.pt", "safetensors")  # a safetensors file named .pt misleads whoever loads it
+
+
+# --- filter writes with convert's streaming writers (issue 18) ----------------------------------------
+
+def _by_hand(src, target):
+    """The recipe done by hand with torch: each target name the source has with the target's shape, cast to the
+    target's dtype."""
+    return {n: src[n].to(t.dtype) for n, t in target.items() if n in src and src[n].shape == t.shape}
+
+
+def _read(out, fmt):
+    """OUT by torch's / safetensors' own loader (a folder of shards: every shard); a tie safetensors stores once
+    given back from the header, as load_model does."""
+    from safetensors import safe_open
+    files = sorted(os.path.join(out, f) for f in os.listdir(out) if f.endswith((".bin", ".safetensors"))) \
+        if os.path.isdir(out) else [str(out)]
+    got = {}
+    for f in files:
+        if fmt == "torch":
+            part = torch.load(f, weights_only=True)
+            assert type(part) is dict  # a plain dict of plain tensors, as torch.save(dict) wrote it
+            got.update(part)
+        else:
+            got.update(load_file(f))
+            with safe_open(f, "pt") as h:
+                for name, kept in (h.metadata() or {}).items():
+                    if name != "format" and name not in got and kept in got:
+                        got[name] = got[kept]
+    return got
+
+
+def _assert_same(got, want, ordered=True):
+    assert (list(got) if ordered else sorted(got)) == (list(want) if ordered else sorted(want))
+    for name, w in want.items():
+        g = got[name]
+        assert type(g) is torch.Tensor and not g.requires_grad and g.device.type == "cpu", name
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        assert torch.equal(g.reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8)), name  # every bit
+
+
+def _source_sd(name, path):
+    if name == "legacy.pt":
+        return torch.load(path, weights_only=True)["state_dict"]
+    if name == "gpu_tagged.pt":
+        return torch.load(path, map_location="cpu", weights_only=True)["model_state_dict"]
+    if name == "seed_checkpoint.tar":  # it pickles the model too (a committed fixture of our own)
+        return torch.load(path, weights_only=False)["model_state_dict"]
+    if name == "model.safetensors":
+        return load_file(path)
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("out_name, fmt", [("o.pt", "torch"), ("o.safetensors", "safetensors")])
+@pytest.mark.parametrize("name", ["state_dict.pt", "legacy.pt", "model.safetensors", "gpu_tagged.pt",
+                                  "seed_checkpoint.tar"])
+def test_filter_output_is_torchs_own_load_filtered_by_hand(name, out_name, fmt, make, committed, tmp_path):
+    path = committed(name) if name in ("gpu_tagged.pt", "seed_checkpoint.tar") else make(name)
+    src = _source_sd(name, path)
+    target = ClassNet(num_classes=3).state_dict()
+    out = tmp_path / out_name
+    r = filter_checkpoint(path, str(out), model="mypkg:ClassNet", model_args=["num_classes=3"])
+    want = _by_hand(src, target)
+    assert [k.name for k in r.kept] == list(want)
+    _assert_same(_read(out, fmt), want, ordered=fmt == "torch")
+    if "head.weight" in want:  # tied in the source (seed_checkpoint.tar) or by the model: tied in the output
+        if fmt == "torch":
+            got = torch.load(out, weights_only=True)
+            assert got["head.weight"].untyped_storage().data_ptr() == got["embed.weight"].untyped_storage().data_ptr()
+        else:
+            from safetensors import safe_open
+            with safe_open(str(out), "pt") as h:
+                assert "head.weight" not in h.keys() and h.metadata()["head.weight"] == "embed.weight"
+    assert listing(tmp_path) == {out_name}
+
+
+@pytest.mark.parametrize("out_name", ["o.pt", "o.safetensors"])
+def test_filter_casts_a_float64_source_to_the_float32_target_as_it_streams(out_name, tmp_path):
+    torch.manual_seed(0)
+    src = {k: v.double() if v.is_floating_point() else v for k, v in ClassNet().state_dict().items()}
+    torch.save(src, tmp_path / "f64.pt")
+    out = tmp_path / out_name
+    r = filter_checkpoint(str(tmp_path / "f64.pt"), str(out), model="mypkg:ClassNet")
+    want = _by_hand(src, ClassNet().state_dict())
+    assert {k.name for k in r.cast} == {n for n, v in src.items() if v.is_floating_point()}
+    got = _read(out, "torch" if out_name.endswith(".pt") else "safetensors")
+    _assert_same(got, want, ordered=out_name.endswith(".pt"))
+    assert got["stem.weight"].dtype == torch.float32 and got["blocks.0.bn.num_batches_tracked"].dtype == torch.int64
+
+
+def test_filter_gives_each_tied_name_the_dtype_its_target_says(tmp_path):
+    """Two names over one source storage, two dtypes in the target: each gets its own (one storage was cast
+    once, for both, before); names of one dtype stay tied."""
+    w = torch.randn(4, 4)
+    torch.save({"e": w, "h": w, "g": w}, tmp_path / "s.pt")
+    torch.save({"e": torch.zeros(4, 4, dtype=torch.float64), "h": torch.zeros(4, 4, dtype=torch.float16),
+                "g": torch.zeros(4, 4, dtype=torch.float64)}, tmp_path / "t.pt")
+    want = {"e": w.double(), "h": w.half(), "g": w.double()}
+    for out_name, fmt in (("o.pt", "torch"), ("o.safetensors", "safetensors")):
+        filter_checkpoint(str(tmp_path / "s.pt"), str(tmp_path / out_name), target=str(tmp_path / "t.pt"))
+        got = _read(tmp_path / out_name, fmt)
+        _assert_same(got, want, ordered=fmt == "torch")
+        assert got["e"].untyped_storage().data_ptr() == got["g"].untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("to, fmt", [("pt", "torch"), ("safetensors", "safetensors")])
+def test_filter_sharded_output_is_torchs_own_load_filtered_by_hand(to, fmt, committed, tmp_path):
+    path = committed("seed_checkpoint.tar")
+    src = _source_sd("seed_checkpoint.tar", path)
+    out = tmp_path / "fit"
+    r = filter_checkpoint(path, str(out), model="mypkg:ClassNet", model_args=["num_classes=3"], to=to,
+                          max_shard_size="1KB")
+    assert r.output_format == f"{fmt}_sharded"
+    assert len([f for f in os.listdir(out) if not f.endswith(".json")]) > 1
+    _assert_same(_read(out, fmt), _by_hand(src, ClassNet(num_classes=3).state_dict()), ordered=False)
+    if fmt == "safetensors":  # the tie stored once, as convert writes it, not twice
+        import json
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert "head.weight" not in index["weight_map"] and "embed.weight" in index["weight_map"]
+
+
+def test_filter_streams_the_kept_tensors_never_materializing_them(make, tmp_path, monkeypatch):
+    """The kept tensors go from the source file to the output a chunk at a time: never a torch tensor of
+    the whole state_dict (TensorRef.to_torch), never torch.save or safetensors' save_file."""
+    import safetensors.torch
+    path = make("state_dict.pt")
+    src = torch.load(path, weights_only=True)
+
+    def refused(*a, **k):
+        raise AssertionError("filter materialized what it should stream")
+
+    monkeypatch.setattr(records.TensorRef, "to_torch", refused)
+    monkeypatch.setattr(torch, "save", refused)
+    monkeypatch.setattr(safetensors.torch, "save_file", refused)
+    for out_name, fmt in (("o.pt", "torch"), ("o.safetensors", "safetensors")):
+        seen = []
+        filter_checkpoint(path, str(tmp_path / out_name), target=path, progress=lambda done, total:
+                          seen.append((done, total)))
+        _assert_same(_read(tmp_path / out_name, fmt), src, ordered=fmt == "torch")
+        done = [d for d, _ in seen]  # bytes written so far, of the bytes to write
+        assert done == sorted(done) and seen[-1][0] == seen[-1][1] == sum(v.nbytes for v in src.values()) \
+            - src["head.weight"].nbytes  # the tie (head.weight is embed.weight) is written once
+    # --complete: only the filled tensors (the model's fresh ones, which have no file) are in memory
+    r = filter_checkpoint(path, str(tmp_path / "full.pt"), model="mypkg:ClassNet", model_args=["num_classes=3"],
+                          complete=True)
+    assert r.filled == ("fc.weight", "fc.bias")
+    got = _read(tmp_path / "full.pt", "torch")
+    torch.manual_seed(0)
+    fresh = ClassNet(num_classes=3)
+    assert torch.equal(got["fc.weight"], fresh.fc.weight) and torch.equal(got["stem.weight"], src["stem.weight"])
+
+
+def test_filter_keeps_views_of_a_kept_storage_and_drops_the_bytes_of_dropped_ones(tmp_path):
+    """A storage a kept tensor covers is written once, its views over it (as torch.save and convert write it);
+    a storage only partly kept gives each kept view just its bytes: nothing dropped is in the output."""
+    base = torch.arange(60, dtype=torch.float32).reshape(10, 6)
+    secret = torch.full((1000,), 7.0)
+    shared = torch.cat([torch.arange(6, dtype=torch.float32), secret])
+    torch.save({"whole": base, "top": base[:5], "t": base.t(), "part": shared[:6], "dropped": shared[6:]},
+               tmp_path / "s.pt")
+    torch.save({"whole": torch.zeros(10, 6), "top": torch.zeros(5, 6), "t": torch.zeros(6, 10),
+                "part": torch.zeros(6)}, tmp_path / "t.pt")
+    out = tmp_path / "o.pt"
+    r = filter_checkpoint(str(tmp_path / "s.pt"), str(out), target=str(tmp_path / "t.pt"))
+    assert r.dropped_unexpected == ("dropped",)
+    got = torch.load(out, weights_only=True)
+    _assert_same(got, {"whole": base, "top": base[:5], "t": base.t(), "part": shared[:6]})
+    assert got["top"].untyped_storage().data_ptr() == got["whole"].untyped_storage().data_ptr() \
+        == got["t"].untyped_storage().data_ptr()
+    assert got["part"].untyped_storage().nbytes() == 6 * 4
+    assert os.path.getsize(out) < 4000  # the 4000 bytes of the dropped tensor are not in it
+
+
+def test_filter_read_back_catches_a_byte_the_writer_got_wrong(make, tmp_path, monkeypatch):
+    """The check compares every byte of the written file with the source's: one flipped byte in a storage
+    record fails it, and nothing is left."""
+    import zipfile
+    import ckpttool.filtering as filtering
+    real = filtering.write_torch_zip
+
+    def flipping(path, root, *a, **k):
+        real(path, root, *a, **k)
+        with zipfile.ZipFile(path) as z:
+            info = next(i for i in z.infolist() if i.filename.endswith("data/3"))
+            start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+        with open(path, "r+b") as f:
+            f.seek(start + 2)
+            b = f.read(1)
+            f.seek(start + 2)
+            f.write(bytes([b[0] ^ 0x40]))
+
+    monkeypatch.setattr(filtering, "write_torch_zip", flipping)
+    with pytest.raises(CheckFailedError, match=r"tensor \S+ reads back different from what was written"):
+        filter_checkpoint(make("state_dict.pt"), str(tmp_path / "o.pt"), target=make("state_dict.pt"))
+    assert listing(tmp_path) == set()

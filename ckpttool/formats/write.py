@@ -1,11 +1,12 @@
-"""Writing a state_dict of torch tensors as a torch.save file or a safetensors file."""
+"""What convert and filter share about outputs: the format OUT names (``--to`` or its extension), and the
+plan of a folder of torch.save shards. The writers themselves stream from the source: ``torch_writer.py``,
+``safetensors_writer.py``."""
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import UsageError
-from ..writing import atomic_output, folder_output, writing
 
 TORCH_EXTENSIONS = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 TARGETS = {"state_dict": "state_dict", "pt": "state_dict", "torch": "state_dict", "safetensors": "safetensors",
@@ -56,89 +57,6 @@ def output_format(path: str, to: Optional[str] = None) -> str:
     return "torch" if found == "state_dict" else found
 
 
-def write_state_dict(tensors: Mapping[str, Any], out: str, fmt: str,
-                     metadata: Optional[Dict[str, str]] = None, check: Optional[Callable[[str], None]] = None) -> None:
-    """Write ``tensors`` (name -> torch.Tensor) to ``out`` atomically.
-
-    torch: ``torch.save`` of a plain dict (loadable with ``weights_only=True``);
-    tensors that are the same object stay shared. safetensors: every tensor
-    stored contiguously, each on its own (safetensors holds no shared storage).
-    """
-    import torch
-    if fmt == "safetensors":
-        from .safetensors_writer import dtype_code
-        for name, t in tensors.items():
-            dtype_code(str(t.dtype).replace("torch.", ""))  # a UsageError naming the dtype safetensors lacks
-    with writing(out), atomic_output(out) as tmp:
-        if fmt == "torch":
-            torch.save(dict(tensors), tmp)
-        else:
-            from safetensors.torch import save_file
-            ties = tied_names(tensors)
-            seen: Dict[int, Any] = {}
-            flat = {}
-            for name, t in tensors.items():
-                if name in ties:  # stored once, under the kept name; the header says which
-                    continue
-                t = t.contiguous()
-                if id(t) in seen or t.untyped_storage().data_ptr() in seen:
-                    t = t.clone()
-                seen[id(t)] = seen[t.untyped_storage().data_ptr()] = True
-                flat[name] = t
-            save_file(flat, tmp, metadata={**({"format": "pt"} if ties else {}), **ties, **(metadata or {})}
-                      or None)
-        if check is not None:
-            check(tmp)
-
-
-def tied_names(tensors: Mapping[str, Any]) -> Dict[str, str]:
-    """``{dropped name: kept name}`` for torch tensors that are the same view of one storage, as convert's
-    writer and ``safetensors.torch.save_model`` do it: of the names over the same bytes, the first (sorted) that
-    covers its whole storage is kept; ``load_model`` (and ckpttool's readers) tie the others again."""
-    groups: Dict[Any, list] = {}
-    for name, t in tensors.items():
-        if t.numel():
-            groups.setdefault((t.untyped_storage().data_ptr(), t.device), []).append(name)
-    out: Dict[str, str] = {}
-    for names in groups.values():
-        if len(names) < 2:
-            continue
-        def whole(n: str) -> bool:
-            t = tensors[n]
-            return t.storage_offset() == 0 and t.is_contiguous() and \
-                t.numel() * t.element_size() == t.untyped_storage().nbytes()
-        complete = sorted(n for n in names if whole(n))
-        if complete:
-            keep = tensors[complete[0]]
-            for n in names:
-                t = tensors[n]
-                if n != complete[0] and (t.shape, t.dtype, t.storage_offset(), t.stride()) == \
-                        (keep.shape, keep.dtype, keep.storage_offset(), keep.stride()):
-                    out[n] = complete[0]
-    return out
-
-
-def write_safetensors_shards(tensors: Mapping[str, Any], out: str, max_bytes: int,
-                             check: Optional[Callable[[str], None]] = None) -> None:
-    """Write ``tensors`` as HF-style shards + ``model.safetensors.index.json`` into the folder ``out``.
-
-    Built in a temporary folder beside ``out``; ``check(tmp_folder)`` runs before it is renamed into place.
-    """
-    import torch
-    from .safetensors_writer import EntryOut, dtype_code, write_shards
-    entries = []
-    for name, t in tensors.items():
-        dtype = str(t.dtype).replace("torch.", "")
-        dtype_code(dtype)  # a UsageError naming a dtype safetensors lacks
-        entries.append(EntryOut(name, dtype, tuple(t.shape),
-                                lambda t=t: iter([t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                                                  if t.numel() else b""])))
-    with writing(out), folder_output(out) as tmpdir:
-        write_shards(tmpdir, entries, max_bytes, {"format": "pt"})
-        if check is not None:
-            check(tmpdir)
-
-
 def plan_storage_shards(items: Sequence[Tuple[str, Any, int]], max_bytes: int) -> List[List[str]]:
     """Names in order, split into shards of at most ``max_bytes`` of storage bytes; ``items`` is
     (name, storage identity, storage bytes). Tensors that share a storage stay in one shard (torch.save
@@ -177,17 +95,3 @@ def write_torch_shard_files(folder: str, items: Sequence[Tuple[str, Any, int]], 
     with open(os.path.join(folder, TORCH_INDEX), "wb") as f:  # total_size: the storage bytes in the shards
         f.write(index_bytes({"total_size": total}, {t: name for shard, name in zip(shards, names) for t in shard}))
     return names + [TORCH_INDEX]
-
-
-def write_torch_shards(tensors: Mapping[str, Any], out: str, max_bytes: int,
-                       check: Optional[Callable[[str], None]] = None) -> None:
-    """Write ``tensors`` (name -> torch.Tensor) as torch.save shards + ``pytorch_model.bin.index.json`` in ``out``.
-
-    Built in a temporary folder beside ``out``; ``check(tmp_folder)`` runs before it is renamed into place.
-    """
-    import torch
-    items = [(n, t.untyped_storage().data_ptr() or id(t), t.untyped_storage().nbytes()) for n, t in tensors.items()]
-    with writing(out), folder_output(out) as tmpdir:
-        write_torch_shard_files(tmpdir, items, max_bytes, lambda p, shard: torch.save({n: tensors[n] for n in shard}, p))
-        if check is not None:
-            check(tmpdir)
