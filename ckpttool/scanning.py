@@ -168,6 +168,7 @@ def _scan_path(found: _Findings, path: str) -> str:
     if head[:4] == b"PK\x03\x04":  # torch.load's own test (torch.serialization._is_zipfile)
         return _scan_archive(found, path, 0, size, "", 0)
     sniffed = None
+    bad_gguf = None
     if head[:6] == _NPY_MAGIC:
         _scan_npy_file(found, path, size)
         sniffed = "npy"
@@ -179,14 +180,19 @@ def _scan_path(found: _Findings, path: str) -> str:
             sniffed = "onnx"
         elif head[:4] == b"GGUF":
             from .formats import gguf  # holds no code; its header is checked as every command reads it
-            gguf.read(path)
-            sniffed = "gguf"
+            try:
+                gguf.read(path)
+                sniffed = "gguf"
+            except FormatError as e:  # not a GGUF file every reader takes: scanned as torch.load reads it
+                bad_gguf = e
     tar = _scan_tar(found, path)
     # Whatever the bytes look like to other readers, torch.load (which goes by neither extension nor header)
     # unpickles a file that is neither zip nor tar from byte 0: that pickle is scanned for every such file.
     found.torch_load = found.torch_load or sniffed is None
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         fmt = _legacy_pickles(found, mm, 0, size, "", strict=sniffed is None and not tar)
+    if bad_gguf is not None and found.unreadable and found.unreadable.startswith("not a checkpoint format"):
+        found.unreadable = bad_gguf.message  # no pickle either: what is wrong is the GGUF header
     return sniffed or ("torch_tar" if tar else fmt)
 
 
@@ -339,6 +345,9 @@ def _scan_archive(found: _Findings, path: str, base: int, length: int, label: st
                     data = archive.read(rec, limit=MAX_PICKLE_IN_MEMORY, check_crc=False)
                     _scan_npy(found, data, 0, len(data), where)
         if main is None and not script:
+            from .formats.pt2 import is_pt2
+            if is_pt2(names):  # torch.export.load's archive: its pickles are the records scanned above
+                return "pt2"
             found.problems.append(f"{where0}: no data.pkl: torch.load unpickles nothing from it")
         return "torchscript" if script else "torch_zip" if main is not None else "zip"
 

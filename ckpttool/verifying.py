@@ -18,10 +18,15 @@ Checks, each pass / fail / skip with the reason:
    file. Without a model and without a GPU, nothing here needs torch, and torch is not imported (its
    import alone is ~630 MB and 2 s).
 4. ``loads into model``: ``load_state_dict(strict=True)`` on each device (``--model SPEC``, or the
-   file's own pickled model with ``--trust``).
+   file's own pickled model with ``--trust``). A ``.pt2`` carries its program: ``torch.export.load``
+   (``aoti_load_package`` for an AOTInductor package) loads it, only with ``--trust`` (it unpickles the
+   example inputs, falling back to weights_only=False, and dlopens compiled code); without it that check
+   fails ("not loaded"), as ``torch.load`` does for a file weights_only refuses. Loaded, ``same weights as
+   loader`` holds every weight and constant ckpttool read to the loader's, bit for bit.
 5. ``computes the same``: a seeded forward pass in eval mode, TF32 off, on each device, compared with
    the CPU's; with ``--against ORIGINAL``, compared with the original's outputs on the same input.
-   Inputs are ``--input NAME:SHAPE`` or ``--input-shape SHAPE``, or an ONNX graph's own input shapes.
+   Inputs are ``--input NAME:SHAPE`` or ``--input-shape SHAPE``, or an ONNX graph's (a .pt2 program's) own
+   input shapes.
 
 PASS means: nothing failed, a plain ``torch.load(weights_only=True)`` of the file works here (with the
 ``--map-location`` the user names, if any), and every comparison asked for ran. What a check could not
@@ -53,6 +58,11 @@ from .writing import scratch_folder
 # Outputs across devices / runtimes: kernels differ in summation order, so fp32 gets a little room.
 OUTPUT_TOLERANCE = {"float32": (1e-4, 1e-4), "float64": (1e-7, 1e-7), "float16": (1e-2, 1e-2),
                     "bfloat16": (5e-2, 5e-2)}
+
+# A .pt2 is loaded only with --trust: torch.export.load unpickles its example inputs (falling back to
+# weights_only=False) and its object constants, and an AOTInductor package is a shared library it dlopens.
+PT2_NOT_LOADED = "not loaded: loading a .pt2 deserializes pickles and may run compiled code: --trust"
+PT2_LOADERS = ("torch.export.load", "aoti_load_package")
 
 
 def environment() -> Dict[str, Any]:
@@ -189,13 +199,15 @@ def verify(path: str, model: Optional[str] = None, model_args: Sequence[str] = (
     if against:
         orig_ckpt, orig_sd = open_state_dict(against)
         orig = _Runner.for_path(orig_ckpt, orig_sd, model, model_args, trust, import_path, None)
-        if runner.module_factory is None and runner.onnx_path is None and orig.module_factory is not None:
+        if runner.module_factory is None and runner.onnx_path is None and orig.module_factory is not None and \
+                ckpt.format != "pt2":  # a .pt2 runs its own program or nothing, never the original's model
             runner.borrow(orig, against)  # a migrated state_dict runs in the original's model
     # everything a comparison asked for needs, said at once before any check runs
     feeds, problems, wanted = _plan_inputs(specs, ckpt, orig_ckpt)
     needs: List[str] = []
-    if orig is not None and "onnx" in (ckpt.format, orig_ckpt.format):
-        # ONNX initializers are named by the exporter: outputs are the only comparison with the original
+    if orig is not None and ("onnx" in (ckpt.format, orig_ckpt.format) or ckpt.format == "pt2"):
+        # ONNX initializers are named by the exporter: outputs are the only comparison with the original;
+        # a .pt2 is a program: --against asks for its outputs
         if feeds is None and not problems:
             needs.append(wanted)
         if not runner.can_run:
@@ -207,8 +219,8 @@ def verify(path: str, model: Optional[str] = None, model_args: Sequence[str] = (
         raise UsageError("; ".join(said), ckpt.path)
 
     checks: List[CheckResult] = []
-    checks.append(_readable(ckpt, sd, scanned))
-    if scanned.weights_only is not None:
+    checks.append(_readable(ckpt, sd, scanned, trust))
+    if scanned.weights_only is not None and ckpt.format != "pt2":  # torch.export.load reads a .pt2 (below)
         checks.append(_torch_load(ckpt, sd, scanned, trust, mapping))
     if skipped_note:
         checks.append(CheckResult("devices", "cuda", "skip", skipped_note))
@@ -218,7 +230,10 @@ def verify(path: str, model: Optional[str] = None, model_args: Sequence[str] = (
     if orig is not None:
         checks.append(_same_tensors(ckpt, orig_ckpt, against, atol, rtol))
     loads = True
-    if runner.module_factory is None:
+    if ckpt.format == "pt2":  # the program itself: loaded (with --trust), its weights held to ckpttool's
+        checks += _pt2_load_checks(runner, ckpt, sd)
+        loads = not any(c.status == "fail" for c in checks if c.name in PT2_LOADERS) or not runner.can_run
+    elif runner.module_factory is None:
         checks.append(CheckResult("loads into model", None, "skip", runner.why_not))
     else:
         for dev in devs:
@@ -226,6 +241,7 @@ def verify(path: str, model: Optional[str] = None, model_args: Sequence[str] = (
             loads = loads and checks[-1].status != "fail"
     if not loads:
         checks.append(CheckResult("computes the same", None, "skip",
+                                  "the program does not load (above)" if ckpt.format == "pt2" else
                                   "the state_dict does not load into the model (above): outputs would mean nothing"))
     elif feeds is None:
         checks.append(CheckResult("computes the same", None, "skip", f"not run: it needs {wanted}"))
@@ -268,25 +284,28 @@ def _plan_inputs(specs, ckpt: Checkpoint, orig_ckpt: Optional[Checkpoint]) -> Tu
     ``--input NAME:SHAPE`` must use its names, ``--input-shape`` give one shape per input, and with neither,
     a graph whose input shapes are all fixed gives them itself.
     """
-    graph = next((c.metadata.get("inputs") for c in (ckpt, orig_ckpt) if c is not None and c.format == "onnx"),
-                 None)
+    # an ONNX graph's inputs, or a torch.export program's user inputs (the .pt2 reader's, the same form)
+    source = next((c for c in (ckpt, orig_ckpt) if c is not None and c.format in ("onnx", "pt2")
+                   and c.metadata.get("inputs") is not None), None)
+    graph = source.metadata["inputs"] if source is not None else None
     wanted = f"input shapes ({SHAPES_NEEDED})"
     if graph is None:  # a torch model: the shapes given, in the order given, as float32
         if not specs:
             return None, [], wanted
         return [(n, s, "float32") for n, s in specs], [], None
-    where = ckpt.path if ckpt.format == "onnx" else orig_ckpt.path
+    where = source.path
+    what = "the ONNX graph" if source.format == "onnx" else "the exported program"
     names = [g["name"] for g in graph]
     given = {n: s for n, s in specs if n is not None}
     if specs and not given:  # --input-shape: one per graph input, in order
         if len(specs) != len(graph):
-            return None, [f"the ONNX graph of {where} takes {len(graph)} input(s) ({', '.join(names)}), "
+            return None, [f"{what} of {where} takes {len(graph)} input(s) ({', '.join(names)}), "
                           f"--input-shape gave {len(specs)}"], None
         return [(g["name"], s, g["dtype"]) for g, (_, s) in zip(graph, specs)], [], None
     problems = []
     unknown = [n for n in given if n not in names]
     if unknown:
-        problems.append(f"the ONNX graph of {where} takes inputs {', '.join(names)}, not {', '.join(unknown)}")
+        problems.append(f"{what} of {where} takes inputs {', '.join(names)}, not {', '.join(unknown)}")
     feeds: List[Feed] = []
     open_dims = []
     for g in graph:
@@ -298,7 +317,7 @@ def _plan_inputs(specs, ckpt: Checkpoint, orig_ckpt: Optional[Checkpoint]) -> Tu
             open_dims.append((g["name"], f"{shape_text(shape)}, too large to make up"))
             continue
         feeds.append((g["name"], tuple(shape), g["dtype"]))
-    open_text = (", ".join(f"--input {n}:SHAPE" for n, _ in open_dims) + f" (the ONNX graph of {where} leaves "
+    open_text = (", ".join(f"--input {n}:SHAPE" for n, _ in open_dims) + f" ({what} of {where} leaves "
                  f"dimensions open: " + ", ".join(f"{n} {d}" for n, d in open_dims) + ")") if open_dims else None
     if open_text and given:
         problems.append(f"it needs {open_text}")
@@ -322,7 +341,13 @@ def _compute(runner: "_Runner", orig: Optional["_Runner"], devs: List[str], feed
 # 1-3: from the bytes
 
 
-def _readable(ckpt: Checkpoint, sd: StateDict, scanned) -> CheckResult:
+def _readable(ckpt: Checkpoint, sd: StateDict, scanned, trust: bool = False) -> CheckResult:
+    from .scanning import NATIVE_CODE
+    if ckpt.format == "pt2" and trust and set(scanned.dangerous_names) == {NATIVE_CODE}:
+        # an AOTInductor package is native code by design: --trust allows loading it (the pickles stay held to scan)
+        return CheckResult("readable", None, "pass",
+                           f"pt2, {len(sd.tensors)} tensors in {sd.entry or 'the top level'}, read with no code run; "
+                           f"it carries compiled native code, run under --trust")
     if scanned.dangerous_names:
         return CheckResult("readable", None, "fail",
                            f"scan calls it DANGEROUS: {', '.join(scanned.dangerous_names[:6])}"
@@ -372,7 +397,7 @@ def _integrity(ckpt: Checkpoint, sd: StateDict) -> CheckResult:
     import zlib
     from .errors import FormatError
     from .formats.archive import Archive
-    if ckpt.format not in ("torch_zip", "torchscript"):
+    if ckpt.format not in ("torch_zip", "torchscript", "pt2"):
         return CheckResult("integrity", None, "skip", f"{ckpt.format} files carry no checksums")
     users: Dict[str, List[str]] = {}
     for name, t in sd.tensors.items():
@@ -398,6 +423,8 @@ def _integrity(ckpt: Checkpoint, sd: StateDict) -> CheckResult:
             if crc != record.crc:
                 key = record.name.rpartition("/")[2]
                 names = users.get(key, []) if "/data/" in record.name else []
+                if ckpt.format == "pt2":  # its storages are keyed by their record's name in the archive folder
+                    names = users.get(record.name.partition("/")[2], [])
                 what = f"tensor {names[0]}" if names else f"record {record.name}"
                 return CheckResult("integrity", None, "fail", f"{what}: CRC-32 mismatch (the bytes changed after "
                                                               f"writing)", culprit=names[0] if names else record.name)
@@ -512,7 +539,7 @@ def _compare_back(name: str, fmt: str, src: Dict[str, TensorRef], path: str, sha
                            culprit=missing[0] if missing else None)
     for n in expected:
         a, b = src[n], back[n]
-        if (a.shape, a.dtype, a.form) != (b.shape, b.dtype, b.form):
+        if (a.shape, a.dtype, a.value_form) != (b.shape, b.dtype, b.value_form):
             return CheckResult(name, fmt, "fail", f"{n} reads back as {b.form} {b.dtype} {list(b.shape)}, was "
                                                   f"{a.form} {a.dtype} {list(a.shape)}", culprit=n)
         pairs = [(a, b)] if not a.is_composite else [(pa, pb) for (_, pa), (_, pb) in zip(a.parts, b.parts)]
@@ -632,12 +659,13 @@ class _Runner:
         self.ckpt, self.sd = ckpt, sd
         self.module_factory: Optional[Callable[[], Any]] = None  # () -> (module on cpu, strict state_dict or None)
         self.onnx_path: Optional[str] = None
+        self.program: Optional["_Program"] = None  # a .pt2, loaded by torch's own loader (--trust)
         self.why_not = ""
         self.label = ""
 
     @property
     def can_run(self) -> bool:
-        return self.module_factory is not None or self.onnx_path is not None
+        return self.module_factory is not None or self.onnx_path is not None or self.program is not None
 
     @classmethod
     def for_path(cls, ckpt: Checkpoint, sd: StateDict, model: Optional[str], model_args: Sequence[str],
@@ -647,6 +675,12 @@ class _Runner:
             r.onnx_path = ckpt.path
             r.label = "onnxruntime"
             r.why_not = "an ONNX graph has no load_state_dict; it is run by onnxruntime"
+            return r
+        if ckpt.format == "pt2":  # its own program or nothing (a --model is the --against side's)
+            r.why_not = PT2_NOT_LOADED
+            if trust:
+                r.program = _Program(ckpt)
+                r.label = f"{r.program.loader} (--trust)"
             return r
         if model:
             from .modelspec import resolve
@@ -720,6 +754,8 @@ class _Runner:
     def outputs(self, dev: str, inputs: List[Any]) -> List[Any]:
         """Outputs on ``dev`` as CPU tensors."""
         import torch
+        if self.program is not None:
+            return self.program.outputs(dev, inputs)
         if self.onnx_path is not None:
             import onnxruntime as ort
             sess = ort.InferenceSession(self.onnx_path, providers=["CPUExecutionProvider"])
@@ -761,6 +797,10 @@ class _Runner:
                 continue
             if self.onnx_path is not None:
                 out.append(CheckResult("computes the same", dev, "skip", "ONNX files are run on the CPU here"))
+                continue
+            if self.program is not None and self.program.aoti:
+                out.append(CheckResult("computes the same", dev, "skip", "an AOTInductor package runs on the device "
+                                                                         "it was compiled for only"))
                 continue
             out.append(_compare_outputs("computes the same", dev, self.outputs(dev, inputs), ref, atol, rtol,
                                         "vs cpu"))
@@ -820,3 +860,187 @@ def _compare_outputs(name: str, dev: str, got: List[Any], ref: List[Any], atol, 
                                max_abs=max_abs, max_rel=max_rel)
     return CheckResult(name, dev, "pass", f"{len(got)} output(s) {what}: max abs diff {worst_abs:.3g}, "
                                           f"max rel {worst_rel:.3g}{on}", max_abs=worst_abs, max_rel=worst_rel)
+
+
+# ---------------------------------------------------------------------------------------------
+# .pt2: torch.export programs and AOTInductor packages, run by torch's own loaders under --trust
+
+
+def _pt2_loader(ckpt: Checkpoint) -> str:
+    """The loader of a .pt2: torch.export.load where it holds an ExportedProgram, else AOTInductor's."""
+    return "aoti_load_package" if ckpt.metadata.get("kind") == "AOTInductor package" else "torch.export.load"
+
+
+class _Program:
+    """A .pt2 as torch loads it (``torch.export.load``, or ``torch._inductor.aoti_load_package`` for a package
+    holding only compiled code), loaded once, on first use; run with a seeded input as its graph says."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.loader = _pt2_loader(ckpt)
+        self.aoti = self.loader == "aoti_load_package"
+        self._loaded: Any = None
+        self._modules: Dict[str, Any] = {}
+
+    def load(self) -> Any:
+        if self._loaded is None:
+            if self.aoti:
+                from torch._inductor import aoti_load_package
+                self._loaded = aoti_load_package(self.ckpt.path)
+            else:
+                import torch
+                self._loaded = torch.export.load(self.ckpt.path)
+        return self._loaded
+
+    def _callable(self, dev: str) -> Tuple[Any, str]:
+        """What runs on ``dev`` and the device its inputs go to."""
+        prog = self.load()
+        if self.aoti:  # compiled for one device: it runs there
+            where = str((self.ckpt.metadata.get("aoti") or {}).get("device") or "cpu").split()[0]
+            return prog, where
+        fn = self._modules.get(dev)
+        if fn is None:
+            ep = prog
+            if dev != "cpu" or any(getattr(t, "device", None) is not None and t.device.type != "cpu"
+                                   for t in list(ep.state_dict.values()) + list(ep.constants.values())):
+                from torch.export.passes import move_to_device_pass
+                ep = move_to_device_pass(ep, dev)
+            fn = self._modules[dev] = ep.module()
+        return fn, dev
+
+    def outputs(self, dev: str, inputs: List[Any]) -> List[Any]:
+        import torch
+        fn, where = self._callable(dev)
+        with torch.no_grad():
+            try:
+                y = fn(*[x.to(where) for x in inputs])
+            except Exception as e:  # the program's own checks of its inputs (shapes, guards) and its kernels
+                raise UsageError(f"the program cannot run on these inputs: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:200] if str(e) else ''}", self.ckpt.path) from None
+        return [t.detach().cpu() for t in _tensor_leaves(y)]
+
+
+def _tensor_leaves(y: Any) -> List[Any]:
+    import torch
+    if isinstance(y, torch.Tensor):
+        return [y]
+    if isinstance(y, dict):
+        y = list(y.values())
+    if isinstance(y, (list, tuple)):
+        return [t for v in y for t in _tensor_leaves(v)]
+    return []
+
+
+def _pt2_load_checks(runner: "_Runner", ckpt: Checkpoint, sd: StateDict) -> List[CheckResult]:
+    """``torch.export.load`` (or ``aoti_load_package``) of the file, with --trust; then the weights ckpttool
+    read held to what that loader gives, bit for bit. Without --trust: a failed check, not a pass."""
+    name = _pt2_loader(ckpt)
+    program = runner.program
+    if program is None:
+        return [CheckResult(name, None, "fail", PT2_NOT_LOADED)]
+    try:
+        loaded = program.load()
+    except ImportError as e:
+        return [CheckResult(name, None, "fail", f"cannot load it here: {e}")]
+    except Exception as e:  # whatever the loader raises on this file is the finding
+        return [CheckResult(name, None, "fail", f"{name} fails: {type(e).__name__}: "
+                                                f"{str(e).splitlines()[0][:200] if str(e) else ''}")]
+    ours = {"state_dict": ckpt.root.get("state_dict") or {}, "constants": ckpt.root.get("constants") or {}}
+    if program.aoti:
+        fqns = list(loaded.get_constant_fqns())
+        return [CheckResult(name, None, "pass", f"{name}(path) under --trust: a compiled model with {len(fqns)} "
+                                                f"weight(s)"), _aoti_same_weights(ckpt, ours, fqns)]
+    import torch
+    theirs = {"state_dict": dict(loaded.state_dict),
+              "constants": {k: v for k, v in loaded.constants.items() if isinstance(v, torch.Tensor)}}
+    objects = len(loaded.constants) - len(theirs["constants"])
+    out = [CheckResult(name, None, "pass", f"{name}(path) under --trust: {len(theirs['state_dict'])} weight(s), "
+                                           f"{len(theirs['constants'])} tensor constant(s)"
+                       + (f", {objects} object constant(s)" if objects else ""))]
+    out.append(_same_as_loader(name, ours, theirs))
+    return out
+
+
+def _same_as_loader(loader: str, ours: Dict[str, Dict[str, Any]], theirs: Dict[str, Dict[str, Any]]) -> CheckResult:
+    """Every tensor ckpttool read against the loader's: the same names in the same order, shapes, dtypes,
+    strides, storage offsets and bytes."""
+    check = "same weights as loader"
+    exact = by_meta = 0
+    for part in ("state_dict", "constants"):
+        a, b = ours[part], theirs[part]
+        if list(a) != list(b):
+            only_a = [n for n in a if n not in b]
+            only_b = [n for n in b if n not in a]
+            what = (f"{len(only_a)} read by ckpttool, not by {loader}; first: {only_a[0]}" if only_a else
+                    f"{len(only_b)} given by {loader}, not read by ckpttool; first: {only_b[0]}" if only_b else
+                    "the same names in another order")
+            return CheckResult(check, None, "fail", f"{part}: {what}",
+                               culprit=(only_a or only_b or [None])[0])
+        for n, t in a.items():
+            r = b[n]
+            theirs_meta = (tuple(r.shape), str(r.dtype).replace("torch.", ""))
+            if not isinstance(t, TensorRef) or (tuple(t.shape), t.dtype) != theirs_meta:
+                shown = f"{t.dtype} {list(t.shape)}" if isinstance(t, TensorRef) else type(t).__name__
+                return CheckResult(check, None, "fail", f"{part} {n}: ckpttool reads {shown}, {loader} gives "
+                                                        f"{theirs_meta[1]} {list(theirs_meta[0])}", culprit=n)
+            if not (t.kind == "dense" and t.has_data and type(r).__name__ in ("Tensor", "Parameter")):
+                by_meta += 1  # a subclass (pickled whole): its components are its own
+                continue
+            if (tuple(t.stride), t.storage_offset) != (tuple(r.stride()), r.storage_offset()):
+                return CheckResult(check, None, "fail", f"{part} {n}: ckpttool reads strides {list(t.stride)} at "
+                                                        f"offset {t.storage_offset}, {loader} gives {list(r.stride())} "
+                                                        f"at {r.storage_offset()}", culprit=n)
+            if not _bits(t.to_torch()).equal(_bits(r.detach().cpu())):
+                return CheckResult(check, None, "fail", f"{part} {n}: its bytes differ from {loader}'s", culprit=n)
+            exact += 1
+    more = f"; {by_meta} tensor subclass(es) compared by shape and dtype" if by_meta else ""
+    return CheckResult(check, None, "pass", f"{exact} tensor(s) bit-equal to {loader}'s (names, order, strides, "
+                                            f"offsets){more}")
+
+
+def _aoti_same_weights(ckpt: Checkpoint, ours: Dict[str, Dict[str, Any]], fqns: List[str]) -> CheckResult:
+    """An AOTInductor package: the weights ckpttool read against the names its loader lists and, where they are
+    in its shared library, the values AOTInductor's own runner extracts from it."""
+    check = "same weights as loader"
+    mine = {**ours["state_dict"], **ours["constants"]}
+    if sorted(mine) != sorted(fqns):
+        only_a = sorted(set(mine) - set(fqns))
+        only_b = sorted(set(fqns) - set(mine))
+        first = (only_a or only_b)[0]
+        return CheckResult(check, None, "fail", f"{len(only_a)} weight(s) read by ckpttool and not named by "
+                                                f"aoti_load_package, {len(only_b)} the other way; first: {first}",
+                           culprit=first)
+    aoti = ckpt.metadata.get("aoti") or {}
+    lib = next((c["name"] for c in ckpt.metadata.get("compiled", ()) if c["name"].endswith(".wrapper.so")), None)
+    if aoti.get("weights_in") != "library" or lib is None or not str(aoti.get("device") or "").startswith("cpu"):
+        return CheckResult(check, None, "skip", f"{len(fqns)} name(s) match aoti_load_package's; their values are "
+                                                "compared only for CPU packages holding them in the library")
+    import torch
+    from .formats.archive import Archive
+    with scratch_folder(prefix="ckpttool-verify-") as tmpdir:
+        so = os.path.join(tmpdir, "model.so")
+        with Archive.open(ckpt.path) as archive, open(so, "wb") as f:
+            rec = archive.find(lib)
+            with archive.open_record(rec) as src:
+                while True:
+                    block = src.read(1 << 24)
+                    if not block:
+                        break
+                    f.write(block)
+        try:  # the runner AOTInductor's package loader uses, on the library alone
+            runner = torch._C._aoti.AOTIModelContainerRunnerCpu(so, 1)  # alive while its tensors are read:
+            extracted = runner.extract_constants_map(False)  # they view its memory
+        except (AttributeError, RuntimeError) as e:
+            return CheckResult(check, None, "skip", f"{len(fqns)} name(s) match aoti_load_package's; AOTInductor's "
+                                                    f"runner cannot read their values here: {str(e)[:160]}")
+        for n, t in mine.items():
+            r = extracted.get(n)
+            if r is None or (tuple(r.shape), str(r.dtype).replace("torch.", "")) != (tuple(t.shape), t.dtype):
+                return CheckResult(check, None, "fail", f"{n}: the compiled model holds "
+                                                        f"{'nothing' if r is None else list(r.shape)} under this name",
+                                   culprit=n)
+            if not t.has_data or not _bits(t.to_torch()).equal(_bits(r.detach().cpu())):
+                return CheckResult(check, None, "fail", f"{n}: its bytes differ from the compiled model's", culprit=n)
+        del extracted, runner
+    return CheckResult(check, None, "pass", f"{len(mine)} weight(s) bit-equal to those AOTInductor's runner "
+                                            f"extracts from {lib.rpartition('/')[2]}")
