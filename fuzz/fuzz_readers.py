@@ -52,7 +52,7 @@ REPO = os.path.dirname(HERE)
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-TARGETS = ("zip", "zip-record", "legacy", "safetensors", "pickle", "zip-pickle", "legacy-pickle", "gguf")
+TARGETS = ("zip", "zip-record", "legacy", "safetensors", "pickle", "zip-pickle", "legacy-pickle", "gguf", "pt2")
 
 # =============================================================================================
 # Seeds: real checkpoints, made once into the work folder
@@ -76,6 +76,9 @@ class Seeds:
         save_file({k: v.contiguous() for k, v in sd.items() if k != "view"}, spath, metadata={"format": "pt"})
         self.zip = open(zpath, "rb").read()
         self.gguf = _gguf_seed(os.path.join(work, "seed.gguf"))
+        self.pt2 = _pt2_seed(os.path.join(work, "seed.pt2"))
+        with zipfile.ZipFile(io.BytesIO(self.pt2)) as z:
+            self.pt2_records = [(i, z.read(i)) for i in z.infolist()]
         self.legacy = open(lpath, "rb").read()
         self.safetensors = open(spath, "rb").read()
         with zipfile.ZipFile(zpath) as z:
@@ -121,6 +124,16 @@ class Seeds:
                     zo.writestr(info.filename, data_pkl, compress_type=compress)
                 else:
                     zo.writestr(info, data)
+        return out.getvalue()
+
+    def pt2_with(self, index: int, data: bytes) -> bytes:
+        """The seed torch.export archive with its index-th JSON record replaced (CRCs right)."""
+        jsons = [i for i, _ in self.pt2_records if i.filename.endswith(".json")]
+        name = jsons[index % len(jsons)].filename
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w") as zo:
+            for info, d in self.pt2_records:
+                zo.writestr(info, data if info.filename == name else d)
         return out.getvalue()
 
     def legacy_with(self, main: bytes) -> bytes:
@@ -397,7 +410,33 @@ def strategies(seeds: Seeds):
         "legacy-pickle": st.builds(seeds.legacy_with, st.one_of(
             opcode_stream(), structured, st.builds(mutate, st.sampled_from(seeds.pickles), edits, truncate))),
         "gguf": gguf_strategies(seeds, mutated),
+        "pt2": st.one_of(mutated(seeds.pt2), st.builds(seeds.pt2_with, st.integers(0, 16), st.one_of(
+            st.builds(mutate, st.sampled_from([d for i, d in seeds.pt2_records if i.filename.endswith(".json")]),
+                      edits, truncate),
+            st.builds(lambda v: json.dumps(v).encode(), st.recursive(
+                st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.text(max_size=8),
+                lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=12), c, max_size=5),
+                max_leaves=30))))),
     }
+
+
+def _pt2_seed(path: str) -> bytes:
+    """A torch.export archive of a module with a parameter, a view, a non-persistent buffer and two inputs."""
+    import torch
+
+    class Seed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+            self.register_buffer("scale", torch.ones(3), persistent=False)
+
+        def forward(self, x, y):
+            return self.lin(x) * self.scale + y[:3]
+
+    torch.manual_seed(0)
+    ep = torch.export.export(Seed(), (torch.randn(2, 4), torch.randn(5)))
+    torch.export.save(ep, path)
+    return open(path, "rb").read()
 
 
 # --- GGUF ----------------------------------------------------------------------------------------------------
@@ -570,7 +609,7 @@ class _Drawer:
 
 
 SUFFIX = {"zip": ".pt", "zip-record": ".pt", "legacy": ".pt", "safetensors": ".safetensors", "pickle": ".pkl",
-          "zip-pickle": ".pt", "legacy-pickle": ".pt", "gguf": ".gguf"}
+          "zip-pickle": ".pt", "legacy-pickle": ".pt", "gguf": ".gguf", "pt2": ".pt2"}
 
 # =============================================================================================
 # The check: what may come out of reading one input

@@ -385,7 +385,7 @@ def test_zip_record_with_unsupported_or_wrong_compression(tmp_path, make, which,
 # Truncation at every offset (library), at sampled offsets (CLI)
 
 
-TRUNCATED = ["state_dict.pt", "legacy.pt", "torchscript.pt", "model.safetensors"]
+TRUNCATED = ["state_dict.pt", "legacy.pt", "torchscript.pt", "model.safetensors", "exported.pt2", "model.gguf"]
 
 
 @pytest.mark.parametrize("name", TRUNCATED)
