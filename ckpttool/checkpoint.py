@@ -238,12 +238,12 @@ class TensorRef:
 # set them in the instance's __dict__, in field order, so that it stays a compact key-sharing dict
 # (0.5 us). The instance is the same as the constructor's, every field set (tests/test_records.py holds
 # them to that); none of these classes has a __post_init__.
-_new = object.__new__
+new_instance = object.__new__  # an instance with no field set: the fast makers fill its __dict__
 
 
 def new_storage_ref(key: str, dtype: str, device: str, nbytes: int, source: Any, file: str) -> StorageRef:
     """``StorageRef(key=key, dtype=dtype, ...)``, made faster."""
-    ref = _new(StorageRef)
+    ref = new_instance(StorageRef)
     d = ref.__dict__
     d["key"] = key
     d["dtype"] = dtype
@@ -257,7 +257,7 @@ def new_storage_ref(key: str, dtype: str, device: str, nbytes: int, source: Any,
 def new_tensor_ref(shape: Tuple[int, ...], dtype: str, stride: Tuple[int, ...], storage_offset: int,
                    storage: Optional[StorageRef], device: str, requires_grad: bool, kind: str) -> TensorRef:
     """``TensorRef(shape=shape, ...)`` with the other fields at their defaults, made faster."""
-    t = _new(TensorRef)
+    t = new_instance(TensorRef)
     d = t.__dict__
     d["shape"] = shape
     d["dtype"] = dtype

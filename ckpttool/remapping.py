@@ -96,11 +96,11 @@ def _copy_stored(path: str, record: Record, chunk: int = 1 << 24) -> Iterator[me
 
 
 def _remap_zip(path: str, tmp: str, new_location: Callable[[str], str], tick: Callable[[int], None]) -> Counter:
-    from .formats.torch_writer import _AlignedZip
+    from .formats.torch_writer import AlignedZip
     counts: Counter = Counter()
     with Archive.open(path) as archive:
         folder = archive.folder
-        z = _AlignedZip(tmp, "")
+        z = AlignedZip(tmp, "")
         try:
             for record in archive.records:
                 name = record.name
@@ -154,7 +154,7 @@ def _file_chunks(path: str, offset: int, size: int, chunk: int = 1 << 24) -> Ite
 
 
 def _legacy_to_zip(src: Checkpoint, tmp: str, new_location: Callable[[str], str]) -> Counter:
-    from .formats.torch_writer import _AlignedZip
+    from .formats.torch_writer import AlignedZip
     if src.metadata.get("little_endian") is False:
         raise UsageError("a big-endian legacy file cannot be written in the zip format", src.path)
     start, end = src.metadata["_pickle"]
@@ -162,7 +162,7 @@ def _legacy_to_zip(src: Checkpoint, tmp: str, new_location: Callable[[str], str]
         f.seek(start)
         main = f.read(end - start)
     data, counts = rewrite_locations(main, new_location, arity=5, path=src.path, keep_tail=False)
-    z = _AlignedZip(tmp, "archive")
+    z = AlignedZip(tmp, "archive")
     try:
         z.add("data.pkl", [data], len(data))
         for name, value in ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", b"little")):

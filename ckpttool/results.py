@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-from .checkpoint import _new
+from .checkpoint import new_instance
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def new_tensor_info(name: str, shape: Tuple[int, ...], dtype: str, device: str, 
                     stride: Tuple[int, ...], storage_offset: int, storage: Optional[str],
                     stats: Optional[Dict[str, Any]]) -> TensorInfo:
     """``TensorInfo(name=name, ...)``, made faster (see ``new_tensor_ref``)."""
-    info = _new(TensorInfo)
+    info = new_instance(TensorInfo)
     d = info.__dict__
     d["name"] = name
     d["shape"] = shape

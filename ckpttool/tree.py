@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .errors import FormatError, KeyNotFoundError, UsageError
 from .formats.safe_pickle import Stub
-from .pickles.reading import _tensor_parts as tensor_parts
+from .pickles.reading import tensor_parts
 from .checkpoint import Checkpoint, TensorRef
 
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "state_dict_ema", "model_ema",

@@ -343,7 +343,7 @@ def storages_of(root: Any) -> List[StorageOut]:
     return order
 
 
-class _AlignedZip:
+class AlignedZip:
     def __init__(self, path: str, folder: str):
         self.zf = zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True)
         self.folder = folder
@@ -379,7 +379,7 @@ def write_torch_zip(path: str, root: Any, progress: Optional[Callable[[int], Non
     keys = [s.key for s in storages]
     if len(set(keys)) != len(keys):
         raise ValueError("two storages share a key")
-    z = _AlignedZip(path, folder)
+    z = AlignedZip(path, folder)
     try:
         data = pickle_tree(root)
         z.add("data.pkl", [data], len(data))
@@ -412,11 +412,11 @@ def rebuild_out(value: Any, tensor_out: Callable[[Any], Any], storage_out: Calla
     shared with other tensors stays shared). A value the reader made that has no written form (a numpy
     dtype, an object built with keyword arguments) is a ValueError naming it.
     """
-    from ..pickles.reading import _TENSOR_FUNCS, Stub, TorchDevice, TorchDtype, TorchSize
+    from ..pickles.reading import TENSOR_FUNCS, Stub, TorchDevice, TorchDtype, TorchSize
     from ..checkpoint import Layout, Rebuild, StorageRef, TensorRef, Value
     from ..pickles.uses import is_enum_class
     from ..scanning import classify
-    funcs = {id(f): key for key, f in _TENSOR_FUNCS.items()}
+    funcs = {id(f): key for key, f in TENSOR_FUNCS.items()}
     enums: Dict[str, bool] = {}
 
     def allowed(module: str, name: str, how: str) -> None:

@@ -205,7 +205,7 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
     return _with_metadata(t, metadata) if metadata else t
 
 
-def _tensor_parts(tree, prefix: str = "") -> list:
+def tensor_parts(tree, prefix: str = "") -> list:
     """The TensorRefs in a rebuild's arguments (tuples, lists, dicts, stubs' states), with their paths."""
     out, todo, seen = [], [(prefix, tree)], set()
     while todo:
@@ -242,7 +242,7 @@ def _rebuild_qtensor(storage, storage_offset, size, stride, quantizer_params, re
                      backward_hooks=None):
     t = _make_tensor(storage, storage_offset, size, stride, requires_grad, kind="quantized")
     # per-channel: (qscheme, scales, zero_points, axis): the scales and zero points are tensors of their own
-    parts = _tensor_parts(quantizer_params) if isinstance(quantizer_params, tuple) else []
+    parts = tensor_parts(quantizer_params) if isinstance(quantizer_params, tuple) else []
     d = t.__dict__
     if parts:
         d["parts"] = (("data", dataclasses.replace(t, kind="dense", dtype=t.dtype)),) + tuple(
@@ -335,8 +335,8 @@ def _rebuild_from_type(func, new_type, args, state=None):
     # named by where they are: the constructor's arguments (one: its own names), then the object's state
     if isinstance(state, tuple) and len(state) == 2 and all(x is None or isinstance(x, dict) for x in state):
         state = {**(state[0] or {}), **(state[1] or {})}  # (__dict__, slots), as copyreg writes them
-    parts = _tensor_parts(args[0] if len(args) == 1 else args) + \
-        [(n, p) for n, p in _tensor_parts(state) if all(p is not q for _, q in _tensor_parts(args))]
+    parts = tensor_parts(args[0] if len(args) == 1 else args) + \
+        [(n, p) for n, p in tensor_parts(state) if all(p is not q for _, q in tensor_parts(args))]
     if not parts:
         return t
     shape, dtype = (), parts[0][1].dtype
@@ -508,7 +508,7 @@ _SAFE_BUILTINS: Dict[Tuple[str, str], Callable] = {
     ("numpy.core.multiarray", "scalar"): _numpy_scalar, ("numpy._core.multiarray", "scalar"): _numpy_scalar,
 }
 
-_TENSOR_FUNCS: Dict[Tuple[str, str], Callable] = {
+TENSOR_FUNCS: Dict[Tuple[str, str], Callable] = {
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
@@ -564,9 +564,9 @@ class ReadPolicy(Policy):
     def find_class(self, module: str, name: str):  # noqa: D102 - the machine's hook
         module, name = py3_name(module, name, self.machine.proto)
         key = (module, name)
-        if key in _TENSOR_FUNCS:
+        if key in TENSOR_FUNCS:
             self._note(module, name, "tensor")
-            return _TENSOR_FUNCS[key]
+            return TENSOR_FUNCS[key]
         if key in self._served:
             self._note(module, name, "builtin")
             return self._served[key]
