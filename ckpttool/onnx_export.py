@@ -26,6 +26,7 @@ from .dtypes import parse_dtype
 from .errors import CheckFailedError, MissingDependencyError, TrustRequiredError, UsageError
 from .checkpoint import Checkpoint
 from .results import ConvertResult
+from .running import difference, run_onnx, seeded_inputs
 from .modelspec import trusted_module
 from .tree import open_state_dict
 from .writing import check_output, default_mode, fsync_dir, scratch_folder, uninterrupted
@@ -232,7 +233,7 @@ def _export(net: Any, ckpt: Checkpoint, entry: Optional[str], entry_source: str,
     import torch
     try:
         import onnx
-        import onnxruntime as ort
+        importlib.import_module("onnxruntime")  # here, before exporting: the export is worthless unchecked
     except ImportError as e:
         raise MissingDependencyError(f"ONNX export needs onnx and onnxruntime: {e}") from None
     cast = _cast_name(dtype)
@@ -241,8 +242,7 @@ def _export(net: Any, ckpt: Checkpoint, entry: Optional[str], entry_source: str,
     if cast and not isinstance(net, torch.jit.ScriptModule):
         net = net.to(tdt)
     shapes = [s for _, s in specs]
-    gen = torch.Generator().manual_seed(0)
-    inputs = tuple(torch.randn(s, generator=gen).to(tdt) for s in shapes)
+    inputs = tuple(seeded_inputs([(s, cast or "float32") for s in shapes]))
     named = all(n is not None for n, _ in specs)
     # the legacy exporter names inputs input0...; the current one after forward's parameters unless named
     in_names: Optional[List[str]] = [n for n, _ in specs] if named else \
@@ -297,25 +297,20 @@ def _export(net: Any, ckpt: Checkpoint, entry: Optional[str], entry_source: str,
                                   f"opset {opset}" if not legacy else None)
         graph_inputs = [i.name for i in written_model.graph.input
                         if i.name not in {t.name for t in written_model.graph.initializer}]
-        sess = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
-        feed_names = [i.name for i in sess.get_inputs()]
-        if len(feed_names) != len(inputs):
-            raise CheckFailedError(f"the exported graph takes {len(feed_names)} inputs, the model "
+        if len(graph_inputs) != len(inputs):
+            raise CheckFailedError(f"the exported graph takes {len(graph_inputs)} inputs, the model "
                                    f"{len(inputs)}")
-        got = sess.run(None, {n: x.float().numpy() if x.dtype == torch.bfloat16 else x.numpy()
-                              for n, x in zip(feed_names, inputs)})
+        got = run_onnx(tmp, inputs)
         atol, rtol = TOLERANCE.get(cast or "float32", TOLERANCE["float32"])
         max_abs = 0.0
         for name, want, have in zip(out_names, outs, got):
-            have_t = torch.from_numpy(have).to(torch.float64)
-            want_t = want.detach().to(torch.float64)
-            if tuple(have_t.shape) != tuple(want_t.shape):
-                raise CheckFailedError(f"{name}: onnxruntime gives shape {list(have_t.shape)}, torch "
-                                       f"{list(want_t.shape)}")
-            diff = float((have_t - want_t).abs().max()) if want_t.numel() else 0.0
-            max_abs = max(max_abs, diff)
-            if not torch.allclose(have_t, want_t, atol=atol, rtol=rtol):
-                raise CheckFailedError(f"{name}: onnxruntime differs from torch by up to {diff:.3g} "
+            if tuple(have.shape) != tuple(want.shape):
+                raise CheckFailedError(f"{name}: onnxruntime gives shape {list(have.shape)}, torch "
+                                       f"{list(want.shape)}")
+            d = difference(have, want, atol, rtol)
+            max_abs = max(max_abs, d.max_abs)
+            if not d.close:
+                raise CheckFailedError(f"{name}: onnxruntime differs from torch by up to {d.max_abs:.3g} "
                                        f"(atol {atol}, rtol {rtol})")
         files = sorted(os.listdir(tmpdir))
         _move_into_place(tmpdir, files, folder)

@@ -52,6 +52,7 @@ from .modelspec import trusted_module
 from .onnx_export import SHAPES_NEEDED, parse_inputs, shape_text
 from .checkpoint import Checkpoint, TensorRef
 from .results import CheckResult, VerifyReport
+from .running import difference, run_onnx, seeded_inputs
 from .tree import StateDict, find_state_dict, module_kind, open_state_dict
 from .writing import scratch_folder
 
@@ -757,19 +758,7 @@ class _Runner:
         if self.program is not None:
             return self.program.outputs(dev, inputs)
         if self.onnx_path is not None:
-            import onnxruntime as ort
-            sess = ort.InferenceSession(self.onnx_path, providers=["CPUExecutionProvider"])
-            names = [i.name for i in sess.get_inputs()]
-            if len(names) != len(inputs):
-                raise UsageError(f"the ONNX model takes {len(names)} inputs ({', '.join(names)}), "
-                                 f"{len(inputs)} given", self.ckpt.path)
-            try:
-                got = sess.run(None, {n: x.numpy() for n, x in zip(names, inputs)})
-            except Exception as e:  # onnxruntime's errors: shapes and types the graph does not take
-                shown = ", ".join("x".join(map(str, x.shape)) for x in inputs)
-                raise UsageError(f"onnxruntime cannot run the model on inputs of shape {shown}: "
-                                 f"{str(e).splitlines()[0][:200]}", self.ckpt.path) from None
-            return [torch.from_numpy(g) for g in got]
+            return run_onnx(self.onnx_path, inputs)
         net, sd = self._module_on(dev)
         if sd is not None:
             net.load_state_dict({n: t.to(dev) for n, t in sd.items()}, strict=False)
@@ -815,27 +804,12 @@ class _Runner:
 
 
 def _inputs(feeds: List[Feed]) -> List[Any]:
-    """Seeded inputs: floating ones normal, integer and bool ones 0 or 1 (valid as ids, masks and flags)."""
-    import torch
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for _, shape, dtype in feeds:
-        dt = getattr(torch, dtype, None)
-        if not isinstance(dt, torch.dtype):
-            dt = torch.float32
-        if dt.is_floating_point or dt.is_complex:
-            x = torch.randn(shape, generator=gen)
-            out.append(x if dt == torch.float32 else x.to(dt))
-        elif dt == torch.bool:
-            out.append(torch.randint(0, 2, shape, generator=gen).bool())
-        else:
-            out.append(torch.randint(0, 2, shape, generator=gen).to(dt))
-    return out
+    """Seeded inputs for the feeds (running.seeded_inputs: the same tensors ONNX export checks with)."""
+    return seeded_inputs([(shape, dtype) for _, shape, dtype in feeds])
 
 
 def _compare_outputs(name: str, dev: str, got: List[Any], ref: List[Any], atol, rtol, what: str,
                      on: str = "") -> CheckResult:
-    import torch
     if len(got) != len(ref):
         return CheckResult(name, dev, "fail", f"{len(got)} outputs {what}, expected {len(ref)}")
     worst_abs = worst_rel = 0.0
@@ -848,13 +822,10 @@ def _compare_outputs(name: str, dev: str, got: List[Any], ref: List[Any], atol, 
                                                      for t in (g, r))))
         at = a_def if atol is None else atol
         rt = r_def if rtol is None else rtol
-        g64, r64 = g.to(torch.float64), r.to(torch.float64)
-        diff = (g64 - r64).abs()
-        max_abs = float(diff.max()) if diff.numel() else 0.0
-        rel = diff / r64.abs().clamp_min(1e-12)
-        max_rel = float(rel.max()) if rel.numel() else 0.0
+        d = difference(g, r, at, rt)
+        max_abs, max_rel = d.max_abs, d.max_rel
         worst_abs, worst_rel = max(worst_abs, max_abs), max(worst_rel, max_rel)
-        if not torch.allclose(g64, r64, atol=at, rtol=rt, equal_nan=True):
+        if not d.close:
             return CheckResult(name, dev, "fail", f"output{i} {what}: max abs diff {max_abs:.3g}, max rel "
                                                   f"{max_rel:.3g} (atol {at}, rtol {rt}){on}", culprit=f"output{i}",
                                max_abs=max_abs, max_rel=max_rel)
