@@ -258,13 +258,13 @@ def test_full_disk(make, tmp_path, full_disk, args):
 
 def test_exception_mid_write_leaves_nothing(monkeypatch, make, tmp_path):
     tw = importlib.import_module("ckpttool.formats.torch_writer")
-    real = tw._AlignedZip.add
+    real = tw.AlignedZip.add
 
     def add(self, name, chunks, size):
         if name.endswith("data/3"):
             raise RuntimeError("boom")
         return real(self, name, chunks, size)
-    monkeypatch.setattr(tw._AlignedZip, "add", add)
+    monkeypatch.setattr(tw.AlignedZip, "add", add)
     r = run("convert", make("legacy.pt"), "-o", tmp_path / "o.pt")
     assert r.exit_code != 0 and isinstance(r.exception, RuntimeError)
     assert files_in(tmp_path) == set()

@@ -677,7 +677,7 @@ def test_odd_values_render_without_crashing(body, tmp_path, make):
 # =============================================================================================
 
 def _snapshot_functions():
-    funcs = {id(f): f for f in list(safe_pickle._TENSOR_FUNCS.values()) + list(safe_pickle._SAFE_BUILTINS.values())
+    funcs = {id(f): f for f in list(safe_pickle.TENSOR_FUNCS.values()) + list(safe_pickle._SAFE_BUILTINS.values())
              if callable(f) and hasattr(f, "__code__")}
     return {i: (f, f.__defaults__, f.__kwdefaults__, dict(f.__dict__), f.__name__) for i, f in funcs.items()}
 
