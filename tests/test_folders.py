@@ -178,3 +178,58 @@ def test_every_command_takes_the_adapter_folder(folders, tmp_path):
                  f"ckpttool: error: remap rewrites torch.save and TorchScript files; this is safetensors, which "
                  f"carries no device tags ({folders / 'adapter'})")
     assert not os.path.exists(tmp_path / "r2.bin")
+
+
+def test_single_file_before_shards_as_from_pretrained(folders, tmp_path):
+    """transformers looks for model.safetensors before its index: a folder holding both (with other values in
+    the shards) reads the single file, and names the index and its shards ignored."""
+    d = tmp_path / "mixed"
+    shutil.copytree(folders / "sharded", d)
+    _llama(seed=5).save_pretrained(tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "model.safetensors", d / "model.safetensors")
+    got, _ = _tensors(d)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(d).state_dict()
+    assert all(got[k] == _bytes(v) for k, v in loaded.items())
+    folder = js("inspect", d)["metadata"]["folder"]
+    assert folder["read"] == "model.safetensors"
+    ignored = {i["file"] for i in folder["ignored"]}
+    assert "model.safetensors.index.json" in ignored and any(n.startswith("model-0000") for n in ignored)
+
+
+def test_config_transformers_weights_names_the_file_read(folders, tmp_path):
+    d = tmp_path / "explicit"
+    shutil.copytree(folders / "model", d)
+    _llama(seed=6).save_pretrained(tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "model.safetensors", d / "weights_v2.safetensors")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "transformers_weights": "weights_v2.safetensors"}))
+    got, ckpt = _tensors(d)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(d).state_dict()
+    assert all(got[k] == _bytes(v) for k, v in loaded.items())
+    assert ckpt.metadata["folder"]["read"] == "weights_v2.safetensors"
+    (d / "config.json").write_text(json.dumps({**cfg, "transformers_weights": "../outside.safetensors"}))
+    r = run("inspect", d)
+    assert r.exit_code == 2 and "outside its folder" in r.stderr
+
+
+def test_dcp_files_beside_a_config_are_ignored_as_from_pretrained_does(folders, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(folders / "model", d)
+    (d / ".metadata").write_bytes(b"\x80\x04N.")
+    (d / "__0_0.distcp").write_bytes(b"")
+    folder = js("inspect", d)["metadata"]["folder"]
+    assert folder["read"] == "model.safetensors"
+    assert {i["file"] for i in folder["ignored"]} == {".metadata", "__0_0.distcp"}
+
+
+def test_deeply_nested_adapter_config_is_shown_cut(folders, tmp_path):
+    d = tmp_path / "a"
+    shutil.copytree(folders / "adapter", d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    deep = []
+    for _ in range(900):
+        deep = [deep]
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": deep}))
+    r = run("inspect", d, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["metadata"]["adapter_config"]["target_modules"] == [[["[1 items]"]]]

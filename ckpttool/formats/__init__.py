@@ -50,6 +50,13 @@ def _check_path(path: str) -> os.stat_result:
     return st
 
 
+def _is_dcp_folder(path: str) -> bool:
+    """A torch.distributed.checkpoint folder (``.metadata``), unless a transformers or PEFT config says the
+    folder is a model that from_pretrained reads from its weight files (the DCP files are then ignored)."""
+    return os.path.isfile(os.path.join(path, ".metadata")) and not any(
+        os.path.isfile(os.path.join(path, n)) for n in ("config.json", "adapter_config.json"))
+
+
 def _folder_entry(path: str) -> str:
     """The file that stands for a checkpoint folder (its shard index, or its one checkpoint)."""
     from .folders import find
@@ -77,7 +84,7 @@ def _detect(path: str):
     """
     st = _check_path(path)
     if stat.S_ISDIR(st.st_mode):
-        if os.path.isfile(os.path.join(path, ".metadata")):
+        if _is_dcp_folder(path):
             return "dcp", path, None  # torch.distributed.checkpoint: .metadata + __R_N.distcp files
         return _detect(_folder_entry(path))
     if st.st_size == 0:
@@ -138,7 +145,7 @@ def open(path: str, fmt: Optional[str] = None) -> Checkpoint:  # noqa: A001 - th
     """
     path = os.fspath(path)
     if fmt not in (None, "", "dcp") and os.path.isdir(path) or not fmt and os.path.isdir(path) and \
-            not os.path.isfile(os.path.join(path, ".metadata")):
+            not _is_dcp_folder(path):
         from .folders import annotate, find
         folder = find(path)
         return annotate(open(folder.entry, None if fmt == "index" else fmt), folder)

@@ -19,12 +19,14 @@ from ..checkpoint import Checkpoint
 from ..errors import FileAccessError, FormatError
 
 MAX_CONFIG = 16 << 20
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx", ".pt2", ".index.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx", ".pt2", ".index.json",
+                   ".distcp", ".metadata")
 
-# in the order the loaders prefer them: transformers' (safetensors first, an index before a single file)
-# and peft's (adapter_model.safetensors before adapter_model.bin)
-MODEL_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-               "pytorch_model.bin")
+# in the order the loaders look for them: transformers' from_pretrained (config.json's transformers_weights
+# first, then model.safetensors, its index, pytorch_model.bin, its index: a single file before shards) and
+# peft's (adapter_model.safetensors before adapter_model.bin)
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -49,7 +51,7 @@ def _listing(path: str) -> List[str]:
 
 def _is_weights(name: str) -> bool:
     low = name.lower()
-    return low.endswith(WEIGHT_SUFFIXES) and not low.startswith(".")
+    return low == ".metadata" or low.endswith(WEIGHT_SUFFIXES) and not low.startswith(".")
 
 
 def find(path: str) -> Folder:
@@ -65,6 +67,18 @@ def find(path: str) -> Folder:
         kind, preferred, config_name = "transformers", MODEL_FILES, "config.json"
     else:
         kind, preferred, config_name = "folder", MODEL_FILES, None
+    config: Dict[str, Any] = {}
+    config_error = None
+    if config_name:
+        config, config_error, explicit = _config(os.path.join(path, config_name), kind)
+        if explicit is not None:  # config.json's transformers_weights: what from_pretrained loads first
+            from .sharded import inside
+            full = inside(path, explicit, os.path.join(path, config_name))
+            if not os.path.isfile(full):
+                raise FileAccessError(f"config.json names transformers_weights {explicit!r}, which is missing",
+                                      path)
+            files.add(explicit)
+            preferred = (explicit,) + tuple(n for n in preferred if n != explicit)
     chosen = next((n for n in preferred if n in files), None)
     if chosen is None:
         indexes = [n for n in names if n.endswith(".index.json")]
@@ -86,13 +100,14 @@ def find(path: str) -> Folder:
             continue
         if n in preferred:
             why = f"{chosen} is read first, as {'peft' if kind == 'peft' else 'transformers'} loads"
+        elif n in (".metadata",) or n.endswith(".distcp"):
+            why = "a torch.distributed.checkpoint beside it, which from_pretrained does not read"
         elif n.endswith(".index.json") or _looks_like_shard(n):
             why = "shards of another copy of the weights"
         else:
             why = "not a weight file the loader reads"
         folder.ignored.append((n, why))
-    if config_name:
-        folder.config, folder.config_error = _config(os.path.join(path, config_name), kind)
+    folder.config, folder.config_error = config, config_error
     return folder
 
 
@@ -112,35 +127,41 @@ def _indexed_shards(entry: str) -> set:
         return set()  # the index reader gives the error
 
 
-def _config(path: str, kind: str) -> Tuple[Dict[str, Any], Optional[str]]:
-    """The config's fields worth showing, or why it could not be read (a note: the weights still read)."""
+def _config(path: str, kind: str) -> Tuple[Dict[str, Any], Optional[str], Optional[str]]:
+    """The config's fields worth showing, or why it could not be read (a note: the weights still read), and
+    the weight file it names (config.json's ``transformers_weights``), if any."""
     try:
         with open(path, "rb") as f:
             text = f.read(MAX_CONFIG + 1)
     except OSError as e:
-        return {}, f"cannot read {os.path.basename(path)}: {e.strerror or e}"
+        return {}, f"cannot read {os.path.basename(path)}: {e.strerror or e}", None
     if len(text) > MAX_CONFIG:
-        return {}, f"{os.path.basename(path)} is larger than {MAX_CONFIG >> 20} MiB: not read"
+        return {}, f"{os.path.basename(path)} is larger than {MAX_CONFIG >> 20} MiB: not read", None
     try:
         data = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        return {}, f"{os.path.basename(path)} is not valid JSON: {str(e)[:120]}"
+        return {}, f"{os.path.basename(path)} is not valid JSON: {str(e)[:120]}", None
     if not isinstance(data, dict):
-        return {}, f"{os.path.basename(path)} is not a JSON object"
+        return {}, f"{os.path.basename(path)} is not a JSON object", None
     keys = PEFT_KEYS if kind == "peft" else MODEL_KEYS
-    return {k: _flat(data[k]) for k in keys if k in data}, None
+    explicit = data.get("transformers_weights") if kind == "transformers" else None
+    if explicit is not None and not isinstance(explicit, str):
+        raise FormatError("config.json's transformers_weights is not a file name", path)
+    return {k: _flat(data[k]) for k in keys if k in data}, None, explicit
 
 
 PEFT_KEYS = ("peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout",
              "target_modules", "modules_to_save", "bias", "use_dora", "use_rslora", "fan_in_fan_out",
              "init_lora_weights", "rank_pattern", "alpha_pattern", "revision")
-MODEL_KEYS = ("architectures", "model_type", "torch_dtype", "dtype", "transformers_version",
+MODEL_KEYS = ("architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "transformers_weights",
               "tie_word_embeddings", "hidden_size", "num_hidden_layers", "vocab_size", "quantization_config")
 
 
 def _flat(v: Any, depth: int = 0) -> Any:
     """A JSON value kept small: long lists and deep objects cut (the config is someone else's file)."""
     if isinstance(v, list):
+        if depth > 2:
+            return f"[{len(v)} items]"
         out = [_flat(x, depth + 1) for x in v[:32]]
         return out + [f"... {len(v) - 32} more"] if len(v) > 32 else out
     if isinstance(v, dict):
