@@ -193,7 +193,7 @@ def verify(path: str, model: Optional[str] = None, model_args: Sequence[str] = (
     env = environment()
 
     from .scanning import scan_file
-    scanned = scan_file(path)
+    scanned = scan_file(_file_read(path))
     ckpt, sd = open_state_dict(path, key)
     runner = _Runner.for_path(ckpt, sd, model, model_args, trust, import_path, key)
     orig = orig_ckpt = None
@@ -340,6 +340,19 @@ def _compute(runner: "_Runner", orig: Optional["_Runner"], devs: List[str], feed
 
 # ---------------------------------------------------------------------------------------------
 # 1-3: from the bytes
+
+
+def _file_read(path: str) -> str:
+    """What verify scans: the file a model or adapter folder's library reads (its other files are not loaded,
+    and not what is verified), or the path itself (a file, a DCP or shard folder)."""
+    if os.path.isdir(path):
+        from .formats import detect
+        from .formats.folders import find
+        if detect(path) != "dcp":
+            entry = find(path).entry
+            if not entry.endswith(".index.json"):
+                return entry
+    return path
 
 
 def _readable(ckpt: Checkpoint, sd: StateDict, scanned, trust: bool = False) -> CheckResult:

@@ -233,3 +233,19 @@ def test_deeply_nested_adapter_config_is_shown_cut(folders, tmp_path):
     r = run("inspect", d, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["metadata"]["adapter_config"]["target_modules"] == [[["[1 items]"]]]
+
+
+def test_verify_scans_the_file_the_folder_loads(folders, tmp_path):
+    """verify of a model folder judges the weights from_pretrained reads: a pickle payload in a .bin the
+    loader ignores (model.safetensors is read) does not fail the safetensors, and scan of the folder, which
+    covers every file, still calls the folder dangerous."""
+    d = tmp_path / "m"
+    shutil.copytree(folders / "model", d)
+    marker = tmp_path / "MARKER"
+    cmd = f"touch {marker}".encode()
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x02cposix\nsystem\nq\x00X" + len(cmd).to_bytes(4, "little") + cmd
+                                          + b"\x85R.")
+    r = run("verify", d)
+    assert r.exit_code == 0, r.output
+    assert run("scan", d).exit_code == 1
+    assert not marker.exists()
