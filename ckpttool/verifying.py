@@ -602,8 +602,14 @@ def _device_round_trip(ckpt: Checkpoint, sd: StateDict, devs: List[str],
         else:
             detail = (f"{_map_location_code(mapping)} puts the storages tagged {', '.join(missing)} on "
                       f"{', '.join(sorted({_mapped(d, mapping) for d in missing}))}, which this machine lacks")
-        out.append(CheckResult("device tags", None, "fail", f"{detail}; to fix the file: ckpttool remap "
-                                                            f"{shlex.quote(ckpt.path)} -o FIXED.pt {fix}"))
+        if ckpt.format == "pt2":  # torch.export.load has no map_location, and remap does not rewrite a program
+            detail = (f"the program's weights say {', '.join(missing)}, which this machine lacks: "
+                      f"torch.export.load puts them there and fails here; export it again on a machine with that "
+                      f"device, or on the CPU")
+            out.append(CheckResult("device tags", None, "fail", detail))
+        else:
+            out.append(CheckResult("device tags", None, "fail", f"{detail}; to fix the file: ckpttool remap "
+                                                                f"{shlex.quote(ckpt.path)} -o FIXED.pt {fix}"))
     elif mapping is not None and any(_mapped(d, mapping) != d for d in tags):
         moved = sorted({_mapped(d, mapping) for d in tags})
         out.append(CheckResult("device tags", None, "pass", f"storages tagged {', '.join(tags)}; "
