@@ -305,6 +305,116 @@ def test_version_2_reads(tmp_path):
     assert ck.root["w"].read_bytes() == np.arange(4, dtype=np.float32).tobytes()
 
 
+# --- the header window: every field read where the window moves ------------------------------------------
+
+# each scalar value type with distinct values (a value read from the wrong bytes shows)
+SCALAR_VALUES = ((GGUFValueType.UINT8, [255, 0, 7]), (GGUFValueType.INT8, [-128, 127, 3]),
+                 (GGUFValueType.UINT16, [65535, 1, 300]), (GGUFValueType.INT16, [-32768, 32767, -5]),
+                 (GGUFValueType.UINT32, [2 ** 32 - 1, 1003, 70000]), (GGUFValueType.INT32, [-2 ** 31, 9, 2 ** 31 - 1]),
+                 (GGUFValueType.FLOAT32, [1e-5, -2.5, 3.0]), (GGUFValueType.UINT64, [2 ** 64 - 1, 5, 2 ** 40 + 1]),
+                 (GGUFValueType.INT64, [-2 ** 63, 2 ** 63 - 1, -7]), (GGUFValueType.FLOAT64, [math.pi, -1e300, 0.5]),
+                 (GGUFValueType.BOOL, [True, False, True]))
+
+
+def _every_field_kv(w) -> None:
+    """A key-value of every kind: scalars of every type, strings short, empty and summarized, arrays of every
+    type short and summarized, a vocabulary of strings 0 to 20 bytes long (skipped by _skip_strings)."""
+    for vt, values in SCALAR_VALUES:
+        name = vt.name.lower()
+        w.add_key_value(f"s.{name}", values[0], vt)
+        w.add_key_value(f"a.{name}", values, GGUFValueType.ARRAY, sub_type=vt)
+        w.add_key_value(f"long.{name}", values * 7, GGUFValueType.ARRAY, sub_type=vt)
+        w.add_key_value(f"s.{name}.2", values[1], vt)
+    w.add_string("s.str", "héllo wörld")
+    w.add_string("s.empty", "")
+    w.add_string("s.long", "ab" * 9000)  # over MAX_SHOWN_STRING: its head only
+    w.add_array("a.strings", ["x", "", "yzé"])
+    w.add_array("tokenizer.ggml.tokens", [f"<{i}>" * (i % 5) for i in range(300)])
+
+
+def _every_field_tensors(rng):
+    """Tensors of 0 to 4 dims, a zero dim, unquantized and quantized types, names of 1 to 40 bytes."""
+    return [("s", np.array(2.0, dtype=np.float32), None),
+            ("v", rng.standard_normal(7).astype(np.float16), None),
+            ("m" * 40, rng.standard_normal((3, 5)).astype(np.float32), None),
+            ("blk.0.cube", rng.integers(-9, 9, (2, 3, 4)).astype(np.int32), None),
+            ("blk.0.four", rng.standard_normal((2, 1, 3, 2)).astype(np.float64), None),
+            ("e", np.zeros((0, 4), dtype=np.float32), None),
+            ("blk.1.q", _quantized_raw(rng, T.Q8_0, 2, 2), T.Q8_0),
+            ("blk.1.k", _quantized_raw(rng, T.Q4_K, 1, 1), T.Q4_K)]
+
+
+def _gguf_reader_view(path):
+    """Every key-value (as the reader shows it) and tensor info (name, shape, type, data offset, bytes in the
+    file) that gguf.GGUFReader reads."""
+    ref = gguf.GGUFReader(path)
+    kv = {k: _expected_kv(f) for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    tensors = [(rt.name, tuple(int(d) for d in reversed(rt.shape.tolist())), rt.tensor_type.name, int(rt.data_offset),
+                int(rt.n_bytes)) for rt in ref.tensors]
+    return kv, tensors
+
+
+def _reader_view(path):
+    ck = reader.read(path)
+    tensors = [(name, t.shape, ck.metadata["tensor_types"][name], t.storage.source.offset,
+                t.nbytes if t.encoding is None else t.encoded_nbytes) for name, t in ck.root.items()]
+    return ck.metadata["kv"], tensors
+
+
+def test_a_tiny_window_reads_every_field_as_gguf_reader(rich, tmp_path, monkeypatch):
+    """_Header's window shrunk to 1..96 bytes: the window moves inside every field of every kind, at many
+    alignments (a read that takes the old window's bytes at a move gives a wrong value, or an error)."""
+    rng = np.random.default_rng(7)
+    every = write(tmp_path / "every.gguf", _every_field_tensors(rng), _every_field_kv, alignment=64)
+    _seed(tmp_path)
+    nested = tmp_path / "nested.gguf"
+    inner = U32(8) + U64(3) + s("a") + s("") + s("bcd")
+    nested.write_bytes(build([kv_("n", 9, U32(9) + U64(20) + (U32(4) + U64(2) + U32(1) + U32(2)) * 20),
+                              kv_("m", 9, U32(9) + U64(2) + inner + inner), kv_("x", 4, U32(1003))]))
+    for path in (rich, every, str(tmp_path / "seed.gguf"), str(nested)):
+        whole = reader.read(path).metadata
+        want = _gguf_reader_view(path) if path != str(nested) else None  # gguf's reader shows no nested array
+        if want is not None:
+            assert _reader_view(path) == want, path
+        for window in range(1, 97):
+            monkeypatch.setattr(reader, "_WINDOW", window)
+            got = _reader_view(path)
+            if want is not None:
+                assert got == want, (path, window)
+            assert reader.read(path).metadata == whole, (path, window)
+            monkeypatch.undo()
+    assert whole["kv"] == {"n": {"type": "array", "length": 20, "head": [[1, 2]] * 8},
+                           "m": [["a", "", "bcd"]] * 2, "x": 1003}
+
+
+def test_the_1_mib_window_edge_at_every_byte_of_every_field(tmp_path):
+    """Files by gguf.GGUFWriter, a padding string sized so that the real 1 MiB window edge falls at each byte
+    of what follows it in turn: keys, scalar values of every type, string and array lengths, array
+    elements, tensor names, n_dims, dims, types and offsets."""
+    def tensors():
+        return [("t", np.arange(3, dtype=np.float32), None), ("u", np.ones((2, 3), dtype=np.float16), None),
+                ("w", np.zeros((1, 2, 2, 1), dtype=np.int8), None)]
+
+    def kv(pad):
+        def add(w):
+            w.add_string("p", "x" * pad)  # over MAX_SHOWN_STRING: skipped, so the next read is past the edge
+            for vt, values in SCALAR_VALUES:
+                w.add_key_value(vt.name[:2].lower() + vt.name[-1], values[1], vt)
+            w.add_string("s", "abc")
+            w.add_key_value("a", [7, 8, 9], GGUFValueType.ARRAY, sub_type=GGUFValueType.UINT16)
+            w.add_array("z", ["de", "f"])
+        return add
+    pad0 = (1 << 20) - 4096
+    probe = write(tmp_path / "probe.gguf", tensors(), kv(pad0))
+    ref = gguf.GGUFReader(probe)
+    first = [f for k, f in ref.fields.items() if not k.startswith("GGUF.")][2]  # after the architecture, "p"
+    start, end = int(first.offset), int(ref.data_offset)  # the bytes after the padding string
+    assert 300 < end - start < 600 and start < 1 << 20
+    for k in range(end - start):  # byte k of them is the first byte past the 1 MiB edge
+        path = write(tmp_path / "edge.gguf", tensors(), kv(pad0 + (1 << 20) - start - k))
+        assert _reader_view(path) == _gguf_reader_view(path), k
+
+
 # --- hostile files, built by hand ---------------------------------------------------------------------------
 
 def s(b) -> bytes:
@@ -383,6 +493,12 @@ U64 = lambda v: struct.pack("<Q", v)  # noqa: E731
     (build(infos=[info("w", [1] * 9)], data=bytes(4)), "tensor 'w' has 9 dims"),
     (build(infos=[info("w", [2 ** 32, 2 ** 32])], data=bytes(4)), "dims \\[4294967296, 4294967296\\] overflow"),
     (build(infos=[info("w", [2 ** 64 - 1])], data=bytes(4)), "overflow int64"),
+    (build(infos=[info("z", [2 ** 62, 0, 2 ** 62, 2 ** 62])], data=bytes(4)),
+     "tensor 'z' dims \\[4611686018427387904, 0, 4611686018427387904, 4611686018427387904\\] overflow int64"),
+    (build(infos=[info("z", [0, 2 ** 63])], data=bytes(4)), "tensor 'z' dims \\[0, 9223372036854775808\\] overflow"),
+    (build(infos=[info("z", [2 ** 32, 0, 2 ** 31])], data=bytes(4)), "tensor 'z' dims .* overflow int64"),
+    (build(infos=[info("z", [256 * 2 ** 50, 0, 2 ** 62], ggml_type=12)], data=bytes(4)),
+     "tensor 'z' dims .* overflow int64"),
     (build(infos=[info("w", [4], ggml_type=31)], data=bytes(16)),
      "tensor 'w' has GGML type 31 \\(Q4_0_4_4\\), which llama.cpp no longer reads: quantize the model again"),
     (build(infos=[info("w", [4], ggml_type=42)], data=bytes(16)), "tensor 'w' has unknown GGML type 42"),
@@ -409,6 +525,10 @@ def test_decisions_on_odd_but_harmless_files(tmp_path):
     ck = opened(tmp_path, build(infos=[info("a", [0, 3]), info("b", [0]), info("c", [4], offset=64)],
                                 data=bytes(80)))
     assert [t.shape for t in ck.root.values()] == [(3, 0), (0,), (4,)]
+    # a zero dim: the other dims' product (a 0 taken as 1) fits int64, as torch needs it to
+    ck = opened(tmp_path, build(infos=[info("z", [2 ** 31, 0, 2 ** 32 - 1]), info("y", [2 ** 63 - 1, 0])]))
+    assert [t.shape for t in ck.root.values()] == [(2 ** 32 - 1, 0, 2 ** 31), (0, 2 ** 63 - 1)]
+    assert [t.numel for t in ck.root.values()] == [0, 0]
     # string values that are not UTF-8 are shown with U+FFFD; non-finite floats as text (JSON has none)
     ck = opened(tmp_path, build([kv_("s", 8, s(b"a\xffb")), kv_("f", 6, struct.pack("<f", math.inf)),
                                  kv_("d", 12, struct.pack("<d", math.nan)),

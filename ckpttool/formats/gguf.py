@@ -92,6 +92,9 @@ FILE_TYPES = {
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _TAIL = struct.Struct("<IQ")  # a tensor info's type and offset
+_ARRAY_HEAD = struct.Struct("<IQ")  # an array's element type and length
+_FIXED = struct.Struct("<4sIQQ")  # magic, version, tensor count, key-value count
+_SCALARS = {t: struct.Struct("<" + fmt) for t, (_, fmt, _) in VALUE_TYPES.items() if fmt}
 
 
 def looks_like(head: bytes) -> bool:
@@ -109,6 +112,9 @@ class _Header:
     ``need(pos, n)`` makes sure the window holds ``[pos, pos + n)`` and returns where it starts in
     ``buf``; a range past the end of the file is a FormatError naming ``what`` was being read. The
     window moves on (it does not grow), so a hostile 10 GB array costs no memory to skip.
+
+    ``need`` may replace ``buf``: read ``buf`` only after it (``unpack`` and ``take`` do). The argument
+    order ``unpack_from(h.buf, h.need(...))`` reads the old window at a move (a wrong value, silently).
     """
 
     def __init__(self, fd: int, path: str, size: int):
@@ -137,19 +143,28 @@ class _Header:
         self.base = pos
         return 0
 
+    def unpack(self, st: struct.Struct, pos: int, what: str) -> tuple:
+        """``st`` unpacked at ``pos``: the window moved first, then read."""
+        i = self.need(pos, st.size, what)
+        return st.unpack_from(self.buf, i)
+
+    def take(self, pos: int, n: int, what: str) -> bytes:
+        """The bytes ``[pos, pos + n)``: the window moved first, then read."""
+        i = self.need(pos, n, what)
+        return self.buf[i:i + n]
+
     def u32(self, pos: int, what: str) -> int:
-        return _U32.unpack_from(self.buf, self.need(pos, 4, what))[0]
+        return self.unpack(_U32, pos, what)[0]
 
     def u64(self, pos: int, what: str) -> int:
-        return _U64.unpack_from(self.buf, self.need(pos, 8, what))[0]
+        return self.unpack(_U64, pos, what)[0]
 
     def name(self, pos: int, what: str) -> Tuple[str, int]:
         """A key or tensor name (strict UTF-8, at most MAX_NAME bytes) and the position after it."""
         n = self.u64(pos, f"the length of {what}")
         if n > MAX_NAME:
             raise FormatError(f"{what} at byte {pos} claims {n} bytes (limit {MAX_NAME})", self.path)
-        i = self.need(pos + 8, n, what)
-        raw = self.buf[i:i + n]
+        raw = self.take(pos + 8, n, what)
         try:
             return raw.decode("utf-8"), pos + 8 + n
         except UnicodeDecodeError:
@@ -173,8 +188,7 @@ def read(path: str) -> Checkpoint:
 def _read(h: _Header, path: str, file_size: int) -> Checkpoint:
     if file_size < 24:
         raise FormatError(f"file too short for a GGUF header ({file_size} bytes, the header takes 24)", path)
-    i = h.need(0, 24, "the header")
-    magic, version, tensor_count, kv_count = struct.unpack_from("<4sIQQ", h.buf, i)
+    magic, version, tensor_count, kv_count = h.unpack(_FIXED, 0, "the header")
     if magic != MAGIC:
         raise FormatError(f"not a GGUF file (starts with {magic!r})", path)
     if version not in VERSIONS:
@@ -200,10 +214,9 @@ def _read(h: _Header, path: str, file_size: int) -> Checkpoint:
         if vtype not in VALUE_TYPES:
             raise FormatError(f"GGUF key {key!r} has unknown value type {vtype}", path)
         if vtype != _ARRAY and vtype != _STRING:
-            fmt, size = VALUE_TYPES[vtype][1:]
-            value = struct.unpack_from("<" + fmt, h.buf, h.need(pos + 4, size, f"the value of key {key!r}"))[0]
-            kv[key] = _scalar(vtype, value)
-            pos += 4 + size
+            st = _SCALARS[vtype]
+            kv[key] = _scalar(vtype, h.unpack(st, pos + 4, f"the value of key {key!r}")[0])
+            pos += 4 + st.size
         else:
             kv[key], pos = _value(h, pos + 4, vtype, key, 0, True)
         if key == "general.alignment":  # as gguf's reader and llama.cpp take it: a uint32 power of two
@@ -223,9 +236,9 @@ def _read(h: _Header, path: str, file_size: int) -> Checkpoint:
         n_dims = h.u32(pos, f"the n_dims of tensor {name!r}")
         if n_dims > MAX_DIMS:
             raise FormatError(f"GGUF tensor {name!r} has {n_dims} dims (at most {MAX_DIMS})", path)
-        i = h.need(pos + 4, 8 * n_dims + 12, f"the dims, type and offset of tensor {name!r}")
-        dims = struct.unpack_from(f"<{n_dims}Q", h.buf, i)
-        ggml_type, offset = _TAIL.unpack_from(h.buf, i + 8 * n_dims)
+        raw = h.take(pos + 4, 8 * n_dims + 12, f"the dims, type and offset of tensor {name!r}")
+        dims = struct.unpack_from(f"<{n_dims}Q", raw)
+        ggml_type, offset = _TAIL.unpack_from(raw, 8 * n_dims)
         pos += 4 + 8 * n_dims + 12
         infos.append((name, dims, ggml_type, offset))
 
@@ -241,10 +254,13 @@ def _read(h: _Header, path: str, file_size: int) -> Checkpoint:
                                   "which llama.cpp no longer reads: quantize the model again", path)
             raise FormatError(f"GGUF tensor {name!r} has unknown GGML type {ggml_type}", path)
         type_name, block, type_size, dtype = t
-        numel = 1
+        # torch needs every dim, and the product of the dims with a 0 taken as 1 (its contiguous strides,
+        # and its numel checked partial product by partial product), to fit int64: a 0 hides no overflow
+        numel = nonzero = 1
         for d in dims:
             numel *= d
-            if numel > _I64_MAX or d > _I64_MAX:
+            nonzero *= d or 1
+            if d > _I64_MAX or nonzero > _I64_MAX:
                 raise FormatError(f"GGUF tensor {name!r} dims {list(dims)} overflow int64", path)
         if block > 1 and (dims[0] if dims else 1) % block:
             raise FormatError(f"GGUF tensor {name!r}: its rows of {dims[0] if dims else 1} values are not whole "
@@ -315,16 +331,13 @@ def _value(h: _Header, pos: int, vtype: int, key: str, depth: int, build: bool) 
         if not build:
             return None, pos + 8 + n
         if n > MAX_SHOWN_STRING:
-            i = h.need(pos + 8, STRING_HEAD, f"the string of key {key!r}")
-            text = h.buf[i:i + STRING_HEAD].decode("utf-8", "replace")
+            text = h.take(pos + 8, STRING_HEAD, f"the string of key {key!r}").decode("utf-8", "replace")
             return {"type": "string", "length": n, "head": text}, pos + 8 + n
-        i = h.need(pos + 8, n, f"the string of key {key!r}")
-        return h.buf[i:i + n].decode("utf-8", "replace"), pos + 8 + n
+        return h.take(pos + 8, n, f"the string of key {key!r}").decode("utf-8", "replace"), pos + 8 + n
     # an array
     if depth >= MAX_DEPTH:
         raise FormatError(f"GGUF key {key!r}: arrays nested more than {MAX_DEPTH} deep", path)
-    i = h.need(pos, 12, f"the array type and length of key {key!r}")
-    etype, n = struct.unpack_from("<IQ", h.buf, i)
+    etype, n = h.unpack(_ARRAY_HEAD, pos, f"the array type and length of key {key!r}")
     pos += 12
     if etype not in VALUE_TYPES:
         raise FormatError(f"GGUF key {key!r}: array of unknown value type {etype}", path)
@@ -336,8 +349,8 @@ def _value(h: _Header, pos: int, vtype: int, key: str, depth: int, build: bool) 
     if fmt:  # scalars: skipped by arithmetic, the shown ones unpacked
         values = None
         if build:
-            i = h.need(pos, shown * esize, f"the array of key {key!r}")
-            values = [_scalar(etype, v) for v in struct.unpack_from(f"<{shown}{fmt}", h.buf, i)]
+            raw = h.take(pos, shown * esize, f"the array of key {key!r}")
+            values = [_scalar(etype, v) for v in struct.unpack_from(f"<{shown}{fmt}", raw)]
         end = pos + n * esize
     elif etype == _STRING:
         values = []
@@ -371,7 +384,7 @@ def _skip_strings(h: _Header, pos: int, n: int, key: str) -> int:
     buf, base = h.buf, h.base
     end = base + len(buf)
     for _ in range(n):
-        if pos + 8 > end:
+        if not base <= pos <= end - 8:
             h.need(pos, 8, f"the string length of key {key!r}")
             buf, base = h.buf, h.base
             end = base + len(buf)
