@@ -307,6 +307,8 @@ def _scan_archive(found: _Findings, path: str, base: int, length: int, label: st
             main = archive.find("data.pkl")
         except FormatError:  # no archive folder torch could use (an .npz): torch.load unpickles nothing
             main = None
+        from .formats.pt2 import is_pt2
+        pt2 = _Pt2Records(names) if is_pt2(names) else None
         for rec in archive.records:
             name = rec.name
             where = f"{label}{name}"
@@ -318,11 +320,20 @@ def _scan_archive(found: _Findings, path: str, base: int, length: int, label: st
             if rec == main:
                 _scan_record_pickle(found, archive, rec, where, loader_runs=True)
                 continue
+            if pt2 is not None and pt2.text_only(name):
+                continue  # parsed as JSON or read as a string, never unpickled (see _Pt2Records)
             head = _record_head(archive, rec, 16)
             if head is None:
                 continue
             if head[:4] in _NATIVE_MAGIC or head[:2] == b"MZ":
                 found.flag(NATIVE_CODE, where)
+            elif pt2 is not None and pt2.compiled_on_load(name):
+                found.flag(NATIVE_CODE, where)  # C++ source AOTInductor's loader compiles, with the package's command
+            elif pt2 is not None and head[:4] != b"PK\x03\x04" and head[:6] != _NPY_MAGIC:
+                # torch.export.load's torch.load(BytesIO(record)) (example inputs, use_pickle weights and constants
+                # whatever their names, a legacy whole state_dict, load_weights_from_disk) and pickle.loads (opaque
+                # objects): for bytes that are no zip, torch's legacy sequence of pickles
+                _scan_record_as_torch_load(found, archive, rec, where)
             elif name.lower().endswith(".pkl") or _starts_like_pickle(head):
                 _scan_record_pickle(found, archive, rec, where, loader_runs=False)
             elif not name.lower().endswith((".json", ".txt", ".py")) and head[:4] != b"PK\x03\x04" \
@@ -345,11 +356,81 @@ def _scan_archive(found: _Findings, path: str, base: int, length: int, label: st
                     data = archive.read(rec, limit=MAX_PICKLE_IN_MEMORY, check_crc=False)
                     _scan_npy(found, data, 0, len(data), where)
         if main is None and not script:
-            from .formats.pt2 import is_pt2
-            if is_pt2(names):  # torch.export.load's archive: its pickles are the records scanned above
+            if pt2 is not None:  # torch.export.load's archive: its pickles are the records scanned above
                 return "pt2"
             found.problems.append(f"{where0}: no data.pkl: torch.load unpickles nothing from it")
         return "torchscript" if script else "torch_zip" if main is not None else "zip"
+
+
+class _Pt2Records:
+    """What the loaders of a torch.export archive (``torch.export.load``: ``torch/export/pt2_archive/_package.py``,
+    ``torch/_export/serde/serialize.py``; AOTInductor's ``AOTIModelPackageLoader``) do with each record.
+
+    Never unpickled: the records under ``models/`` (each parsed as a program's JSON) and ``extra/`` (read as
+    strings): the loaders list them by name, and no name a config can give (``data/weights/`` or
+    ``data/constants/`` + its ``path_name``, looked up ignoring ASCII case) reaches them. Every other record is
+    scanned as torch.load reads it (configs and AOTInductor's JSON too: JSON text is no pickle, and stops it at
+    its first byte). A model folder of ``data/aotinductor/`` with a ``.cpp`` and no ``.so``: the C++ loader
+    compiles it with the compiler command of its ``*_compile_flags.json`` (``system()``): native code."""
+
+    def __init__(self, names: List[str]):
+        slash = names[0].find("/")
+        self.folder = names[0][:slash + 1]
+        self.libraries: Set[str] = set()  # AOTInductor model folders holding a shared library
+        for n in names:
+            rel = self._rel(n)
+            if rel is not None and rel.startswith("data/aotinductor/") and rel.endswith(".so"):
+                self.libraries.add(self._model(rel))
+
+    def _rel(self, name: str) -> Optional[str]:
+        return name[len(self.folder):] if name.startswith(self.folder) else None
+
+    @staticmethod
+    def _model(rel: str) -> str:
+        return rel[len("data/aotinductor/"):].split("/")[0]
+
+    def text_only(self, name: str) -> bool:
+        rel = self._rel(name)
+        return rel is not None and rel.startswith(("models/", "extra/"))
+
+    def compiled_on_load(self, name: str) -> bool:
+        rel = self._rel(name)
+        return (rel is not None and rel.startswith("data/aotinductor/") and rel.lower().endswith(".cpp")
+                and self._model(rel) not in self.libraries)
+
+
+_LEGACY_STEPS = ("pickle", "protocol version", "sys_info", "main pickle", "storage keys")
+
+
+def _scan_record_as_torch_load(found: _Findings, archive, rec, where: str) -> None:
+    """``torch.load(BytesIO(record))`` of a record that is no zip: torch's legacy path (``_legacy_pickles``' sequence:
+    the first pickle, then, while the magic number and protocol version are right, sys_info, the main pickle and
+    the storage keys), each pickle streamed from the record (never read whole). The first is only tried (raw
+    tensor bytes are no pickle); ``pickle.loads`` of an opaque object is that first pickle."""
+    pos = 0
+    for i, step in enumerate(_LEGACY_STEPS):
+        label = where if i == 0 else f"{where} ({step})"
+        try:
+            with archive.open_record(rec, check_crc=False) as f:
+                skip = pos
+                while skip > 0:
+                    got = len(f.read(min(skip, 1 << 20)))
+                    if not got:
+                        return
+                    skip -= got
+                r = found.pickle(label, source=Source.of_stream(f, limit=rec.size - pos), size=rec.size - pos,
+                                 loader_runs=i > 0)
+        except FormatError as e:  # a record that cannot be read (its compression): torch cannot read it either
+            found.problems.append(f"{label}: {e.message}")
+            return
+        if r.error:
+            return
+        if i == 0 and r.value != MAGIC_NUMBER:
+            return  # torch.load stops here ("Invalid magic number"); pickle.loads read this one only
+        if i == 1 and r.value != PROTOCOL_VERSION:
+            found.problems.append(f"{label}: not 1001, torch.load stops here")
+            return
+        pos += r.end
 
 
 def _record_head(archive, rec, n: int) -> Optional[bytes]:

@@ -439,3 +439,182 @@ def test_aoti_hostile_constants_info(aoti, tmp_path):
     bad = text.replace('constants_info_[0].dtype = cached_torch_dtype_float32;',
                        'constants_info_[0].dtype = cached_torch_dtype_evil;')
     assert "a dtype ckpttool does not know" in _error(rewrite(aoti, tmp_path / "aoti_tiny.pt2", {rel: bad.encode()}))
+
+
+# ---------------------------------------------------------------------------------------------
+# resource bounds: what a small hostile file could make the reader allocate or loop over
+
+
+def _cli_bounded(args, timeout: int, tmp_path):
+    """``ckpttool ARGS`` in a child under ``ulimit -v 4000000`` (as the attack harness runs it): it must end within
+    ``timeout`` seconds (a quadratic loop or an allocation of GiBs fails the test rather than hang it)."""
+    cmd = "ulimit -v 4000000; exec " + " ".join(
+        f"'{a}'" for a in [sys.executable, "-W", "ignore", "-m", "ckpttool", *map(str, args)])
+    try:
+        return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"ckpttool {' '.join(map(str, args))} ran past {timeout} s")
+
+
+def _one_error_line(r) -> str:
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and r.stdout == "" and len(lines) == 1 and lines[0].startswith("ckpttool: error: "), \
+        (r.returncode, r.stdout[-500:], r.stderr[-2000:])
+    return lines[0]
+
+
+def _deflated(src: str, dst, changes: dict) -> str:
+    """``rewrite`` with every record deflated (so a big record is a small file)."""
+    with zipfile.ZipFile(src) as zi, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zo:
+        folder = zi.namelist()[0].split("/")[0] + "/"
+        for info in zi.infolist():
+            rel = info.filename[len(folder):]
+            zo.writestr(info.filename, changes[rel] if rel in changes else zi.read(info))
+    return str(dst)
+
+
+def test_model_json_cap_is_64_mib(files, tmp_path):
+    path = _deflated(files["small"], tmp_path / "small.pt2", {"models/model.json": b" " * ((64 << 20) + 1)})
+    assert "declares 67108865 bytes, more than the 64.0 MiB ckpttool reads of it" in _error(path)
+
+
+@pytest.mark.parametrize("unit, count", [(b"[],", 3 << 20), (b'{"a":0},', 9 << 18), (b"0,", 9 << 20)])
+def test_json_that_would_build_too_much_is_refused_before_json_loads(files, tmp_path, unit, count):
+    body = b"[" + unit * count + b"0]"
+    assert len(body) < 64 << 20
+    path = _deflated(files["small"], tmp_path / "small.pt2", {"models/model.json": body})
+    line = _error(path)
+    assert "JSON arrays and objects" in line and "more than the 2097152 and 8388608 ckpttool parses" in line, line
+    # the weights config is bounded the same way
+    path = _deflated(files["small"], tmp_path / "cfg.pt2", {"data/weights/model_weights_config.json": body})
+    assert "JSON arrays and objects" in _error(path)
+
+
+def test_200_mb_of_empty_lists_is_one_line_under_a_4_gb_address_space(files, tmp_path):
+    """The attack as found: 200 MB of ``[],`` deflated (under the old 256 MiB cap), json.loads past 4 GB."""
+    body = b"[" + b"[]," * ((200 << 20) // 3) + b"[]]"
+    path = _deflated(files["small"], tmp_path / "big.pt2", {"models/model.json": body})
+    for args in (["inspect", path], ["inspect", "--stats", path]):
+        assert "model.json declares" in _one_error_line(_cli_bounded(args, 120, tmp_path))
+
+
+def _elf(sections: list, body: bytes) -> bytes:
+    """A 64-bit little-endian ELF image: header, ``body`` at offset 64, section headers after it (``sections``:
+    (type, addr, offset, size, link, entsize); a null section is put first)."""
+    shoff = 64 + len(body)
+    sh = bytes(64) + b"".join(struct.pack("<IIQQQQIIQQ", 0, t, 0, addr, off, size, link, 0, 8, ent)
+                              for t, addr, off, size, link, ent in sections)
+    head = bytearray(64)
+    head[:6] = b"\x7fELF\x02\x01"
+    struct.pack_into("<Q", head, 0x28, shoff)
+    struct.pack_into("<HH", head, 0x3A, 64, len(sections) + 1)
+    return bytes(head) + body + sh
+
+
+def _wrapper_cpp(consts) -> bytes:
+    """constants_info_ lines for (name, fqn, nbytes) float32 constants, as AOTInductor's wrapper writes them."""
+    out = []
+    for i, (name, fqn, nbytes) in enumerate(consts):
+        for k, v in (("name", f'"{name}"'), ("dtype", "cached_torch_dtype_float32"), ("offset", "0"),
+                     ("data_size", str(nbytes)), ("from_folded", "false"),
+                     ("type", "static_cast<int32_t>(torch::aot_inductor::ConstantType::Parameter)"),
+                     ("shape", f"{{{nbytes // 4}}}"), ("stride", "{1}"),
+                     ("layout", "static_cast<int32_t>(cached_torch_layout_strided)"),
+                     ("device_type", "cached_torch_device_type_cpu"), ("original_fqn", f'"{fqn}"')):
+            out.append(f"    constants_info_[{i}].{k} = {v};")
+    return ("\n".join(out) + "\n").encode()
+
+
+def _aoti_only(path, cpp: bytes, so: bytes, so_compress=zipfile.ZIP_DEFLATED) -> str:
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("m/archive_format", "pt2")
+        z.writestr("m/archive_version", "0")
+        z.writestr("m/data/aotinductor/model/model.wrapper.cpp", cpp, compress_type=zipfile.ZIP_DEFLATED)
+        z.writestr("m/data/aotinductor/model/model.wrapper.so", so, compress_type=so_compress)
+    return str(path)
+
+
+def test_elf_symbols_with_no_nul_in_the_string_table_are_read_in_linear_time(tmp_path):
+    """200,000 symbols all naming offset 0 of a 4 MiB string table with no NUL: each name is looked for only as far
+    as the longest wanted one (it was copied and decoded whole per symbol: 800 GB of copies)."""
+    nsyms, strsize = 200_000, 4 << 20
+    syms = struct.pack("<IBBHQQ", 0, 0, 0, 1, 0, 0) * nsyms
+    so = _elf([(2, 0, 64, len(syms), 2, 24), (3, 0, 64 + len(syms), strsize, 0, 0)], syms + b"A" * strsize)
+    path = _aoti_only(tmp_path / "elf.pt2", _wrapper_cpp([("c0", "w", 4)]), so)
+    r = _cli_bounded(["inspect", path], 60, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "no shared library with _binary_constants_bin_start" in r.stdout
+
+
+def test_elf_symbol_count_is_bounded(tmp_path, monkeypatch):
+    import ckpttool.formats.pt2 as pt2
+    monkeypatch.setattr(pt2, "MAX_ELF_SYMBOLS", 1000)
+    syms = bytes(24) * 1001
+    so = _elf([(2, 0, 64, len(syms), 2, 24), (3, 0, 64 + len(syms), 1, 0, 0)], syms + b"\0")
+    with pytest.raises(FormatError, match="ELF symbol tables hold more than the 1000 symbols"):
+        open_checkpoint(_aoti_only(tmp_path / "elf.pt2", _wrapper_cpp([("c0", "w", 4)]), so))
+
+
+def _library(blob: bytes) -> bytes:
+    """A library whose constants blob lies at ``_binary_constants_bin_start`` (a .data section at address 0x1000)."""
+    strtab = b"\0_binary_constants_bin_start\0_binary_constants_bin_end\0"
+    syms = bytes(24) + struct.pack("<IBBHQQ", 1, 0, 0, 1, 0x1000, 0) + \
+        struct.pack("<IBBHQQ", 29, 0, 0, 1, 0x1000 + len(blob), 0)
+    return _elf([(1, 0x1000, 64, len(blob), 0, 0), (2, 0, 64 + len(blob), len(syms), 3, 24),
+                 (3, 0, 64 + len(blob) + len(syms), len(strtab), 0, 0)], blob + syms + strtab)
+
+
+def test_constants_info_of_a_source_of_blank_lines_is_read_in_linear_time(tmp_path):
+    """Two million blank lines before a constants_info_ line (the old ``^\\s*`` under re.M rescanned the run from
+    every line start: quadratic), and a line that only mentions it."""
+    blob = struct.pack("<4f", 1, 2, 3, 4)
+    cpp = b"\n" * 2_000_000 + b"x constants_info_[\n" + b"\r\n" * 100_000 + _wrapper_cpp([("c0", "w.x", 16)])
+    path = _aoti_only(tmp_path / "blank.pt2", cpp, _library(blob))
+    r = _cli_bounded(["inspect", "--json", path], 60, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [(t["name"], t["shape"]) for t in json.loads(r.stdout)["tensors"]] == [("w.x", [4])]
+
+
+def test_constants_info_lines_as_the_regex_read_them():
+    from ckpttool.formats.pt2 import _Reader
+    text = ("  constants_info_[0].name = \"a;b\";  \n"
+            "constants_info_[0].offset = 0;\r\n"
+            "x constants_info_[1].name = \"no\";\n"          # not at the start of its line
+            "\t constants_info_[2].shape = {3, 4};\n"
+            "constants_info_[3].dtype = x; // trailing\n"    # does not end with ';'
+            "constants_info_[4].stride = {1};")              # the last line, no newline
+    assert list(_Reader.info_lines(text)) == [(0, "name", '"a;b"'), (0, "offset", "0"), (2, "shape", "{3, 4}"),
+                                              (4, "stride", "{1}")]
+
+
+def test_a_deflated_library_is_inflated_once_whatever_order_its_constants_are_read_in(tmp_path, monkeypatch):
+    """A deflated wrapper .so with 64 constants named opposite to their order in its blob: read in name order
+    (``inspect --stats --sort name``), each read went back to the library's first byte and inflated it again."""
+    import ckpttool.formats.archive as archive
+    n, size = 64, 4096
+    blob = b"".join(struct.pack("<f", float(i)) * (size // 4) for i in range(n))
+    consts = [(f"c{i}", f"w{n - i:03d}", size) for i in range(n)]
+    path = _aoti_only(tmp_path / "deflated.pt2", _wrapper_cpp(consts), _library(blob))
+    calls = []
+    real = archive._inflate
+
+    def counting(chunks, record, *a, **kw):
+        if record.name.endswith(".so"):
+            calls.append(record.name)
+        return real(chunks, record, *a, **kw)
+    monkeypatch.setattr(archive, "_inflate", counting)
+    sd = open_checkpoint(path).root["state_dict"]
+    for name in sorted(sd):  # w001 (the last in the blob) first
+        i = n - int(name[1:])
+        assert sd[name].read_bytes() == struct.pack("<f", float(i)) * (size // 4), name
+    assert len(calls) == 1, len(calls)
+    r = run("inspect", "--stats", "--sort", "name", path)
+    assert r.exit_code == 0, r.output
+
+
+def test_a_big_deflated_library_is_refused_in_one_line(tmp_path, monkeypatch):
+    import ckpttool.formats.pt2 as pt2
+    monkeypatch.setattr(pt2, "MAX_INFLATED", 1000)
+    path = _aoti_only(tmp_path / "big.pt2", _wrapper_cpp([("c0", "w", 4096)]), _library(bytes(4096)))
+    with pytest.raises(FormatError, match=r"is compressed and .*more than the 1000 B ckpttool inflates"):
+        open_checkpoint(path)

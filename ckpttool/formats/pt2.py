@@ -31,6 +31,7 @@ import math
 import os
 import re
 import struct
+import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..checkpoint import Checkpoint, GlobalRef, StorageRef, TensorRef, new_storage_ref
@@ -46,14 +47,21 @@ AOTI_DIR = "data/aotinductor/"
 WEIGHTS_DIR = "data/weights/"
 CONSTANTS_DIR = "data/constants/"
 
-MAX_MODEL_JSON = 256 << 20     # a serialized graph: ~2 KiB a node; 256 MiB is >100,000 nodes
-MAX_CONFIG_JSON = 256 << 20    # a payload config: ~300 bytes a tensor
+MAX_MODEL_JSON = 64 << 20      # a serialized graph: resnet50's is 421 KiB (~2.5 KiB a node); 64 MiB is >25,000 nodes
+MAX_CONFIG_JSON = 64 << 20     # a payload config: ~350 bytes a tensor (resnet50's: 95 KiB); 64 MiB is >190,000
+# What one JSON record may make json.loads build (a 3-byte "[]," is an 80-byte list): arrays and objects
+# ('[' and '{') and items (',' and ':'), counted in the text, strings included. resnet50's model.json has 9,549
+# and 28,579; at these caps json.loads builds well under 1 GiB whatever the text.
+MAX_JSON_CONTAINERS = 2 << 20
+MAX_JSON_ITEMS = 8 << 20
 MAX_SMALL = 1 << 20            # archive_format, archive_version, *_metadata.json
 MAX_CPP = 256 << 20            # an AOTInductor wrapper source, read for its constants_info_
 MAX_PICKLED_OBJECT = 64 << 20  # an opaque object's pickle
 MAX_ZEROS = 16 << 30           # a weight written as an empty record: torch makes zeros of its size
 MAX_DIMS = 64
 MAX_ELF_TABLE = 256 << 20
+MAX_ELF_SYMBOLS = 4 << 20      # symbols read in all of a library's symbol tables
+MAX_INFLATED = 8 << 30         # a deflated library or blob, inflated once into a temporary file to be read
 
 # torch._export.serde.schema.ScalarType -> torch's dtype names
 SCALAR_TYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float16", 7: "float32",
@@ -135,12 +143,58 @@ class _Window:
         return self.base.read(self.offset + start, size)
 
 
-def _span(path: str, record: Record, offset: int = 0, size: Optional[int] = None):
+def _span(path: str, record: Record, offset: int = 0, size: Optional[int] = None, many: bool = False):
+    """A record's bytes ``[offset, offset + size)``. A deflated record inflates as it is read, from its first
+    byte again for every read before the last; ``many``: it is read in many places in any order (a library's
+    constants blob, a record several tensors view), so it is inflated once, into a temporary file."""
     size = record.size - offset if size is None else size
     if record.method == STORED:
         return FileSpan(path, record.data_offset + offset, size)
-    base = record_span(path, record)
+    base = _Inflated(path, record) if many else record_span(path, record)
     return base if offset == 0 and size == record.size else _Window(base, offset, size)
+
+
+class _Inflated:
+    """A deflated record inflated once, on its first read, into an unnamed temporary file (so memory stays
+    bounded and reads in any order cost a positioned read each); the file goes when the span does."""
+
+    def __init__(self, path: str, record: Record):
+        if record.size > MAX_INFLATED:
+            raise FormatError(f"record {record.name} is compressed and declares {record.size} bytes, more than "
+                              f"the {_human(MAX_INFLATED)} ckpttool inflates to read it", path)
+        self.path, self.record, self.size = path, record, record.size
+        self._lock = threading.Lock()
+        self._file: Any = None
+
+    def _fd(self) -> int:
+        with self._lock:
+            if self._file is None:
+                import tempfile
+                base = record_span(self.path, self.record)  # read in order: one inflating pass
+                f = tempfile.TemporaryFile(prefix="ckpttool-")
+                try:
+                    for pos in range(0, self.size, 1 << 24):
+                        f.write(base.read(pos, min(1 << 24, self.size - pos)))
+                    f.flush()
+                except BaseException:
+                    f.close()
+                    raise
+                self._file = f
+            return self._file.fileno()
+
+    def read(self, start: int = 0, size: Optional[int] = None) -> bytes:
+        if size is None:
+            size = self.size - start
+        if start < 0 or size < 0 or start + size > self.size:
+            raise FormatError(f"read of {size} bytes at {start} is outside a {self.size}-byte record", self.path)
+        fd = self._fd()
+        out = bytearray()
+        while len(out) < size:
+            chunk = os.pread(fd, min(size - len(out), 1 << 26), start + len(out))
+            if not chunk:
+                raise FormatError(f"record {self.record.name} is truncated", self.path)
+            out += chunk
+        return bytes(out)
 
 
 def _kind(v: Any) -> str:
@@ -175,6 +229,7 @@ class _Reader:
         self.records: Dict[str, Record] = {r.name[n:]: r for r in archive.records}
         self.rels = list(self.records)  # names as torch lists them (get_all_records): without the folder
         self.globals: List[GlobalRef] = []
+        self.inflated = 0  # bytes of deflated records given a temporary file (see span)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -186,6 +241,17 @@ class _Reader:
 
     def find(self, rel: str) -> Optional[Record]:
         return self.archive.find(rel)  # torch's lookup: ignoring ASCII case
+
+    def span(self, rec: Record, many: bool = False):
+        """``_span`` of a whole record; a deflated one read in many places is inflated once into a temporary
+        file, ``MAX_INFLATED`` bytes in all for the archive (a small file of deflated zeros is not GiBs of disk)."""
+        if many and rec.method != STORED:
+            self.inflated += rec.size
+            if self.inflated > MAX_INFLATED:
+                raise self.bad(f"record {rec.name} is compressed and read in many places: inflating it and the "
+                               f"others takes {self.inflated} bytes, more than the {_human(MAX_INFLATED)} ckpttool "
+                               f"inflates to read them")
+        return _span(self.path, rec, many=many)
 
     def need(self, rel: str, why: str) -> Record:
         rec = self.find(rel)
@@ -204,7 +270,14 @@ class _Reader:
             raise self.bad(f"record {rec.name} is not UTF-8 text") from None
 
     def json(self, rec: Record, limit: int) -> Any:
+        """A JSON record, parsed only when what json.loads would build is bounded (``MAX_JSON_CONTAINERS``,
+        ``MAX_JSON_ITEMS``): a small text of ``[],`` repeated would otherwise make it allocate GiBs."""
         text = self.text(rec, limit)
+        containers = text.count("[") + text.count("{")
+        items = text.count(",") + text.count(":")
+        if containers > MAX_JSON_CONTAINERS or items > MAX_JSON_ITEMS:
+            raise self.bad(f"record {rec.name} holds {containers} JSON arrays and objects and {items} items, more "
+                           f"than the {MAX_JSON_CONTAINERS} and {MAX_JSON_ITEMS} ckpttool parses")
         try:
             return json.loads(text)
         except RecursionError:
@@ -402,6 +475,7 @@ class _Reader:
             lo = self.field(r, "min_val", int, f"{where}: range_constraints.{sym}", optional=True)
             hi = self.field(r, "max_val", int, f"{where}: range_constraints.{sym}", optional=True)
             dynamic.append({"name": str(sym)[:200], "min": lo, "max": hi})
+        del doc, gm, graph, sig, values, ranges  # the graph is done with before its configs are parsed
         legacy = f"{WEIGHTS_DIR}{name}.pt"
         if legacy in self.records:  # the older layout: one torch.save of the state_dict (torch's test: listed)
             state_dict = self.pickled_dict(legacy)
@@ -446,6 +520,10 @@ class _Reader:
         storages: Dict[str, Tuple[StorageRef, str]] = {}  # path_name -> the flat storage torch makes of it
         out: Dict[str, Any] = {}
         objects: List[Dict[str, str]] = []
+        shared: Dict[str, int] = {}  # path_name -> how many tensors view it
+        for meta in config.values():
+            if isinstance(meta, dict) and isinstance(meta.get("path_name"), str):
+                shared[meta["path_name"]] = shared.get(meta["path_name"], 0) + 1
         for fqn, meta in config.items():
             at = f"{where}: config[{fqn[:80]!r}]"
             path_name = self.field(meta, "path_name", str, at)
@@ -466,7 +544,8 @@ class _Reader:
             tm = self.field(meta, "tensor_meta", dict, at)
             got = storages.get(path_name)
             if got is None:
-                got = storages[path_name] = self.flat_storage(rel, tm, f"{at}.tensor_meta", fqn)
+                got = storages[path_name] = self.flat_storage(rel, tm, f"{at}.tensor_meta", fqn,
+                                                              shared[path_name] > 1)
             storage, dtype = got
             shape = tuple(self.ints(self.field(tm, "sizes", list, f"{at}.tensor_meta"), f"{at}.tensor_meta.sizes"))
             stride = tuple(self.ints(self.field(tm, "strides", list, f"{at}.tensor_meta"),
@@ -478,7 +557,8 @@ class _Reader:
                                  is_param and not constants)
         return out, objects
 
-    def flat_storage(self, rel: str, tm: Dict[str, Any], at: str, fqn: str) -> Tuple[StorageRef, str]:
+    def flat_storage(self, rel: str, tm: Dict[str, Any], at: str, fqn: str,
+                     many: bool = False) -> Tuple[StorageRef, str]:
         """torch's ``_build_file_map``: a record's bytes as a flat tensor of the dtype (and on the device) of the
         first entry that names it; an empty record is zeros of that entry's size."""
         rec = self.need(rel, f"the bytes of {fqn[:80]!r}")
@@ -504,7 +584,7 @@ class _Reader:
             if nbytes % size:
                 raise self.bad(f"record {rec.name} holds {nbytes} bytes, not a whole number of {dtype} elements "
                                f"(torch.export.load refuses it)")
-            source = _span(self.path, rec)
+            source = self.span(rec, many)
         return new_storage_ref(rec.name[len(self.folder):], dtype, device, nbytes, source, self.path), dtype
 
     def device(self, d: Dict[str, Any], at: str) -> str:
@@ -652,7 +732,31 @@ class _Reader:
                                  flat.requires_grad, flat.is_parameter)
         return out
 
-    _INFO = re.compile(r"^\s*constants_info_\[(\d{1,9})\]\.(\w{1,40}) = (.{0,100000});\s*$", re.M)
+    _INFO = re.compile(r"constants_info_\[(\d{1,9})\]\.(\w{1,40}) = (.{0,100000});")
+    _INFO_KEY = "constants_info_["
+
+    @classmethod
+    def info_lines(cls, text: str):
+        """``(index, field, value)`` of each line ``constants_info_[i].field = value;`` (blanks around it), in
+        one pass: each occurrence of ``constants_info_[`` is looked at once, with its own line only, and the
+        search goes on past that line (a run of blank lines, or one long line, is never scanned again)."""
+        key = cls._INFO_KEY
+        pos = text.find(key)
+        line_start = scanned = 0
+        while pos >= 0:
+            nl = text.rfind("\n", scanned, pos)
+            if nl >= 0:
+                line_start = nl + 1
+            end = text.find("\n", pos)
+            if end < 0:
+                end = len(text)
+            if (pos - line_start <= 4096 and not text[line_start:pos].strip()
+                    and end - pos <= 100_200):
+                m = cls._INFO.fullmatch(text[pos:end].rstrip())
+                if m:
+                    yield int(m.group(1)), m.group(2), m.group(3)
+            scanned = end
+            pos = text.find(key, end)
 
     def constants_info(self, files: List[str]) -> Optional[List[Dict[str, Any]]]:
         """The wrapper source's ``constants_info_[i].field = value;`` lines, per constant, in index order (the
@@ -665,8 +769,8 @@ class _Reader:
             if "constants_info_[" not in text:
                 continue
             fields: Dict[int, Dict[str, str]] = {}
-            for m in self._INFO.finditer(text):
-                fields.setdefault(int(m.group(1)), {})[m.group(2)] = m.group(3).strip()
+            for index, key, value in self.info_lines(text):
+                fields.setdefault(index, {})[key] = value.strip()
             if sorted(fields) != list(range(len(fields))):
                 raise self.bad(f"record {rec.name}: constants_info_ indices are not 0 to {len(fields) - 1}")
             return [self.info(fields[i], f"{rec.name}: constants_info_[{i}]") for i in range(len(fields))]
@@ -726,12 +830,12 @@ class _Reader:
         blobs = [f for f in files if f.endswith("_weights.blob")]
         if blobs:
             rec = self.records[blobs[0]]
-            return _span(self.path, rec), rec.name.rpartition("/")[2]
+            return self.span(rec, many=True), rec.name.rpartition("/")[2]
         sos = [f for f in files if f.endswith(".so")]
         sos.sort(key=lambda f: not f.endswith(".wrapper.so"))
         for rel in sos:
             rec = self.records[rel]
-            lib = _span(self.path, rec)
+            lib = self.span(rec, many=True)  # its ELF tables, then each constant: read in any order
             found = _elf_symbols(lib, ("_binary_constants_bin_start", "_binary_constants_bin_end"), self.bad,
                                  rec.name)
             if "_binary_constants_bin_start" not in found:
@@ -774,6 +878,9 @@ def _elf_symbols(lib, wanted: Tuple[str, ...], bad, name: str) -> Dict[str, int]
     raw = lib.read(shoff, shnum * 64)
     sections = [struct.unpack_from("<IIQQQQIIQQ", raw, i * 64) for i in range(shnum)]
     found: Dict[str, int] = {}
+    names = {w.encode(): w for w in wanted}
+    longest = max(len(w) for w in names)
+    budget = MAX_ELF_SYMBOLS
     for sec in sections:
         _, stype, _, _, off, size, link, _, _, entsize = sec
         if stype not in (2, 11) or entsize != 24 or link >= shnum:  # SHT_SYMTAB, SHT_DYNSYM
@@ -782,14 +889,24 @@ def _elf_symbols(lib, wanted: Tuple[str, ...], bad, name: str) -> Dict[str, int]
         if off + size > lib.size or strtab[4] + strtab[5] > lib.size or size > MAX_ELF_TABLE or \
                 strtab[5] > MAX_ELF_TABLE:
             raise bad(f"record {name}: an ELF symbol table lies outside it")
+        budget -= size // 24
+        if budget < 0:
+            raise bad(f"record {name}: its ELF symbol tables hold more than the {MAX_ELF_SYMBOLS} symbols "
+                      f"ckpttool reads")
         syms, strs = lib.read(off, size - size % 24), lib.read(strtab[4], strtab[5])
-        for i in range(0, len(syms), 24):
-            st_name, _, _, shndx, value, _ = struct.unpack_from("<IBBHQQ", syms, i)
-            if st_name >= len(strs):
+        nstrs = len(strs)
+        for st_name, _, _, shndx, value, _ in struct.iter_unpack("<IBBHQQ", syms):
+            if st_name >= nstrs:
                 continue
-            stop = strs.find(b"\0", st_name)
-            sym = strs[st_name:stop if stop >= 0 else len(strs)].decode("utf-8", "replace")
-            if sym not in wanted or sym in found or not 0 < shndx < shnum:
+            # only names as long as a wanted one matter: the NUL is looked for that far (a string table with
+            # no NUL is not read to its end for every symbol)
+            stop = strs.find(b"\0", st_name, st_name + longest + 1)
+            if stop < 0:
+                if nstrs - st_name > longest:
+                    continue
+                stop = nstrs
+            sym = names.get(strs[st_name:stop])
+            if sym is None or sym in found or not 0 < shndx < shnum:
                 continue
             home = sections[shndx]
             addr, hoff, hsize = home[3], home[4], home[5]
