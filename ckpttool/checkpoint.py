@@ -176,7 +176,7 @@ class TensorRef:
     def iter_chunks(self, chunk_bytes: int = 1 << 26) -> Iterator[bytes]:
         """Yield the tensor's C-order bytes in bounded pieces (whole elements each)."""
         if not (self.is_contiguous or self.numel <= 1):
-            yield self.read_bytes()
+            yield from self._gathered_chunks(chunk_bytes)
             return
         size = itemsize(self.dtype) or 1
         step = max(size, chunk_bytes - chunk_bytes % size)
@@ -184,6 +184,32 @@ class TensorRef:
         total = self.nbytes
         for off in range(0, total, step):
             yield self.storage.source.read(start + off, min(step, total - off))
+
+    def _gathered_chunks(self, chunk_bytes: int) -> Iterator[bytes]:
+        """A strided view's C-order bytes, gathered a block of leading indices at a time: an expand()ed tensor
+        (stride 0) many times larger than its storage is never gathered whole."""
+        from .numbers import gather
+        size = itemsize(self.dtype) or 1
+        lead = 0  # the leading dims iterated over; the rest (at most chunk_bytes, or one element row) per piece
+        inner = self.numel * size
+        while lead < len(self.shape) - 1 and inner > chunk_bytes:
+            inner //= max(self.shape[lead], 1)
+            lead += 1
+        if inner > max(chunk_bytes, 1 << 30) or self.nbytes >= 1 << 50:
+            raise FormatError(f"a strided view of shape {self.shape} ({self.nbytes} bytes, from a storage of "
+                              f"{self.storage.nbytes if self.storage else 0}) is too large to gather: its rows alone "
+                              f"are {inner} bytes", self.storage.file if self.storage else None)
+        if lead == 0:
+            yield self.read_bytes()
+            return
+        import itertools
+        for index in itertools.product(*(range(n) for n in self.shape[:lead])):
+            offset = self.storage_offset + sum(i * st for i, st in zip(index, self.stride))
+            part = TensorRef(shape=self.shape[lead:], dtype=self.dtype, stride=self.stride[lead:],
+                             storage_offset=offset, storage=self.storage)
+            start, length = part.span()
+            yield gather(self.storage.source.read(start, length), part.shape, part.stride, size) \
+                if not part.is_contiguous else self.storage.source.read(start, part.nbytes)
 
     def to_torch(self):
         """Materialize as a contiguous CPU torch tensor (imports torch): the values torch loads, a conj or neg

@@ -23,13 +23,18 @@ def pieces(t: TensorRef, n: int, reuse: bool = False) -> Iterator[bytes]:
     if reuse and t.is_contiguous and t.has_data:
         yield from read_pieces(t.storage.source, t.span()[0], t.nbytes, n * t.itemsize)
         return
-    if t.is_contiguous or t.numel <= 1:
-        yield from t.iter_chunks(n * t.itemsize)
-        return
-    data = t.read_bytes()
     step = n * t.itemsize
-    for i in range(0, len(data), step):
-        yield data[i:i + step]
+    if t.is_contiguous or t.numel <= 1:
+        yield from t.iter_chunks(step)
+        return
+    held = bytearray()  # a strided view, gathered a block at a time (iter_chunks), cut into pieces of n
+    for chunk in t.iter_chunks(step):
+        held += chunk
+        while len(held) >= step:
+            yield bytes(held[:step])
+            del held[:step]
+    if held:
+        yield bytes(held)
 
 
 FAST_CHUNK = 8 << 20

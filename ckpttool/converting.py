@@ -145,8 +145,8 @@ def _contiguous_chunks(t: TensorRef) -> Callable[[], Iterator[bytes]]:
         start, _ = t.span()
         return _span_chunks(t.storage.source, start, t.nbytes, t.itemsize)
 
-    def gen() -> Iterator[bytes]:  # a strided view: gathered by torch, one tensor in memory
-        yield t.to_torch().view(-1).view(__import__("torch").uint8).numpy().tobytes()
+    def gen() -> Iterator[bytes]:  # a strided view: gathered a block of rows at a time
+        yield from t.iter_chunks()
     return gen
 
 

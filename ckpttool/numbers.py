@@ -182,6 +182,11 @@ def gather(span: bytes, shape, stride, itemsize: int) -> bytes:
     if not math.prod(shape):
         return b""
     raw = np.frombuffer(span, dtype=np.dtype((np.void, itemsize)))
-    view = np.lib.stride_tricks.as_strided(raw, shape=tuple(shape), strides=tuple(s * itemsize for s in stride),
-                                           writeable=False)
-    return np.ascontiguousarray(view).tobytes()
+    try:
+        view = np.lib.stride_tricks.as_strided(raw, shape=tuple(shape), strides=tuple(s * itemsize for s in stride),
+                                               writeable=False)
+        return np.ascontiguousarray(view).tobytes()
+    except (ValueError, MemoryError, OverflowError) as e:  # an expand()ed view larger than memory, or than numpy
+        from .errors import FormatError
+        raise FormatError(f"a strided view of shape {tuple(shape)} ({math.prod(shape) * itemsize} bytes) cannot be "
+                          f"gathered in memory: {type(e).__name__}") from None

@@ -812,3 +812,26 @@ def test_diff_says_which_state_dict_it_took_where_there_were_several(tmp_path):
     plain = str(tmp_path / "p.pt")
     torch.save(sd, plain)
     assert diff(plain, plain).notes == ()
+
+
+def test_expanded_views_are_gathered_in_blocks_or_refused_in_one_line(tmp_path):
+    """An expand()ed tensor (stride 0) many times larger than its storage: diff and convert gather it a block
+    of rows at a time (equal to torch's own values), and one whose single row is too large to gather is a
+    one-line error, never a MemoryError."""
+    import ckpttool
+    from ckpttool.checkpoint import TensorRef
+    from ckpttool.comparing import pieces
+    from ckpttool.errors import FormatError
+    base = torch.arange(6, dtype=torch.float32)
+    x = base.reshape(1, 1, 6).expand(5, 4, 6)
+    torch.save({"x": x}, tmp_path / "e.pt")
+    t = ckpttool.open(str(tmp_path / "e.pt")).root["x"]
+    want = x.contiguous().view(torch.uint8).numpy().tobytes()
+    assert b"".join(t.iter_chunks(24)) == want  # a block of one row at a time
+    assert b"".join(pieces(t, 7)) == want and all(len(p) == 28 for p in list(pieces(t, 7))[:-1])
+    assert ckpttool.convert(str(tmp_path / "e.pt"), str(tmp_path / "e.safetensors")).tensors == 1
+    from safetensors.torch import load_file
+    assert torch.equal(load_file(str(tmp_path / "e.safetensors"))["x"], x)
+    huge = TensorRef(shape=(1 << 31, 1 << 31), dtype="float32", stride=(0, 0), storage=t.storage)
+    with pytest.raises(FormatError, match="too large to gather"):
+        next(huge.iter_chunks())
