@@ -167,6 +167,8 @@ def diff(a: Union[str, Checkpoint], b: Union[str, Checkpoint], key_a: Optional[s
     if sort == "name":
         only_a = sorted(only_a)
         only_b = sorted(only_b, key=lambda n: _as_a(n, alignment))
+    beside = _beside(ca, sa, cb, sb, values, atol, rtol, align)
+    equal = equal and not any(differs for _, differs in beside)
     return DiffResult(
         path_a=ca.path, path_b=cb.path, format_a=ca.format, format_b=cb.format, entry_a=sa.entry,
         entry_b=sb.entry, count_a=len(names_a), count_b=len(names_b), only_in_a=tuple(only_a),
@@ -180,7 +182,43 @@ def diff(a: Union[str, Checkpoint], b: Union[str, Checkpoint], key_a: Optional[s
         renames=tuple(f"{r.pattern.pattern}={r.repl}" for r in rules),
         notes=tuple(f"{side}: took {sd.entry} of {', '.join(k for k, _ in sd.candidates)} ({sd.reason}); "
                     f"--key-{side.lower()} chooses another" for side, sd in (("A", sa), ("B", sb))
-                    if len(sd.candidates) > 1))
+                    if len(sd.candidates) > 1) + tuple(note for note, _ in beside))
+
+
+def _beside(ca: Checkpoint, sa, cb: Checkpoint, sb, values: bool, atol, rtol, align: bool
+            ) -> List[Tuple[str, bool]]:
+    """What the two files hold beside their state_dicts that changes what they compute, as (note, differs):
+    a torch.export program's constants (non-persistent buffers, lifted tensors), compared like the state_dict;
+    a PEFT adapter's config (r, lora_alpha... scale the update the same tensors make)."""
+    out: List[Tuple[str, bool]] = []
+    consts = [c.root.get("constants") if c.format == "pt2" and isinstance(c.root, dict) and s.entry != "constants"
+              else None for c, s in ((ca, sa), (cb, sb))]
+    if consts[0] is not None and consts[1] is not None:
+        sub = diff(ca, cb, key_a="constants", key_b="constants", values=values, atol=atol, rtol=rtol, align=align)
+        if sub.equal:
+            out.append((f"constants: {sub.count_a} compared too, equal", False))
+        else:
+            what = [f"{len(sub.only_in_a)} only in A"] * bool(sub.only_in_a) + \
+                [f"{len(sub.only_in_b)} only in B"] * bool(sub.only_in_b) + \
+                [f"{n} different" for n in [len(sub.shape_mismatch) + len(sub.dtype_mismatch) +
+                                            len(sub.value_mismatch) + len(sub.form_mismatch)] if n]
+            names = [d.name for d in sub.value_mismatch + sub.shape_mismatch + sub.dtype_mismatch][:3]
+            out.append((f"constants DIFFER (non-persistent buffers, lifted tensors: what the program computes "
+                        f"with): {', '.join(what)}{': ' + ', '.join(names) if names else ''}; "
+                        f"--key-a constants --key-b constants shows them", True))
+    else:
+        for side, c in zip("AB", consts):
+            if c is not None:
+                out.append((f"{side}'s constants ({len(c)} non-persistent buffers and lifted tensors) are not "
+                            f"compared: the other side holds none", False))
+    cfgs = [c.metadata.get("adapter_config") for c in (ca, cb)]
+    if cfgs[0] is not None and cfgs[1] is not None:
+        keys = [k for k in dict.fromkeys(list(cfgs[0]) + list(cfgs[1]))
+                if k not in ("base_model_name_or_path", "revision") and cfgs[0].get(k) != cfgs[1].get(k)]
+        if keys:
+            out.append(("adapter configs DIFFER: " + ", ".join(f"{k} {cfgs[0].get(k)!r} vs {cfgs[1].get(k)!r}"
+                                                                for k in keys[:4]), True))
+    return out
 
 
 def _as_a(name_b: str, alignment: Alignment) -> str:

@@ -249,3 +249,15 @@ def test_verify_scans_the_file_the_folder_loads(folders, tmp_path):
     assert r.exit_code == 0, r.output
     assert run("scan", d).exit_code == 1
     assert not marker.exists()
+
+
+def test_diff_of_adapters_whose_configs_differ_is_different(folders, tmp_path):
+    """Same tensors, lora_alpha 8 vs 16: the update is twice as large, so the adapters differ."""
+    d = tmp_path / "alpha"
+    shutil.copytree(folders / "adapter", d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": 16}))
+    r = run("diff", folders / "adapter", d)
+    assert r.exit_code == 1, r.output
+    assert "adapter configs DIFFER: lora_alpha 8 vs 16" in r.stdout
+    assert r.stdout.splitlines()[-1] == "result: DIFFERENT"

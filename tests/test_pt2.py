@@ -618,3 +618,18 @@ def test_a_big_deflated_library_is_refused_in_one_line(tmp_path, monkeypatch):
     path = _aoti_only(tmp_path / "big.pt2", _wrapper_cpp([("c0", "w", 4096)]), _library(bytes(4096)))
     with pytest.raises(FormatError, match=r"is compressed and .*more than the 1000 B ckpttool inflates"):
         open_checkpoint(path)
+
+
+def test_diff_compares_the_constants_a_program_computes_with(tmp_path):
+    """Two programs whose weights are equal but whose non-persistent buffer differs compute differently:
+    diff says DIFFERENT and names the constant; equal constants are said compared."""
+    torch.manual_seed(1)
+    m = Small()
+    a = export_save(m, (torch.randn(2, 8), torch.randn(3)), tmp_path / "a.pt2")
+    m.npb.mul_(7)
+    b = export_save(m, (torch.randn(2, 8), torch.randn(3)), tmp_path / "b.pt2")
+    r = run("diff", a, b)
+    assert r.exit_code == 1, r.output
+    assert "constants DIFFER" in r.stdout and "npb" in r.stdout
+    same = run("diff", a, a)
+    assert same.exit_code == 0 and "constants: 2 compared too, equal" in same.stdout
