@@ -53,7 +53,8 @@ def summarize(ckpt: Checkpoint, sd: StateDict, filter: Optional[str] = None, sor
     if sort == "name":
         items.sort(key=lambda nt: nt[0])
     elif sort == "size":
-        items.sort(key=lambda nt: (-nt[1].nbytes, nt[0]))
+        items.sort(key=lambda nt: (-(nt[1].encoded_nbytes if nt[1].encoding and nt[1].encoded_nbytes is not None
+                                     else nt[1].nbytes), nt[0]))  # the size shown: a GGUF tensor's in the file
 
     # storage -> the name of its first tensor, or the list of its tensors' names once a second one shares it
     groups: Dict[int, Any] = {}

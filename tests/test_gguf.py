@@ -721,3 +721,18 @@ def test_cli_convert_every_kind_read_back(rich, tmp_path):
         assert t.dtype == ("bfloat16" if name == "t.bf16" else str(value.dtype)), name
         assert t.read_bytes() == value.tobytes(), name
     assert js("diff", rich, out)["equal"] is True
+
+
+def test_convert_to_gguf_is_refused_in_one_line(rich, tmp_path):
+    r = run("convert", rich, "-o", tmp_path / "x.gguf")
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == ["ckpttool: error: ckpttool reads GGUF but does not write one ('x.gguf')",
+                                     "hint: write .pt, .safetensors or .onnx"]
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_sort_size_orders_by_the_size_shown(rich):
+    """A quantized tensor is shown (and sorted) by the bytes it takes in the file, not its float32 values."""
+    rows = js("inspect", rich, "--sort", "size")["tensors"]
+    sizes = [t["nbytes"] for t in rows]
+    assert sizes == sorted(sizes, reverse=True)

@@ -32,6 +32,11 @@ def target_format(out: str, to: Optional[str] = None,
                              f"is named for {named}: name OUT for what it holds, or leave --to out")
         return TARGETS[to]
     found = _BY_EXTENSION.get(os.path.splitext(out)[1].lower())
+    read_only = {".gguf": "GGUF", ".pt2": "a torch.export archive", ".distcp": "a DCP chunk"}.get(
+        os.path.splitext(out)[1].lower())
+    if read_only:
+        raise UsageError(f"ckpttool reads {read_only} but does not write one ({os.path.basename(out)!r})",
+                         hint="write .pt, .safetensors or .onnx")
     if found not in allowed:
         exts = [e for f, e in (("state_dict", ".pt/.pth/.bin"), ("safetensors", ".safetensors"), ("onnx", ".onnx"))
                 if f in allowed]
