@@ -124,6 +124,14 @@ def filter_state_dict(source: Union[str, Checkpoint], target: Any, key: Optional
     return _plan(source, target, key, target_key, renames, align)[0]
 
 
+def _check_carriable(name: str, ref: TensorRef, source: str) -> None:
+    """Refuse a kept tensor filter cannot carry: anything but plain dense data (a parameter saved with
+    attributes gives its data)."""
+    plain = ref.rebuild is None or getattr(ref.rebuild, "name", "") == "_rebuild_parameter_with_state"
+    if ref.kind != "dense" or not ref.has_data or not plain:
+        raise UsageError(f"tensor {name} is a {ref.form} tensor without plain data; filter cannot carry it", source)
+
+
 def materialize(result: FilterResult, src: StateDict, device: Any = None,
                 progress: Progress = None) -> "collections.OrderedDict[str, Any]":
     """The kept tensors as torch tensors under the target's names and dtypes (tied ones stay tied): what
@@ -135,10 +143,7 @@ def materialize(result: FilterResult, src: StateDict, device: Any = None,
     done = 0
     for k in result.kept:
         ref = src.tensors[k.source_name]
-        plain = ref.rebuild is None or getattr(ref.rebuild, "name", "") == "_rebuild_parameter_with_state"
-        if ref.kind != "dense" or not ref.has_data or not plain:
-            raise UsageError(f"tensor {k.source_name} is a {ref.form} tensor without plain data; filter cannot "
-                             f"carry it", result.source)
+        _check_carriable(k.source_name, ref, result.source)
         # Two names over the same bytes (tied weights) become one tensor, so torch.save keeps them tied.
         ident = (id(ref.storage), ref.storage_offset, ref.shape, ref.stride, ref.dtype) if ref.storage else (id(ref),)
         t = made.get(ident)
@@ -172,10 +177,7 @@ def _carried(result: FilterResult, src: StateDict) -> "collections.OrderedDict[s
     out: "collections.OrderedDict[str, TensorRef]" = collections.OrderedDict()
     for k in result.kept:
         ref = src.tensors[k.source_name]
-        plain = ref.rebuild is None or getattr(ref.rebuild, "name", "") == "_rebuild_parameter_with_state"
-        if ref.kind != "dense" or not ref.has_data or not plain:
-            raise UsageError(f"tensor {k.source_name} is a {ref.form} tensor without plain data; filter cannot "
-                             f"carry it", result.source)
+        _check_carriable(k.source_name, ref, result.source)
         out[k.name] = _plain(ref, made, result.source)
     return out
 
